@@ -1,0 +1,43 @@
+"""veil: variational approximation in JAX.
+
+    >>> import jax, veil
+    >>> target = veil.Target.from_logdensity(lambda z: -0.5 * (z @ z), dim=3)
+    >>> res = veil.fit(target, veil.FullRank(3), key=jax.random.key(0), progress=False)
+    >>> res.q.mean.shape
+    (3,)
+"""
+
+from veil._config import enable_compilation_cache as _enable_compilation_cache
+from veil.diagnostics import StopRule, khat_verdict, psis_khat
+from veil.estimators import STL, Draws, Estimator, Reparam
+from veil.families import Family, FullRank, LowRank, MeanField
+from veil.fit import default_optimizer, fit
+from veil.objectives import ELBO, Objective, ObjectiveAux
+from veil.result import Summary, VIResult
+from veil.target import Target
+
+__version__ = "0.1.0"
+
+_enable_compilation_cache()
+
+__all__ = [
+    "Target",
+    "Family",
+    "MeanField",
+    "FullRank",
+    "LowRank",
+    "Objective",
+    "ObjectiveAux",
+    "ELBO",
+    "Estimator",
+    "Reparam",
+    "STL",
+    "Draws",
+    "StopRule",
+    "fit",
+    "default_optimizer",
+    "VIResult",
+    "Summary",
+    "psis_khat",
+    "khat_verdict",
+]

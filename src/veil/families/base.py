@@ -1,0 +1,60 @@
+"""The family interface: an ``equinox.Module`` whose array fields are the variational parameters."""
+
+from __future__ import annotations
+
+import abc
+
+import equinox as eqx
+import jax
+from jaxtyping import Array, Float, PRNGKeyArray
+
+__all__ = ["Family"]
+
+
+class Family(eqx.Module):
+    """Abstract variational family ``q_phi(z)`` on ``R^dim``.
+
+    Concrete families are final ``equinox.Module`` classes. Their array fields are the
+    parameters ``phi``; every constraint (positive scales, positive Cholesky diagonals) comes
+    from the parameterisation (``exp`` of an unconstrained field), never from clipping, so any
+    optax optimizer can update every field freely.
+
+    ``sample`` and ``sample_and_log_prob`` are reparameterised: ``z = T_phi(eps)`` with ``eps``
+    drawn independently of ``phi``, so gradients flow from ``z`` to ``phi``.
+    """
+
+    dim: eqx.AbstractVar[int]
+
+    @abc.abstractmethod
+    def sample_and_log_prob(
+        self, key: PRNGKeyArray, n: int
+    ) -> tuple[Float[Array, "n dim"], Float[Array, " n"]]:
+        """``n`` reparameterised draws and their log densities under ``q``."""
+
+    @abc.abstractmethod
+    def log_prob(self, z: Float[Array, "... dim"]) -> Float[Array, "..."]:
+        """``log q(z)``, batched over leading axes."""
+
+    def sample(self, key: PRNGKeyArray, n: int) -> Float[Array, "n dim"]:
+        """``n`` reparameterised draws."""
+        return self.sample_and_log_prob(key, n)[0]
+
+    @property
+    @abc.abstractmethod
+    def mean(self) -> Float[Array, " dim"]:
+        """Mean of ``q``."""
+
+    @property
+    @abc.abstractmethod
+    def cov(self) -> Float[Array, "dim dim"]:
+        """Covariance of ``q``."""
+
+    @property
+    def stddev(self) -> Float[Array, " dim"]:
+        """Marginal standard deviations of ``q``."""
+        return jax.numpy.sqrt(jax.numpy.diagonal(self.cov))
+
+
+def stop_gradient(q: Family) -> Family:
+    """The same family with every parameter behind ``lax.stop_gradient``."""
+    return jax.tree.map(lambda x: jax.lax.stop_gradient(x) if eqx.is_array(x) else x, q)

@@ -1,0 +1,242 @@
+"""Gaussian families: mean-field, full-rank (Cholesky) and diagonal-plus-low-rank.
+
+All three write ``z = mu + S eps`` with ``eps ~ N(0, I)``; they differ only in the shape of
+``S``. Positive scales are ``exp`` of an unconstrained field (one mechanism for every family).
+Densities reuse NumPyro's distributions; sampling with its log density is written here because
+``log q`` of a draw is cheapest from ``eps`` itself:
+``log q(z) = sum_i log N(eps_i; 0, 1) - log |det S|``.
+
+Default initialisation is ``mu = 0`` (the centre of unconstrained space, Stan's convention)
+and marginal standard deviation ``init_scale = 0.1`` (NumPyro's ``AutoNormal`` default): small
+enough that early draws stay near the initial point when the posterior is narrow (many data),
+while the log-scale parameterisation lets Adam grow a scale by a constant factor per step
+when the posterior is wide.
+"""
+
+from __future__ import annotations
+
+import math
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpyro.distributions as dist
+from jaxtyping import Array, Float, PRNGKeyArray
+
+from veil.families.base import Family
+from veil.target import _check_dim
+
+__all__ = ["MeanField", "FullRank", "LowRank"]
+
+_HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+
+
+def _init_loc(dim: int, init_loc) -> jax.Array:
+    if init_loc is None:
+        return jnp.zeros(dim)
+    loc = jnp.asarray(init_loc, dtype=float)
+    if loc.shape != (dim,):
+        raise ValueError(f"init_loc must have shape ({dim},), got {loc.shape}.")
+    if not bool(jnp.all(jnp.isfinite(loc))):
+        raise ValueError("init_loc holds non-finite values; pass a finite starting point.")
+    return loc
+
+
+def _check_scale(init_scale) -> float:
+    if not (isinstance(init_scale, (int, float)) and math.isfinite(init_scale) and init_scale > 0):
+        raise ValueError(f"init_scale must be a positive finite number, got {init_scale!r}.")
+    return float(init_scale)
+
+
+def _std_normal_logpdf(eps: jax.Array) -> jax.Array:
+    return -0.5 * jnp.sum(eps**2, axis=-1) - eps.shape[-1] * _HALF_LOG_2PI
+
+
+class MeanField(Family):
+    """Diagonal Gaussian ``q(z) = prod_i N(z_i; mu_i, sigma_i^2)``, ``sigma = exp(log_scale)``.
+
+    Example:
+        >>> import jax, veil
+        >>> q = veil.MeanField(3)
+        >>> z, lq = q.sample_and_log_prob(jax.random.key(0), 5)
+        >>> z.shape, lq.shape
+        ((5, 3), (5,))
+    """
+
+    loc: Float[Array, " dim"]
+    log_scale: Float[Array, " dim"]
+    dim: int = eqx.field(static=True)
+
+    def __init__(self, dim: int, *, init_loc=None, init_scale: float = 0.1):
+        self.dim = _check_dim(dim)
+        self.loc = _init_loc(self.dim, init_loc)
+        self.log_scale = jnp.full(self.dim, math.log(_check_scale(init_scale)))
+
+    @property
+    def scale(self) -> Float[Array, " dim"]:
+        """Marginal standard deviations ``sigma``."""
+        return jnp.exp(self.log_scale)
+
+    @property
+    def mean(self):
+        return self.loc
+
+    @property
+    def cov(self):
+        return jnp.diag(self.scale**2)
+
+    @property
+    def stddev(self):
+        return self.scale
+
+    @property
+    def distribution(self) -> dist.Distribution:
+        """The same ``q`` as a NumPyro distribution (event shape ``(dim,)``)."""
+        return dist.Normal(self.loc, self.scale).to_event(1)
+
+    def sample_and_log_prob(self, key, n):
+        eps = jax.random.normal(key, (n, self.dim))
+        z = self.loc + self.scale * eps
+        return z, _std_normal_logpdf(eps) - jnp.sum(self.log_scale)
+
+    def log_prob(self, z):
+        return self.distribution.log_prob(z)
+
+
+class FullRank(Family):
+    """Gaussian ``N(mu, L L^T)`` with ``L = diag(exp(log_scale)) (I + tril(unit_tril, -1))``.
+
+    The Cholesky factor is a positive row scale times a unit lower-triangular matrix (the
+    parameterisation of NumPyro's ``AutoMultivariateNormal``). Each off-diagonal parameter is
+    then measured relative to its row's scale, so one optimizer step changes the covariance by
+    the same relative amount whatever the posterior's scale; a raw Cholesky entry would move by
+    the step size itself, which swamps a posterior with sd 0.1 under Adam's step of 0.05.
+    Only the strictly lower part of ``unit_tril`` is used.
+
+    Example:
+        >>> import jax, veil
+        >>> q = veil.FullRank(3)
+        >>> q.cov.shape
+        (3, 3)
+    """
+
+    loc: Float[Array, " dim"]
+    log_scale: Float[Array, " dim"]
+    unit_tril: Float[Array, "dim dim"]
+    dim: int = eqx.field(static=True)
+
+    def __init__(self, dim: int, *, init_loc=None, init_scale: float = 0.1):
+        self.dim = _check_dim(dim)
+        self.loc = _init_loc(self.dim, init_loc)
+        self.log_scale = jnp.full(self.dim, math.log(_check_scale(init_scale)))
+        self.unit_tril = jnp.zeros((self.dim, self.dim))
+
+    def _unit(self):
+        return jnp.tril(self.unit_tril, -1) / math.sqrt(self.dim) + jnp.eye(self.dim)
+
+    @property
+    def scale_tril(self) -> Float[Array, "dim dim"]:
+        """The Cholesky factor ``L`` of the covariance (positive diagonal ``exp(log_scale)``)."""
+        return jnp.exp(self.log_scale)[:, None] * self._unit()
+
+    @property
+    def mean(self):
+        return self.loc
+
+    @property
+    def cov(self):
+        L = self.scale_tril
+        return L @ L.T
+
+    @property
+    def distribution(self) -> dist.Distribution:
+        """The same ``q`` as a NumPyro ``MultivariateNormal``."""
+        return dist.MultivariateNormal(self.loc, scale_tril=self.scale_tril)
+
+    def sample_and_log_prob(self, key, n):
+        eps = jax.random.normal(key, (n, self.dim))
+        z = self.loc + eps @ self.scale_tril.T
+        return z, _std_normal_logpdf(eps) - jnp.sum(self.log_scale)
+
+    def log_prob(self, z):
+        # Solve with the unit-diagonal factor after dividing out the row scales: the diagonal
+        # is known in log form, so log|det L| = sum(log_scale) exactly.
+        unit = self._unit()
+        r = (z - self.loc) * jnp.exp(-self.log_scale)
+        eps = jax.scipy.linalg.solve_triangular(unit, r.T, lower=True, unit_diagonal=True).T
+        return _std_normal_logpdf(eps) - jnp.sum(self.log_scale)
+
+
+def _spread_basis(dim: int, rank: int) -> jax.Array:
+    """A fixed ``dim x rank`` matrix with orthogonal columns spread over all coordinates.
+
+    The low-rank factor cannot start at zero (``W = 0`` is a stationary point of the ELBO:
+    by Stein's lemma its gradient is ``E[Hessian of log p] W``), and initialisation takes no
+    key, so it starts on a deterministic cosine basis instead.
+    """
+    i = jnp.arange(dim)[:, None] + 0.5
+    j = jnp.arange(1, rank + 1)[None, :]
+    return jnp.sqrt(2.0 / dim) * jnp.cos(jnp.pi * i * j / dim)
+
+
+class LowRank(Family):
+    """Gaussian ``N(mu, diag(d^2) + W W^T)`` with ``d = exp(log_diag)`` and ``W`` of shape
+    ``(dim, rank)``: covariance in ``O(dim * rank)`` parameters.
+
+    Draws are ``z = mu + d * e1 + W e2`` with independent standard normal ``e1, e2``; the
+    density uses NumPyro's ``LowRankMultivariateNormal`` (Woodbury identity, ``O(dim rank^2)``).
+    At initialisation ``W`` is a small fixed basis (``init_scale / 2`` along ``rank``
+    orthogonal directions) so that the ELBO gradient in ``W`` is not zero.
+
+    Example:
+        >>> import veil
+        >>> veil.LowRank(10, 2).cov_factor.shape
+        (10, 2)
+    """
+
+    loc: Float[Array, " dim"]
+    log_diag: Float[Array, " dim"]
+    cov_factor: Float[Array, "dim rank"]
+    dim: int = eqx.field(static=True)
+    rank: int = eqx.field(static=True)
+
+    def __init__(self, dim: int, rank: int, *, init_loc=None, init_scale: float = 0.1):
+        self.dim = _check_dim(dim)
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= self.dim:
+            raise ValueError(f"rank must be an integer in [1, dim={self.dim}], got {rank!r}.")
+        self.rank = rank
+        scale = _check_scale(init_scale)
+        self.loc = _init_loc(self.dim, init_loc)
+        self.log_diag = jnp.full(self.dim, math.log(scale))
+        self.cov_factor = 0.5 * scale * _spread_basis(self.dim, rank)
+
+    @property
+    def cov_diag(self) -> Float[Array, " dim"]:
+        """The diagonal part ``d^2`` of the covariance."""
+        return jnp.exp(2 * self.log_diag)
+
+    @property
+    def mean(self):
+        return self.loc
+
+    @property
+    def cov(self):
+        return jnp.diag(self.cov_diag) + self.cov_factor @ self.cov_factor.T
+
+    @property
+    def distribution(self) -> dist.Distribution:
+        """The same ``q`` as a NumPyro ``LowRankMultivariateNormal``."""
+        return dist.LowRankMultivariateNormal(self.loc, self.cov_factor, self.cov_diag)
+
+    def sample_and_log_prob(self, key, n):
+        z = self.sample(key, n)
+        return z, self.log_prob(z)
+
+    def sample(self, key, n):
+        k1, k2 = jax.random.split(key)
+        e1 = jax.random.normal(k1, (n, self.dim))
+        e2 = jax.random.normal(k2, (n, self.rank))
+        return self.loc + jnp.exp(self.log_diag) * e1 + e2 @ self.cov_factor.T
+
+    def log_prob(self, z):
+        return self.distribution.log_prob(z)

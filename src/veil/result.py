@@ -1,0 +1,229 @@
+"""``VIResult``: what a fit returns — the fitted family, its trace, diagnostics and exports."""
+
+from __future__ import annotations
+
+import functools
+import math
+import warnings
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from veil.diagnostics import khat_verdict, psis_khat
+
+__all__ = ["VIResult", "Summary"]
+
+_KHAT_DRAWS = 2000
+_SUMMARY_DRAWS = 4000
+
+
+@eqx.filter_jit
+def _draw(target, q, key, n: int):
+    """``n`` draws of ``q``: constrained values, ``log p`` and ``log q`` of each."""
+    z, log_q = q.sample_and_log_prob(key, n)
+    log_p = jax.vmap(target.log_density)(z)
+    return jax.vmap(target.to_constrained)(z), log_p, log_q
+
+
+def _flat_columns(draws: dict[str, np.ndarray]) -> tuple[list[str], np.ndarray]:
+    """Named scalar columns (``w[0]``, ``L[1,0]``, ...) of a dict of draws ``[n, ...]``."""
+    names, cols = [], []
+    for name, x in draws.items():
+        x = np.asarray(x)
+        n = x.shape[0]
+        if x.ndim == 1:
+            names.append(name)
+            cols.append(x[:, None])
+            continue
+        for idx in np.ndindex(x.shape[1:]):
+            names.append(f"{name}[{','.join(map(str, idx))}]")
+        cols.append(x.reshape(n, -1))
+    return names, np.concatenate(cols, axis=1)
+
+
+class Summary:
+    """Posterior summary of a fit: a table (constrained space) and a plain-words verdict.
+
+    ``str(summary)`` renders both; :meth:`to_dataframe` gives the table as a pandas DataFrame.
+    """
+
+    def __init__(self, names, table, columns, verdict, trustworthy, header):
+        self.names = names
+        self.table = table
+        self.columns = columns
+        self.verdict = verdict
+        self.trustworthy = trustworthy
+        self.header = header
+
+    def to_dataframe(self):
+        import pandas as pd
+
+        return pd.DataFrame(self.table, index=self.names, columns=self.columns)
+
+    def __str__(self) -> str:
+        w = max(8, max(len(n) for n in self.names))
+        head = f"{'':<{w}}" + "".join(f"{c:>10}" for c in self.columns)
+        rows = [f"{n:<{w}}" + "".join(f"{v:>10.3g}" for v in r) for n, r in zip(self.names, self.table)]
+        return "\n".join([self.header, head, *rows, "", *self.verdict])
+
+    __repr__ = __str__
+
+
+class VIResult:
+    """The outcome of :func:`veil.fit`.
+
+    Attributes:
+        q: the fitted family (iterate-averaged when the stopping rule ended the run).
+        trace: loss (negative ELBO estimate) per step, NaN where a step was skipped.
+        num_steps: optimisation steps run.
+        stop_reason: why the run ended: ``"converged..."``, ``"max_steps"`` or ``"nonfinite"``.
+        num_skipped: steps skipped because the loss or gradient was not finite.
+        final_loss: mean loss over the final window.
+        wall_time: seconds in the optimisation loop, compilation included.
+        restart_losses: final mean loss of every restart.
+    """
+
+    def __init__(self, *, target, q, trace, num_steps, stop_reason, num_skipped, final_loss,
+                 wall_time, restart_losses, diagnostic_key):
+        self.target = target
+        self.q = q
+        self.trace = trace
+        self.num_steps = num_steps
+        self.stop_reason = stop_reason
+        self.num_skipped = num_skipped
+        self.final_loss = final_loss
+        self.wall_time = wall_time
+        self.restart_losses = restart_losses
+        self._diagnostic_key = diagnostic_key
+
+    # ------------------------------------------------------------------ diagnostics
+    @functools.cached_property
+    def _diagnostic_draws(self):
+        _, log_p, log_q = _draw(self.target, self.q, self._diagnostic_key, _KHAT_DRAWS)
+        return np.asarray(log_p, np.float64), np.asarray(log_q, np.float64)
+
+    @functools.cached_property
+    def khat(self) -> float:
+        """PSIS k-hat of ``q`` against the target from 2000 fresh draws (NaN if any log
+        weight is not finite). Below 0.5 good, below 0.7 fair, above unreliable."""
+        log_p, log_q = self._diagnostic_draws
+        lw = log_p - log_q
+        return psis_khat(lw) if np.isfinite(lw).all() else math.nan
+
+    @functools.cached_property
+    def elbo(self) -> float:
+        """ELBO of the final ``q`` from the same 2000 draws as :attr:`khat`."""
+        log_p, log_q = self._diagnostic_draws
+        return float(np.mean(log_p - log_q))
+
+    @property
+    def converged(self) -> bool:
+        """Whether the stopping rule ended the run (not ``max_steps`` or non-finite values)."""
+        return self.stop_reason.startswith("converged")
+
+    # ------------------------------------------------------------------ draws and exports
+    def draws(self, n: int, *, key: jax.Array) -> dict[str, jax.Array]:
+        """``n`` draws from ``q`` mapped to constrained space: a dict ``name -> [n, ...]``.
+
+        Example:
+            >>> import jax, jax.numpy as jnp, veil
+            >>> t = veil.Target.from_logdensity(lambda z: -0.5 * jnp.sum(z**2), dim=2)
+            >>> res = veil.fit(t, veil.MeanField(2), key=jax.random.key(0), progress=False)
+            >>> res.draws(10, key=jax.random.key(1))["z"].shape
+            (10, 2)
+        """
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+            raise ValueError(f"n must be a positive integer, got {n!r}.")
+        return _draw(self.target, self.q, key, int(n))[0]
+
+    def to_arviz(self, n: int, *, key: jax.Array):
+        """An ``arviz.InferenceData`` with ``n`` draws (one chain) in ``posterior`` and each
+        draw's ``lp`` (log target), ``log_q`` and ``log_weight`` in ``sample_stats``."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # ArviZ's import banner
+            import arviz as az
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+            raise ValueError(f"n must be a positive integer, got {n!r}.")
+        draws, log_p, log_q = _draw(self.target, self.q, key, int(n))
+        posterior = {k: np.asarray(v)[None] for k, v in draws.items()}
+        log_p, log_q = np.asarray(log_p)[None], np.asarray(log_q)[None]
+        stats = {"lp": log_p, "log_q": log_q, "log_weight": log_p - log_q}
+        return az.from_dict(posterior=posterior, sample_stats=stats)
+
+    # ------------------------------------------------------------------ reports
+    def verdict(self) -> tuple[list[str], bool]:
+        """Plain-words lines on whether to trust the fit, and a yes/no."""
+        lines, ok = [], True
+        khat = self.khat
+        lines.append(f"PSIS k-hat = {khat:.2f}: {khat_verdict(khat)}")
+        if not (math.isfinite(khat) and khat < 0.7):
+            ok = False
+        if self.stop_reason == "max_steps":
+            ok = False
+            lines.append(
+                f"Not converged: the run hit max_steps={self.num_steps} before the stopping "
+                "rule was satisfied; run longer (max_steps=...) before trusting it."
+            )
+        elif self.stop_reason == "nonfinite":
+            ok = False
+            lines.append("Stopped on non-finite values: the loss or its gradient kept failing.")
+        else:
+            lines.append(f"Stopped after {self.num_steps} steps: {self.stop_reason}.")
+        if self.num_skipped:
+            lines.append(f"{self.num_skipped} step(s) were skipped for non-finite loss/gradient.")
+        lines.append(
+            "Verdict: OK to use." if ok else "Verdict: do NOT trust this fit as it stands."
+        )
+        return lines, ok
+
+    def summary(self, prob: float = 0.9) -> Summary:
+        """Mean, sd and central ``prob`` interval of every constrained scalar, from 4000
+        draws, with the k-hat verdict and the stopping reason in plain words."""
+        if not 0 < prob < 1:
+            raise ValueError(f"prob must lie in (0, 1), got {prob}.")
+        key = jax.random.fold_in(self._diagnostic_key, 1)
+        names, x = _flat_columns(_draw(self.target, self.q, key, _SUMMARY_DRAWS)[0])
+        lo, hi = (1 - prob) / 2, (1 + prob) / 2
+        table = np.column_stack(
+            [x.mean(0), x.std(0, ddof=1), *np.quantile(x, [lo, 0.5, hi], axis=0)]
+        )
+        cols = ["mean", "sd", f"{100 * lo:g}%", "50%", f"{100 * hi:g}%"]
+        header = (
+            f"veil fit: {type(self.q).__name__}(dim={self.q.dim}), {self.num_steps} steps, "
+            f"{self.wall_time:.2f} s, ELBO {self.elbo:.2f}"
+        )
+        lines, ok = self.verdict()
+        return Summary(names, table, cols, lines, ok, header)
+
+    def plot(self, max_marginals: int = 12):
+        """A matplotlib figure: the loss trace and up to ``max_marginals`` marginal
+        histograms of ``q`` in constrained space."""
+        import matplotlib.pyplot as plt
+
+        key = jax.random.fold_in(self._diagnostic_key, 2)
+        names, x = _flat_columns(_draw(self.target, self.q, key, _SUMMARY_DRAWS)[0])
+        m = min(max_marginals, len(names))
+        ncol = 4
+        nrow = 1 + math.ceil(m / ncol)
+        fig = plt.figure(figsize=(3.2 * ncol, 2.4 * nrow), layout="constrained")
+        ax = fig.add_subplot(nrow, 1, 1)
+        tr = np.asarray(self.trace)
+        ax.plot(tr, lw=0.5, alpha=0.5, label="loss (−ELBO estimate)")
+        if len(tr) > 50:
+            w = max(10, len(tr) // 50)
+            smooth = np.convolve(np.nan_to_num(tr, nan=np.nanmean(tr)), np.ones(w) / w, "valid")
+            ax.plot(np.arange(w - 1, len(tr)), smooth, lw=1.5, label=f"running mean ({w})")
+        lo, hi = np.nanquantile(tr, [0.0, 0.98]) if np.isfinite(tr).any() else (0, 1)
+        if hi > lo:
+            ax.set_ylim(lo - 0.05 * (hi - lo), hi)
+        ax.set_xlabel("step")
+        ax.set_title(f"stop: {self.stop_reason}; k-hat {self.khat:.2f}", fontsize=9)
+        ax.legend(fontsize=8)
+        for i in range(m):
+            a = fig.add_subplot(nrow, ncol, ncol + i + 1)
+            a.hist(x[:, i], bins=40, density=True, alpha=0.7)
+            a.set_title(names[i], fontsize=9)
+            a.set_yticks([])
+        return fig
