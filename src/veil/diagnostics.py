@@ -12,6 +12,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+PROBE_BATCH = 25  # steps per probe row; the driver's batch length (kept equal by a test)
+
 __all__ = ["StopRule", "Decision", "psis_khat", "khat_verdict"]
 
 
@@ -48,20 +50,27 @@ class StopRule:
     The run proceeds in *stages* at a fixed step size. A stage is *stationary* when, over the
     window made of its last half (at least ``min_window`` steps), the mean loss of the first
     half of the window exceeds that of the second half by no more than ``z`` standard errors
-    (batch means over ``num_batches`` batches) or ``atol``. The loss at a stationary stage is
+    (batch means over ``num_batches`` batches) or ``atol``. The loss of a stationary stage is
     inflated by the optimizer's own noise, which shrinks with the step size, so the rule then
     compares the stage's mean loss with the previous stage's:
 
-    * if lowering the step size did not lower the mean loss by more than ``z`` combined
-      standard errors (or ``atol`` nats), and the step size has been lowered at least
-      ``min_decays`` times, the fit has *converged*;
-    * else the step size is multiplied by ``decay`` and a new stage starts, at most
-      ``max_decays`` times (then the fit stops as converged at the smallest step size).
+    1. while lowering the step size still lowers the mean loss by more than ``z`` combined
+       standard errors (and ``atol`` nats), or fewer than ``min_decays`` reductions were made,
+       the step size is multiplied by ``decay`` and a new stage starts;
+    2. otherwise (or after ``max_decays`` reductions) the current step size is the last one,
+       and the run stops as soon as the iterates have stopped drifting: for each watched
+       parameter coordinate, the squared t statistic of the difference between the window's
+       two halves (batch means); the median over coordinates must not exceed ``max_drift``
+       (about 0.5 without drift). The loss alone can look flat in an ill-conditioned problem
+       while parameters still travel along flat directions; this test catches that.
 
-    The returned parameters are the average of the iterates over the final window (Polyak-
-    Ruppert averaging), which removes most of the remaining optimizer noise. The rule follows
-    the structure of Welandawe et al. (2022), "Robust, Automated, and Accurate Black-box
-    Variational Inference", with a loss-based test in place of their iterate R-hat.
+    If neither happens before ``max_steps`` the run ends with ``stop_reason="max_steps"`` and
+    the result says it is not converged. The returned parameters are the average of the
+    iterates over the final window (Polyak-Ruppert averaging), which removes most of the
+    optimizer noise left at the last step size. The rule follows the structure of Welandawe
+    et al. (2022), "Robust, Automated, and Accurate Black-box Variational Inference"
+    (stationarity detection, step-size decay, iterate averaging), with loss-based and
+    split-half drift tests in place of their iterate R-hat and KL estimate.
 
     Args:
         min_window: fewest steps a stationarity test looks at.
@@ -69,9 +78,11 @@ class StopRule:
         decay: step-size factor between stages.
         min_decays: fewest step-size reductions before the rule may stop (a noisy
             comparison between two stages alone can miss a real gain).
-        max_decays: most step-size reductions before stopping.
+        max_decays: most step-size reductions.
         atol: changes of the mean loss smaller than this (nats) count as no change.
         z: standard errors a change must exceed to count.
+        max_drift: largest median squared split-half t statistic of the parameters that
+            counts as settled.
     """
 
     min_window: int = 200
@@ -81,6 +92,7 @@ class StopRule:
     max_decays: int = 4
     atol: float = 1e-3
     z: float = 2.0
+    max_drift: float = 1.0
 
     def __post_init__(self):
         if self.min_window < 20 or self.num_batches < 4 or self.num_batches % 2:
@@ -95,14 +107,36 @@ class StopRule:
         return _Tracker(self)
 
 
+def _drift_statistic(rows: np.ndarray, num_batches: int) -> float:
+    """Median over coordinates of the squared split-half t statistic of the batch means.
+
+    ``rows`` are consecutive means of the iterates (time x coordinates). For each coordinate
+    the difference between the means of the window's two halves is divided by its batch-means
+    standard error. With no drift a squared t is F(1, nb-2) distributed, median about 0.5,
+    while parameters still travelling across the window give large values. The median (not the
+    mean) keeps a few slowly mixing coordinates, whose batch means are autocorrelated, from
+    holding the run forever. Coordinates that never move (zero variance) are left out.
+    """
+    b = np.stack([g.mean(0) for g in np.array_split(rows, num_batches)])
+    h = num_batches // 2
+    diff = b[:h].mean(0) - b[h:].mean(0)
+    var = b[:h].var(0, ddof=1) / h + b[h:].var(0, ddof=1) / h
+    keep = var > 1e-30
+    if not keep.any():
+        return 0.0
+    return float(np.median(diff[keep] ** 2 / var[keep]))
+
+
 @dataclass
 class _Tracker:
     rule: StopRule
     stage: list = field(default_factory=list)
+    probes: list = field(default_factory=list)
     stage_len: int = 0
     previous: tuple[float, float] | None = None
     decays: int = 0
-    last: tuple[float, int] = (math.nan, 0)
+    final_stage: bool = False
+    last_drift: float = math.nan
 
     def current_window(self) -> int:
         return max(min(self.rule.min_window, self.stage_len), self.stage_len // 2)
@@ -115,9 +149,10 @@ class _Tracker:
         x = np.concatenate(self.stage)[-self.current_window():] if self.stage else np.zeros(0)
         return x[np.isfinite(x)]
 
-    def update(self, losses: np.ndarray) -> Decision:
+    def update(self, losses: np.ndarray, probe_means: np.ndarray) -> Decision:
         r = self.rule
         self.stage.append(np.asarray(losses, dtype=np.float64))
+        self.probes.append(np.asarray(probe_means, dtype=np.float64))
         self.stage_len += len(losses)
         if self.stage_len < 2 * r.min_window:
             return Decision("continue")
@@ -126,28 +161,32 @@ class _Tracker:
             return Decision("continue")
         drop, se_drop, mean, se_mean = _split_half(x, r.num_batches)
         if drop > max(r.z * se_drop, r.atol):
-            return Decision("continue")
-        window = self.current_window()
-        if self.previous is not None and self.decays >= r.min_decays:
+            return Decision("continue")  # the loss still falls visibly at this step size
+        if not self.final_stage and self.previous is not None and self.decays >= r.min_decays:
             prev_mean, prev_se = self.previous
-            gain = prev_mean - mean
-            if gain <= max(r.z * math.hypot(prev_se, se_mean), r.atol):
-                return Decision(
-                    "stop",
-                    reason="converged: the loss stopped improving when the step size was lowered",
-                    window=window,
-                    final_loss=mean,
-                )
+            # A smaller step no longer buys a lower loss: this is the last step size.
+            self.final_stage = prev_mean - mean <= max(r.z * math.hypot(prev_se, se_mean), r.atol)
         if self.decays >= r.max_decays:
+            self.final_stage = True
+        if self.final_stage:
+            # Stop only once the iterates themselves have settled: in an ill-conditioned
+            # problem the loss can look flat while parameters still travel along flat
+            # directions, and stopping then would be stopping early.
+            rows = np.concatenate(self.probes)
+            rows = rows[-max(r.num_batches, -(-self.current_window() // PROBE_BATCH)):]
+            self.last_drift = _drift_statistic(rows, r.num_batches) if rows.shape[1] else 0.0
+            if self.last_drift > r.max_drift:
+                return Decision("continue")
             return Decision(
                 "stop",
-                reason="converged at the smallest step size",
-                window=window,
+                reason="converged: the loss stopped improving when the step size was lowered "
+                "and the parameters stopped drifting",
+                window=self.current_window(),
                 final_loss=mean,
             )
         self.decays += 1
         self.previous = (mean, se_mean)
-        self.stage, self.stage_len = [], 0
+        self.stage, self.probes, self.stage_len = [], [], 0
         return Decision("decay", factor=r.decay)
 
 

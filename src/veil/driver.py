@@ -37,6 +37,11 @@ __all__ = ["run", "RunOutput", "CHUNK_CAPACITY", "CHUNK_SCHEDULE"]
 # cheapest steps (~30 us).
 CHUNK_CAPACITY = 500
 CHUNK_SCHEDULE = (100, 200, CHUNK_CAPACITY)
+# The stopping rule also watches the parameters themselves (a drift in a flat direction shows
+# in the parameters long before it shows in the noisy loss): per chunk, the driver returns
+# means over batches of PROBE_BATCH steps of at most MAX_PROBE coordinates.
+from veil.diagnostics import PROBE_BATCH  # noqa: E402  (one constant, two users)
+MAX_PROBE = 4096
 
 
 class LoopState(NamedTuple):
@@ -51,6 +56,20 @@ class LoopState(NamedTuple):
 class ChunkOut(NamedTuple):
     losses: jax.Array  # [CHUNK_CAPACITY], NaN where skipped or unused
     mean_params: Any  # parameters averaged over the chunk's finite steps
+    probe_means: jax.Array  # [CHUNK_CAPACITY // PROBE_BATCH, num_probe]: batch means of the probe
+
+
+def _flat(tree) -> jax.Array:
+    return jnp.concatenate([jnp.ravel(x) for x in jax.tree.leaves(tree)])
+
+
+def probe_indices(params) -> np.ndarray:
+    """Coordinates of the flat parameter vector (one restart) that the stopping rule watches:
+    all of them up to ``MAX_PROBE``, else ``MAX_PROBE`` evenly spaced ones."""
+    size = sum(int(np.prod(x.shape[1:])) for x in jax.tree.leaves(params))
+    if size <= MAX_PROBE:
+        return np.arange(size)
+    return np.linspace(0, size - 1, MAX_PROBE).round().astype(np.int64)
 
 
 def _tree_where(pred, a, b):
@@ -62,12 +81,12 @@ def _all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
-def _chunk(loss_fn, optimizer, state: LoopState, n_steps, capacity: int):
+def _chunk(loss_fn, optimizer, state: LoopState, n_steps, probe, capacity: int):
     """Run ``n_steps`` (dynamic, ``<= capacity``) optimisation steps of one restart."""
     grad_fn = eqx.filter_value_and_grad(loss_fn, has_aux=True)
 
     def body(i, carry):
-        st, losses, psum, nfinite = carry
+        st, losses, psum, nfinite, pbuf = carry
         key, sub = jax.random.split(st.key)
         (loss, _), grads = grad_fn(st.params, sub)
         ok = jnp.isfinite(loss) & _all_finite(grads)
@@ -85,22 +104,27 @@ def _chunk(loss_fn, optimizer, state: LoopState, n_steps, capacity: int):
         )
         losses = losses.at[i].set(jnp.where(ok, loss, jnp.nan))
         psum = jax.tree.map(lambda s, p: s + jnp.where(ok, p, 0.0), psum, params)
-        return st, losses, psum, nfinite + ok
+        pbuf = pbuf.at[i // PROBE_BATCH].add(_flat(params)[probe])
+        return st, losses, psum, nfinite + ok, pbuf
 
     losses = jnp.full((capacity,), jnp.nan)
     psum = jax.tree.map(jnp.zeros_like, state.params)
-    state, losses, psum, nfinite = jax.lax.fori_loop(
-        0, n_steps, body, (state, losses, psum, jnp.int32(0))
+    pbuf = jnp.zeros((capacity // PROBE_BATCH, probe.shape[0]))
+    state, losses, psum, nfinite, pbuf = jax.lax.fori_loop(
+        0, n_steps, body, (state, losses, psum, jnp.int32(0), pbuf)
     )
     denom = jnp.maximum(nfinite, 1)
     mean_params = jax.tree.map(lambda s, p: jnp.where(nfinite > 0, s / denom, p), psum, state.params)
-    return state, ChunkOut(losses, mean_params)
+    # Steps in each probe batch: PROBE_BATCH, except a last partial one.
+    counts = jnp.clip(n_steps - PROBE_BATCH * jnp.arange(pbuf.shape[0]), 0, PROBE_BATCH)
+    probe_means = pbuf / jnp.maximum(counts, 1)[:, None]
+    return state, ChunkOut(losses, mean_params, probe_means)
 
 
 @eqx.filter_jit
-def _run_chunk(loss_fn, optimizer, state, n_steps, capacity):
+def _run_chunk(loss_fn, optimizer, state, n_steps, probe, capacity):
     return jax.vmap(
-        lambda st: _chunk(loss_fn, optimizer, st, n_steps, capacity)
+        lambda st: _chunk(loss_fn, optimizer, st, n_steps, probe, capacity)
     )(state)
 
 
@@ -157,6 +181,8 @@ def run(
         consecutive=jnp.zeros(k, jnp.int32),
     )
     rules = [stop_rule.start() if stop_rule is not None else None for _ in range(k)]
+    # Without a stopping rule nothing reads the probe: watch no coordinates at all.
+    probe = jnp.asarray(probe_indices(params) if stop_rule is not None else np.zeros(0, np.int64))
     traces: list[list[np.ndarray]] = [[] for _ in range(k)]
     chunk_means: list[list[tuple[int, Any]]] = [[] for _ in range(k)]  # (end step, mean params)
     done = np.zeros(k, bool)
@@ -174,8 +200,10 @@ def run(
             n = CHUNK_SCHEDULE[min(chunk_index, len(CHUNK_SCHEDULE) - 1)]
             n = int(min(n, max_steps - steps))
             chunk_index += 1
-            state, out = _run_chunk(loss_fn, optimizer, state, jnp.int32(n), CHUNK_CAPACITY)
+            state, out = _run_chunk(loss_fn, optimizer, state, jnp.int32(n), probe, CHUNK_CAPACITY)
             losses = np.asarray(out.losses[:, :n])  # the one host sync of the chunk
+            rows = -(-n // PROBE_BATCH)
+            probes = np.asarray(out.probe_means[:, :rows]) if stop_rule is not None else None
             steps += n
             consecutive = np.asarray(state.consecutive)
             for r in np.flatnonzero(~done):
@@ -188,7 +216,7 @@ def run(
                     continue
                 if rules[r] is None:
                     continue
-                decision = rules[r].update(losses[r])
+                decision = rules[r].update(losses[r], probes[r])
                 if decision.action == "decay":
                     scales[r] *= decision.factor
                 elif decision.action == "stop":

@@ -98,7 +98,7 @@ def fit(
         max_steps: cap on optimisation steps.
         num_restarts: ``k`` fits from jittered starts run together (vmapped); the one with
             the highest ELBO (512 fresh draws each) is kept. Restart 0 starts at ``q``, the
-            others at ``q`` with its mean moved by standard normal noise.
+            others at ``q`` with its mean moved by Uniform(-2, 2) noise per coordinate.
         progress: show a progress bar (step, loss, steps/s), updated once per chunk.
         stop: a :class:`~veil.diagnostics.StopRule`, or ``None`` to run exactly
             ``max_steps`` steps and keep the last iterate.
@@ -222,11 +222,12 @@ def _check_start(target: Target, q: Family) -> None:
 
 def _restart_params(q: Family, k: int, key: jax.Array):
     """``k`` copies of ``q`` stacked on a leading axis; copies after the first get their mean
-    moved by standard normal noise, so restarts explore different basins."""
+    moved by Uniform(-2, 2) noise (the init radius of Stan and NumPyro in unconstrained
+    space), so restarts explore different basins."""
     stacked = jax.tree.map(lambda x: jnp.broadcast_to(x, (k,) + x.shape) if eqx.is_array(x) else x, q)
     if k == 1:
         return stacked
     if not hasattr(q, "loc"):  # a family without a location field restarts from q itself
         return stacked
-    jitter = jax.random.normal(key, (k, q.dim)).at[0].set(0.0)
+    jitter = jax.random.uniform(key, (k, q.dim), minval=-2.0, maxval=2.0).at[0].set(0.0)
     return eqx.tree_at(lambda m: m.loc, stacked, replace_fn=lambda loc: loc + jitter)

@@ -1,0 +1,65 @@
+"""VIResult: constrained draws, ArviZ export, summary and plot."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import veil
+from veil.demo import eight_schools, eight_schools_data
+
+
+@pytest.fixture(scope="module")
+def schools():
+    t = veil.Target.from_numpyro(eight_schools, *eight_schools_data())
+    return veil.fit(t, veil.MeanField(t.dim), key=jax.random.key(0), max_steps=400,
+                    progress=False)
+
+
+def test_draws_are_named_constrained_and_include_deterministic_sites(schools):
+    d = schools.draws(100, key=jax.random.key(1))
+    assert set(d) == {"mu", "tau", "theta_tilde", "theta"}
+    assert d["mu"].shape == (100,) and d["theta"].shape == (100, 8)
+    assert bool(jnp.all(d["tau"] > 0))  # HalfCauchy support, through NumPyro's bijection
+    np.testing.assert_allclose(d["theta"], d["mu"][:, None] + d["tau"][:, None] * d["theta_tilde"],
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_plain_target_has_single_name():
+    t = veil.Target.from_logdensity(lambda z: -0.5 * jnp.sum(z**2), dim=2)
+    res = veil.fit(t, veil.MeanField(2), key=jax.random.key(0), max_steps=200, progress=False)
+    assert list(res.draws(5, key=jax.random.key(0))) == ["z"]
+
+
+def test_to_arviz(schools):
+    idata = schools.to_arviz(200, key=jax.random.key(2))
+    assert set(idata.groups()) >= {"posterior", "sample_stats"}
+    assert idata.posterior["theta"].shape == (1, 200, 8)
+    lw = idata.sample_stats["log_weight"].values
+    np.testing.assert_allclose(lw, idata.sample_stats["lp"].values - idata.sample_stats["log_q"].values,
+                               rtol=1e-6)
+
+
+def test_summary_table_and_verdict(schools):
+    s = schools.summary()
+    text = str(s)
+    for name in ("mu", "tau", "theta[7]", "theta_tilde[0]", "k-hat", "Verdict"):
+        assert name in text
+    assert s.table.shape == (1 + 1 + 8 + 8, 5)
+    # 400 steps is far from converged: the summary must say so in plain words.
+    assert "Not converged" in text and not s.trustworthy
+    df = s.to_dataframe()
+    assert list(df.columns) == ["mean", "sd", "5%", "50%", "95%"]
+
+
+def test_plot_returns_a_figure(schools):
+    import matplotlib.figure
+
+    fig = schools.plot(max_marginals=4)
+    assert isinstance(fig, matplotlib.figure.Figure)
+    assert len(fig.axes) == 5
+
+
+def test_bad_draw_count(schools):
+    with pytest.raises(ValueError, match="positive integer"):
+        schools.draws(0, key=jax.random.key(0))
