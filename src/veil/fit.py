@@ -54,8 +54,14 @@ class _VILoss(eqx.Module):
 
 
 @eqx.filter_jit
-def _value_and_grad_at(target: Target, z):
-    return jax.value_and_grad(target.log_density)(z)
+def _start(target: Target, q: Family, key: jax.Array, num_restarts: int):
+    """Everything a fit needs before its loop, in one compiled call: the log density and its
+    gradient at the start (checked on the host), the restarts' starting points and keys."""
+    value, grad = jax.value_and_grad(target.log_density)(q.mean)
+    bad_grad = jnp.sum(~jnp.isfinite(grad))
+    init_key, run_key, pick_key, diag_key = jax.random.split(key, 4)
+    params = _restart_params(q, num_restarts, init_key)
+    return (value, bad_grad), params, run_key, pick_key, diag_key
 
 
 @eqx.filter_jit
@@ -142,9 +148,8 @@ def fit(
     if stop is not None and not isinstance(stop, StopRule):
         raise TypeError(f"stop must be a veil.StopRule or None, got {stop!r}.")
 
-    _check_start(target, q)
-    init_key, run_key, pick_key, diag_key = jax.random.split(key, 4)
-    params = _restart_params(q, num_restarts, init_key)
+    checks, params, run_key, pick_key, diag_key = _start(target, q, key, num_restarts)
+    _check_start(q, *jax.device_get(checks))
     out = driver.run(
         _VILoss(target, objective),
         params,
@@ -199,24 +204,21 @@ def _check_positive_int(name: str, value) -> int:
     return int(value)
 
 
-def _check_start(target: Target, q: Family) -> None:
+def _check_start(q: Family, value, bad_grad) -> None:
     """Fail fast, before compiling the loop, if the start point is unusable."""
-    z0 = q.mean
-    value, grad = _value_and_grad_at(target, z0)
     value = float(value)
     if not math.isfinite(value):
         raise ValueError(
             f"The log density is {value} at the starting point (q's mean, "
-            f"{np.array2string(np.asarray(z0), threshold=6)}). veil needs a finite log density "
+            f"{np.array2string(np.asarray(q.mean), threshold=6)}). veil needs a finite log density "
             "where the fit starts: start elsewhere with the family's init_loc=..., or fix the "
             "model where it is undefined (log of zero, division by zero, out-of-support values)."
         )
-    bad = int(np.sum(~np.isfinite(np.asarray(grad))))
-    if bad:
+    if bad_grad:
         raise ValueError(
-            f"The gradient of the log density has {bad} non-finite component(s) at the starting "
-            "point (q's mean). Start elsewhere with the family's init_loc=..., or make the log "
-            "density differentiable there."
+            f"The gradient of the log density has {int(bad_grad)} non-finite component(s) at the "
+            "starting point (q's mean). Start elsewhere with the family's init_loc=..., or make "
+            "the log density differentiable there."
         )
 
 

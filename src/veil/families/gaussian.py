@@ -70,7 +70,7 @@ class MeanField(Family):
     def __init__(self, dim: int, *, init_loc=None, init_scale: float = 0.1):
         self.dim = _check_dim(dim)
         self.loc = _init_loc(self.dim, init_loc)
-        self.log_scale = jnp.full(self.dim, math.log(_check_scale(init_scale)))
+        self.log_scale = jnp.full(self.dim, math.log(_check_scale(init_scale)), dtype=float)
 
     @property
     def scale(self) -> Float[Array, " dim"]:
@@ -128,7 +128,7 @@ class FullRank(Family):
     def __init__(self, dim: int, *, init_loc=None, init_scale: float = 0.1):
         self.dim = _check_dim(dim)
         self.loc = _init_loc(self.dim, init_loc)
-        self.log_scale = jnp.full(self.dim, math.log(_check_scale(init_scale)))
+        self.log_scale = jnp.full(self.dim, math.log(_check_scale(init_scale)), dtype=float)
         self.unit_tril = jnp.zeros((self.dim, self.dim))
 
     def _unit(self):
@@ -207,7 +207,7 @@ class LowRank(Family):
         self.rank = rank
         scale = _check_scale(init_scale)
         self.loc = _init_loc(self.dim, init_loc)
-        self.log_diag = jnp.full(self.dim, math.log(scale))
+        self.log_diag = jnp.full(self.dim, math.log(scale), dtype=float)
         self.cov_factor = 0.5 * scale * _spread_basis(self.dim, rank)
 
     @property
