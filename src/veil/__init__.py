@@ -15,6 +15,7 @@ from veil.fit import default_optimizer, fit
 from veil.objectives import ELBO, Objective, ObjectiveAux
 from veil.result import Summary, VIResult
 from veil.target import Target
+from veil import demo
 
 __version__ = "0.1.0"
 
@@ -40,4 +41,5 @@ __all__ = [
     "Summary",
     "psis_khat",
     "khat_verdict",
+    "demo",
 ]

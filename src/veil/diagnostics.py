@@ -61,7 +61,8 @@ class StopRule:
        and the run stops as soon as the iterates have stopped drifting: for each watched
        parameter coordinate, the squared t statistic of the difference between the window's
        two halves (batch means); the median over coordinates must not exceed ``max_drift``
-       (about 0.5 without drift). The loss alone can look flat in an ill-conditioned problem
+       (about 0.5 for independent batch means; 2 leaves room for the autocorrelation that
+       small steps give them). The loss alone can look flat in an ill-conditioned problem
        while parameters still travel along flat directions; this test catches that.
 
     If neither happens before ``max_steps`` the run ends with ``stop_reason="max_steps"`` and
@@ -82,7 +83,8 @@ class StopRule:
         atol: changes of the mean loss smaller than this (nats) count as no change.
         z: standard errors a change must exceed to count.
         max_drift: largest median squared split-half t statistic of the parameters that
-            counts as settled.
+            counts as settled (measured: 1.0 made German credit run 1.6x longer for the same
+            accuracy; a still-converging ill-conditioned Gaussian sits near 12).
     """
 
     min_window: int = 200
@@ -92,7 +94,7 @@ class StopRule:
     max_decays: int = 4
     atol: float = 1e-3
     z: float = 2.0
-    max_drift: float = 1.0
+    max_drift: float = 2.0
 
     def __post_init__(self):
         if self.min_window < 20 or self.num_batches < 4 or self.num_batches % 2:

@@ -76,6 +76,11 @@ def _restart_bounds(target: Target, qs, key, n: int):
     return jax.vmap(one)(qs, keys)
 
 
+@eqx.filter_jit
+def _select(stacked, index):
+    return jax.tree.map(lambda x: x[index], stacked)
+
+
 def fit(
     target: Target,
     q: Family,
@@ -163,7 +168,7 @@ def fit(
     if num_restarts > 1:
         bounds = np.asarray(_restart_bounds(target, out.params, pick_key, 512))
         best = int(np.nanargmax(np.where(np.isfinite(bounds), bounds, -np.inf)))
-    best_q = jax.tree.map(lambda x: x[best], out.params)
+    best_q = _select(out.params, best)
     if out.stop_reasons[best] == "nonfinite":
         warnings.warn(
             "The fit stopped early: the loss or its gradient was not finite for "
