@@ -208,7 +208,8 @@ class VIResult:
         ncol = 4
         nrow = 1 + math.ceil(m / ncol)
         fig = plt.figure(figsize=(3.2 * ncol, 2.4 * nrow), layout="constrained")
-        ax = fig.add_subplot(nrow, 1, 1)
+        grid = fig.add_gridspec(nrow, ncol)
+        ax = fig.add_subplot(grid[0, :])
         tr = np.asarray(self.trace)
         ax.plot(tr, lw=0.5, alpha=0.5, label="loss (−ELBO estimate)")
         if len(tr) > 50:
@@ -222,7 +223,7 @@ class VIResult:
         ax.set_title(f"stop: {self.stop_reason}; k-hat {self.khat:.2f}", fontsize=9)
         ax.legend(fontsize=8)
         for i in range(m):
-            a = fig.add_subplot(nrow, ncol, ncol + i + 1)
+            a = fig.add_subplot(grid[1 + i // ncol, i % ncol])
             a.hist(x[:, i], bins=40, density=True, alpha=0.7)
             a.set_title(names[i], fontsize=9)
             a.set_yticks([])
