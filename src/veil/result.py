@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import warnings
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -43,19 +45,19 @@ def _flat_columns(draws: dict[str, np.ndarray]) -> tuple[list[str], np.ndarray]:
     return names, np.concatenate(cols, axis=1)
 
 
+@dataclasses.dataclass(eq=False)
 class Summary:
     """Posterior summary of a fit: a table (constrained space) and a plain-words verdict.
 
     ``str(summary)`` renders both; :meth:`to_dataframe` gives the table as a pandas DataFrame.
     """
 
-    def __init__(self, names, table, columns, verdict, trustworthy, header):
-        self.names = names
-        self.table = table
-        self.columns = columns
-        self.verdict = verdict
-        self.trustworthy = trustworthy
-        self.header = header
+    names: list[str]
+    table: np.ndarray  # [len(names), len(columns)]
+    columns: list[str]
+    verdict: list[str]
+    trustworthy: bool
+    header: str
 
     def to_dataframe(self):
         import pandas as pd
@@ -71,10 +73,12 @@ class Summary:
     __repr__ = __str__
 
 
+@dataclasses.dataclass(eq=False)
 class VIResult:
     """The outcome of :func:`veil.fit`.
 
     Attributes:
+        target: the target that was fitted.
         q: the fitted family (iterate-averaged when the stopping rule ended the run).
         trace: loss (negative ELBO estimate) per step, NaN where a step was skipped.
         num_steps: optimisation steps run.
@@ -83,25 +87,30 @@ class VIResult:
         final_loss: mean loss over the final window.
         wall_time: seconds in the optimisation loop, compilation included.
         restart_losses: final mean loss of every restart.
+        diagnostic_key: the key the lazily computed diagnostics (k-hat, summary) draw with.
     """
 
-    def __init__(self, *, target, q, trace, num_steps, stop_reason, num_skipped, final_loss,
-                 wall_time, restart_losses, diagnostic_key):
-        self.target = target
-        self.q = q
-        self.trace = trace
-        self.num_steps = num_steps
-        self.stop_reason = stop_reason
-        self.num_skipped = num_skipped
-        self.final_loss = final_loss
-        self.wall_time = wall_time
-        self.restart_losses = restart_losses
-        self._diagnostic_key = diagnostic_key
+    target: Any
+    q: Any
+    trace: np.ndarray
+    num_steps: int
+    stop_reason: str
+    num_skipped: int
+    final_loss: float
+    wall_time: float
+    restart_losses: np.ndarray
+    diagnostic_key: jax.Array = dataclasses.field(repr=False)
+
+    def __repr__(self) -> str:
+        return (
+            f"VIResult({type(self.q).__name__}(dim={self.q.dim}), {self.num_steps} steps, "
+            f"stop_reason={self.stop_reason!r}, num_skipped={self.num_skipped})"
+        )
 
     # ------------------------------------------------------------------ diagnostics
     @functools.cached_property
     def _diagnostic_draws(self):
-        _, log_p, log_q = _draw(self.target, self.q, self._diagnostic_key, _KHAT_DRAWS)
+        _, log_p, log_q = _draw(self.target, self.q, self.diagnostic_key, _KHAT_DRAWS)
         return np.asarray(log_p, np.float64), np.asarray(log_q, np.float64)
 
     @functools.cached_property
@@ -183,7 +192,7 @@ class VIResult:
         draws, with the k-hat verdict and the stopping reason in plain words."""
         if not 0 < prob < 1:
             raise ValueError(f"prob must lie in (0, 1), got {prob}.")
-        key = jax.random.fold_in(self._diagnostic_key, 1)
+        key = jax.random.fold_in(self.diagnostic_key, 1)
         names, x = _flat_columns(_draw(self.target, self.q, key, _SUMMARY_DRAWS)[0])
         lo, hi = (1 - prob) / 2, (1 + prob) / 2
         table = np.column_stack(
@@ -202,7 +211,7 @@ class VIResult:
         histograms of ``q`` in constrained space."""
         import matplotlib.pyplot as plt
 
-        key = jax.random.fold_in(self._diagnostic_key, 2)
+        key = jax.random.fold_in(self.diagnostic_key, 2)
         names, x = _flat_columns(_draw(self.target, self.q, key, _SUMMARY_DRAWS)[0])
         m = min(max_marginals, len(names))
         ncol = 4
