@@ -17,7 +17,8 @@ the compiled program, whatever optax optimizer the user chose.
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import equinox as eqx
 import jax
@@ -230,7 +231,7 @@ def run(
                 history.append((steps, steps + n, out.mean_params))
                 probes = probes[:, : -(-n // PROBE_BATCH)]
             steps += n
-            for r in np.flatnonzero(~done):
+            for r in map(int, np.flatnonzero(~done)):
                 traces[r].append(losses[r])
                 num_steps[r] = steps
                 if consecutive[r] >= max_consecutive_skips:
@@ -261,10 +262,10 @@ def run(
         if bar is not None:
             bar.close()
 
-    for r in np.flatnonzero(~done):  # ran out of steps
+    for r in map(int, np.flatnonzero(~done)):  # ran out of steps
         if track:
             final_loss[r] = rules[r].window_mean()
-            final[r] = _window_average(history, r, num_steps[r] - rules[r].current_window())
+            final[r] = _window_average(history, r, int(num_steps[r]) - rules[r].current_window())
     traces = [np.concatenate(t) if t else np.zeros(0) for t in traces]
     for r in range(k):
         if np.isnan(final_loss[r]):

@@ -9,7 +9,8 @@ for importance-weighted bounds), so an objective and an estimator compose freely
 from __future__ import annotations
 
 import abc
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import equinox as eqx
 import jax

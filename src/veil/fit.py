@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import typing
 import warnings
 
 import equinox as eqx
@@ -81,6 +82,9 @@ def _select(stacked, index):
     return jax.tree.map(lambda x: x[index], stacked)
 
 
+# Runtime type checking (the test suite's jaxtyping hook) would pre-empt the argument checks
+# below with a generic message; `fit` validates its own arguments and says what to do instead.
+@typing.no_type_check
 def fit(
     target: Target,
     q: Family,

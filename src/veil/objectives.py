@@ -9,7 +9,8 @@ weights of the draws, for diagnostics. The gradient estimator is a field, so
 from __future__ import annotations
 
 import abc
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import equinox as eqx
 import jax.numpy as jnp

@@ -29,7 +29,7 @@ def _draw(target, q, key, n: int):
     return jax.vmap(target.to_constrained)(z), log_p, log_q
 
 
-def _flat_columns(draws: dict[str, np.ndarray]) -> tuple[list[str], np.ndarray]:
+def _flat_columns(draws: dict[str, Any]) -> tuple[list[str], np.ndarray]:
     """Named scalar columns (``w[0]``, ``L[1,0]``, ...) of a dict of draws ``[n, ...]``."""
     names, cols = [], []
     for name, x in draws.items():

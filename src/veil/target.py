@@ -9,7 +9,8 @@ the compiled program, and a fit never bakes the data into the program as constan
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import equinox as eqx
 import jax
