@@ -279,3 +279,19 @@ def test_exact_recovery_holds_across_seeds():
         res = veil.fit(td, veil.MeanField(8), key=jax.random.key(seed), progress=False)
         assert res.converged, (seed, res.stop_reason)
         assert kl_to_gaussian(res.q, mu, diag) < 1e-3, seed
+
+
+def test_low_rank_recovers_a_diagonal_plus_rank_two_gaussian():
+    # The target's covariance is diag(d^2) + W W^T with rank 2, so LowRank(rank=2) contains
+    # it and STL's noise vanishes at the optimum, as for FullRank: the same KL bound applies.
+    rng = np.random.default_rng(4)
+    d = 8
+    W = rng.normal(size=(d, 2))
+    S = np.diag(rng.uniform(0.2, 1.0, d) ** 2) + W @ W.T
+    mu = rng.normal(size=d)
+    P = jnp.asarray(np.linalg.inv(S), jnp.float32)
+    m = jnp.asarray(mu, jnp.float32)
+    t = veil.Target.from_logdensity(lambda z: -0.5 * (z - m) @ P @ (z - m), dim=d)
+    res = veil.fit(t, veil.LowRank(d, 2), key=jax.random.key(8), progress=False)
+    assert res.converged, res.stop_reason
+    assert kl_to_gaussian(res.q, mu, S) < 1e-3
