@@ -129,6 +129,18 @@ def _drift_statistic(rows: np.ndarray, num_batches: int) -> float:
     return float(np.median(diff[keep] ** 2 / var[keep]))
 
 
+def _tail(chunks: list[np.ndarray], n: int) -> np.ndarray:
+    """The last ``n`` rows of a list of arrays, concatenating only the chunks needed (a long
+    stage holds many chunks; the tests look at its last half)."""
+    kept, count = [], 0
+    for c in reversed(chunks):
+        if count >= n:
+            break
+        kept.append(c)
+        count += len(c)
+    return np.concatenate(kept[::-1])[-n:] if kept else np.zeros(0)
+
+
 @dataclass
 class _Tracker:
     rule: StopRule
@@ -148,7 +160,7 @@ class _Tracker:
         return float(np.mean(x)) if x.size else math.nan
 
     def _window(self) -> np.ndarray:
-        x = np.concatenate(self.stage)[-self.current_window():] if self.stage else np.zeros(0)
+        x = _tail(self.stage, self.current_window())
         return x[np.isfinite(x)]
 
     def update(self, losses: np.ndarray, probe_means: np.ndarray) -> Decision:
@@ -174,8 +186,7 @@ class _Tracker:
             # Stop only once the iterates themselves have settled: in an ill-conditioned
             # problem the loss can look flat while parameters still travel along flat
             # directions, and stopping then would be stopping early.
-            rows = np.concatenate(self.probes)
-            rows = rows[-max(r.num_batches, -(-self.current_window() // PROBE_BATCH)):]
+            rows = _tail(self.probes, max(r.num_batches, -(-self.current_window() // PROBE_BATCH)))
             self.last_drift = _drift_statistic(rows, r.num_batches) if rows.shape[1] else 0.0
             if self.last_drift > r.max_drift:
                 return Decision("continue")
