@@ -249,7 +249,8 @@ def run(
                     final[r] = _window_average(history, r, steps - decision.window)
             if track:  # keep only the chunks a live restart's stage can still average over
                 oldest = min((steps - rules[r].stage_len for r in np.flatnonzero(~done)), default=steps)
-                history = [h for h in history if h[1] > oldest]
+                # (at least the last chunk: a run that ends right after a decay averages it)
+                history = [h for h in history if h[1] > oldest] or history[-1:]
             # Finished restarts stop moving; the others take their (possibly decayed) scale.
             live = np.where(done, 0.0, scales)
             if not np.array_equal(live, applied):
