@@ -65,13 +65,27 @@ def _flat(tree) -> jax.Array:
     return jnp.concatenate([jnp.ravel(x) for x in jax.tree.leaves(tree)])
 
 
-def probe_indices(params) -> np.ndarray:
-    """Coordinates of the flat parameter vector (one restart) that the stopping rule watches:
-    all of them up to ``MAX_PROBE``, else ``MAX_PROBE`` evenly spaced ones."""
-    size = sum(int(np.prod(x.shape[1:])) for x in jax.tree.leaves(params))
-    if size <= MAX_PROBE:
-        return np.arange(size)
-    return np.linspace(0, size - 1, MAX_PROBE).round().astype(np.int64)
+def probe_indices(params) -> tuple[np.ndarray, np.ndarray]:
+    """Coordinates of the flat parameter vector (one restart) that the stopping rule watches,
+    and the parameter leaf each belongs to.
+
+    All coordinates up to ``MAX_PROBE``; beyond that the budget is shared between leaves, the
+    smallest first, so a small leaf (a location vector) is watched whole and is not drowned by
+    a large one (a d x d factor), which gets evenly spaced coordinates. The rule judges each
+    leaf on its own (see :func:`veil.diagnostics.StopRule`).
+    """
+    sizes = [int(np.prod(x.shape[1:])) for x in jax.tree.leaves(params)]
+    offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+    budget, left = {}, MAX_PROBE
+    for n, i in enumerate(sorted(range(len(sizes)), key=lambda i: sizes[i])):
+        budget[i] = min(sizes[i], left // (len(sizes) - n))
+        left -= budget[i]
+    idx, groups = [], []
+    for i, (size, offset) in enumerate(zip(sizes, offsets)):
+        take = np.unique(np.linspace(0, size - 1, budget[i]).round().astype(np.int64)) if budget[i] else []
+        idx.append(offset + np.asarray(take, np.int64))
+        groups.append(np.full(len(take), i, np.int64))
+    return np.concatenate(idx), np.concatenate(groups)
 
 
 def _chunk(loss_fn, optimizer, state: LoopState, n_steps, probe, capacity: int, track: bool):
@@ -199,8 +213,9 @@ def run(
     k = jax.tree.leaves(params)[0].shape[0]
     state = _init_state(optimizer, params, key)
     track = stop_rule is not None
-    rules = [stop_rule.start() for _ in range(k)] if track else None
-    probe = jnp.asarray(probe_indices(params))
+    probe, groups = probe_indices(params)
+    rules = [stop_rule.start(groups) for _ in range(k)] if track else None
+    probe = jnp.asarray(probe)
     traces: list[list[np.ndarray]] = [[] for _ in range(k)]
     history: list[tuple[int, int, Any]] = []  # (first step, end step, chunk-mean params)
     done = np.zeros(k, bool)

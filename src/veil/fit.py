@@ -37,7 +37,7 @@ def default_optimizer() -> optax.GradientTransformation:
     about the step size whatever the scale of the log density, so one value serves targets
     whose posterior scales differ by orders of magnitude; with log-scale parameters a step
     changes a scale by about 5%. 0.05 is large enough to cross unconstrained space in a few
-    hundred steps; the stopping rule then lowers it (by 4x per stage) once the loss stops
+    hundred steps; the stopping rule then halves it (at most twice) once the loss stops
     improving, and averages the final iterates, so the large initial step does not cost
     final accuracy.
     """
