@@ -9,11 +9,21 @@
 
 from veil._config import enable_compilation_cache as _enable_compilation_cache
 from veil.diagnostics import StopRule, khat_verdict, psis_khat
-from veil.estimators import STL, Draws, Estimator, Reparam
+from veil.estimators import STL, DReG, Draws, Estimator, Reparam, ScoreFunction
 from veil.families import Family, FullRank, LowRank, MeanField
 from veil.fit import default_optimizer, fit
-from veil.objectives import ELBO, Objective, ObjectiveAux
-from veil.result import Summary, VIResult
+from veil.objectives import (
+    ELBO,
+    IWAE,
+    ChiSquare,
+    ForwardKL,
+    Objective,
+    ObjectiveAux,
+    Renyi,
+    WeightObjective,
+    log_mean_exp,
+)
+from veil.result import LogEvidence, Summary, VIResult
 from veil.target import Target
 from veil import demo
 
@@ -29,16 +39,25 @@ __all__ = [
     "LowRank",
     "Objective",
     "ObjectiveAux",
+    "WeightObjective",
     "ELBO",
+    "IWAE",
+    "Renyi",
+    "ChiSquare",
+    "ForwardKL",
+    "log_mean_exp",
     "Estimator",
     "Reparam",
     "STL",
+    "DReG",
+    "ScoreFunction",
     "Draws",
     "StopRule",
     "fit",
     "default_optimizer",
     "VIResult",
     "Summary",
+    "LogEvidence",
     "psis_khat",
     "khat_verdict",
     "demo",

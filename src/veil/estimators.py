@@ -1,9 +1,19 @@
 """Gradient estimators: where gradients flow when a Monte-Carlo objective is differentiated.
 
-An estimator turns ``(q, log_density, key, n)`` into :class:`Draws`: draws ``z`` and the log
-weights ``log w = log p(z) - log q(z)`` whose gradient with respect to the family's parameters
-is the estimator's choice. Objectives only reduce log weights (mean for the ELBO, log-mean-exp
-for importance-weighted bounds), so an objective and an estimator compose freely.
+Most objectives are a *reduction* ``f`` of the importance log weights of ``n`` draws,
+``log w_i = log p(z_i) - log q(z_i)``, ``z_i ~ q``: the mean for the ELBO, the log-mean-exp for
+the importance-weighted bound, and so on. An estimator turns ``(f, q, log p, key, n)`` into a
+scalar whose *value* is ``f(log w)`` and whose *gradient* with respect to the family's
+parameters is the estimator's estimate of ``grad E[f(log w)]``:
+
+* :class:`Reparam` differentiates ``f(log w)`` through the draws, ``z = T_phi(eps)``;
+* :class:`STL` drops the score term of each draw (unbiased only when ``f`` is linear: the ELBO);
+* :class:`DReG` turns the score term into a second path-wise term, for any smooth ``f``;
+* :class:`ScoreFunction` never differentiates through ``z`` (any family that can evaluate its
+  log density), with a leave-one-out baseline.
+
+The gradients an estimator builds are program transformations of ``f``, so a new objective
+written as a reduction gets every estimator for free (see ``examples/``).
 """
 
 from __future__ import annotations
@@ -14,15 +24,19 @@ from typing import NamedTuple
 
 import equinox as eqx
 import jax
+import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from veil.families.base import Family, stop_gradient
 
-__all__ = ["Estimator", "Reparam", "STL", "Draws"]
+__all__ = ["Estimator", "Reparam", "STL", "DReG", "ScoreFunction", "Draws", "Reduction"]
+
+# A reduction of the log weights of n draws to the scalar an objective maximises.
+Reduction = Callable[[Float[Array, " n"]], Float[Array, ""]]
 
 
 class Draws(NamedTuple):
-    """What an estimator hands to an objective: draws and their log densities."""
+    """Draws and their log densities (values only; no gradient flows through them)."""
 
     z: Float[Array, "n dim"]
     log_p: Float[Array, " n"]
@@ -34,22 +48,43 @@ class Draws(NamedTuple):
         return self.log_p - self.log_q
 
 
+def _values(z, log_p, log_q) -> Draws:
+    return Draws(*(jax.lax.stop_gradient(x) for x in (z, log_p, log_q)))
+
+
+def _grad_and_diag_hessian(f: Reduction, x: Float[Array, " n"]):
+    """``f'(x)`` and the diagonal of ``f''(x)`` (``n`` forward-over-reverse products; ``n`` is
+    the number of draws per step, small)."""
+    g = jax.grad(f)
+    h = jax.vmap(lambda e: jnp.vdot(e, jax.jvp(g, (x,), (e,))[1]))(jnp.eye(x.shape[0], dtype=x.dtype))
+    return g(x), h
+
+
 class Estimator(eqx.Module):
     """Abstract gradient estimator; concrete ones are small immutable values."""
 
     @abc.abstractmethod
-    def draws(
-        self, q: Family, log_density: Callable, key: PRNGKeyArray, n: int
-    ) -> Draws:
-        """``n`` draws with gradients flowing as the estimator decides."""
+    def estimate(
+        self, f: Reduction, q: Family, log_density: Callable, key: PRNGKeyArray, n: int
+    ) -> tuple[Float[Array, ""], Draws]:
+        """``f(log w)`` of ``n`` draws, with this estimator's gradient, and the draws."""
+
+    def check(self, objective: str, linear: bool) -> None:
+        """Raise if this estimator is wrong for an objective (``linear``: ``f`` is linear in
+        the log weights). Called when the objective is built, before any computation."""
+
+    def draws(self, q: Family, log_density: Callable, key: PRNGKeyArray, n: int) -> Draws:
+        """``n`` draws and their log densities, values only."""
+        z, log_q = q.sample_and_log_prob(key, n)
+        return _values(z, jax.vmap(log_density)(z), log_q)
 
 
 class Reparam(Estimator):
     """The reparameterisation ("path-wise") estimator.
 
     ``z = T_phi(eps)`` and ``log q_phi(z)`` both depend on ``phi``, so the gradient of
-    ``E[log p(z) - log q_phi(z)]`` includes the score term ``E[grad_phi log q_phi(z)]``, which
-    is zero in expectation but not per sample.
+    ``E[f(log p(z) - log q_phi(z))]`` includes the score terms ``grad_phi log q_phi(z_i)``,
+    zero in expectation but not per draw.
 
     References:
         Kingma & Welling (2014), Auto-Encoding Variational Bayes;
@@ -57,25 +92,118 @@ class Reparam(Estimator):
         Inference in Deep Generative Models.
     """
 
-    def draws(self, q, log_density, key, n):
+    def estimate(self, f, q, log_density, key, n):
         z, log_q = q.sample_and_log_prob(key, n)
-        return Draws(z, jax.vmap(log_density)(z), log_q)
+        log_p = jax.vmap(log_density)(z)
+        return f(log_p - log_q), _values(z, log_p, log_q)
 
 
 class STL(Estimator):
     """Sticking the landing: the path-wise gradient without the score term.
 
     ``log q`` is evaluated with stopped parameters, ``log q_{stop(phi)}(T_phi(eps))``, which
-    removes the zero-mean score term ``grad_phi log q_phi(z)`` from each sample's gradient. The
-    estimator stays unbiased, and when ``q`` equals the target its variance is exactly zero,
-    because ``log p(z) - log q(z)`` is then constant in ``z``.
+    removes the zero-mean score term ``grad_phi log q_phi(z)`` from each draw's gradient. For
+    the ELBO the estimator stays unbiased, and when ``q`` equals the target its variance is
+    exactly zero, because ``log p(z) - log q(z)`` is then constant in ``z``. For a reduction
+    that is not linear in the log weights (IWAE, Rényi) the dropped term no longer has mean
+    zero: use :class:`DReG` there, which is STL's unbiased generalisation.
 
     References:
         Roeder, Wu & Duvenaud (2017), Sticking the Landing: Simple, Lower-Variance Gradient
         Estimators for Variational Inference.
     """
 
-    def draws(self, q, log_density, key, n):
+    def check(self, objective, linear):
+        if not linear:
+            raise ValueError(
+                f"veil.STL() is unbiased only for objectives linear in the log weights (the "
+                f"ELBO); for {objective} it would be biased. Use veil.DReG() (its unbiased "
+                "generalisation) or veil.Reparam()."
+            )
+
+    def estimate(self, f, q, log_density, key, n):
         z = q.sample(key, n)
         log_q = stop_gradient(q).log_prob(z)
-        return Draws(z, jax.vmap(log_density)(z), log_q)
+        log_p = jax.vmap(log_density)(z)
+        return f(log_p - log_q), _values(z, log_p, log_q)
+
+
+class DReG(Estimator):
+    """Doubly reparameterised gradients, for any smooth reduction ``f`` of the log weights.
+
+    The score term of draw ``i``, ``-E[df/dlog w_i * grad_phi log q_phi(z_i)]``, is rewritten
+    with the reparameterisation identity ``E_q[g(z) grad log q(z)] = E[grad_z g(z) dz/dphi]``
+    (with ``g = df/dlog w_i``, a function of ``z_i`` through ``log w_i``). The gradient becomes
+    purely path-wise,
+
+        sum_i (df/dlog w_i - d^2f/dlog w_i^2) * d log w_i / dz_i * dz_i / dphi,
+
+    with ``log w_i`` evaluated at stopped parameters as in STL. For the ELBO (``f`` the mean) the
+    second derivative vanishes and DReG *is* STL; for IWAE (``f`` the log-mean-exp of ``k``
+    weights) the coefficient is ``w~_i^2`` (normalised weights squared), the estimator of Tucker
+    et al., whose signal-to-noise ratio grows with ``k`` where the plain estimator's decays.
+    The derivatives of ``f`` are taken by JAX from the reduction itself, so any objective
+    written as a reduction gets its doubly reparameterised estimator without new code.
+
+    References:
+        Tucker, Lawson, Gu & Maddison (2019), Doubly Reparameterized Gradient Estimators for
+        Monte Carlo Objectives.
+    """
+
+    def estimate(self, f, q, log_density, key, n):
+        z = q.sample(key, n)
+        log_q = stop_gradient(q).log_prob(z)
+        log_p = jax.vmap(log_density)(z)
+        path = log_p - log_q  # gradients flow along the draws only
+        lw = jax.lax.stop_gradient(path)
+        g, h = _grad_and_diag_hessian(f, lw)
+        coef = jax.lax.stop_gradient(g - h)
+        return f(lw) + jnp.sum(coef * (path - lw)), _values(z, log_p, log_q)
+
+
+class ScoreFunction(Estimator):
+    """The score-function (REINFORCE, likelihood-ratio) estimator, with a leave-one-out baseline.
+
+    The draws are not differentiated (``z`` is stopped), so it works for any family that can
+    evaluate ``log q`` — discrete or not reparameterisable. For ``n`` draws with reduction ``f``,
+
+        grad E[f] = E[grad_phi f(log w) |_z  +  sum_i (f - b_i) grad_phi log q_phi(z_i)],
+
+    where ``b_i`` does not depend on ``z_i``, so it leaves the estimate unbiased while removing
+    most of its variance. With ``baseline="loo"`` (default, needs ``n >= 2``) ``b_i`` is ``f``
+    with ``log w_i`` replaced by the mean of the other draws' log weights (the multi-sample
+    baseline of VIMCO); ``baseline=None`` uses none. Expect far more variance than the
+    path-wise estimators: use it when they do not apply.
+
+    References:
+        Williams (1992), Simple Statistical Gradient-Following Algorithms for Connectionist
+        Reinforcement Learning; Ranganath, Gerrish & Blei (2014), Black Box Variational
+        Inference; Mnih & Rezende (2016), Variational Inference for Monte Carlo Objectives.
+    """
+
+    baseline: str | None = eqx.field(static=True, default="loo")
+
+    def __check_init__(self):
+        if self.baseline not in ("loo", None):
+            raise ValueError(f"baseline must be 'loo' or None, got {self.baseline!r}.")
+
+    def estimate(self, f, q, log_density, key, n):
+        if self.baseline == "loo" and n < 2:
+            raise ValueError(
+                "ScoreFunction(baseline='loo') needs at least 2 draws per step (num_samples or "
+                "k >= 2); use more draws or baseline=None."
+            )
+        z = jax.lax.stop_gradient(q.sample(key, n))
+        log_q = q.log_prob(z)  # gradients flow through the parameters only
+        log_p = jax.vmap(log_density)(z)
+        lw_path = log_p - log_q
+        lw = jax.lax.stop_gradient(lw_path)
+        value = f(lw)
+        if self.baseline == "loo":
+            others = (jnp.sum(lw) - lw) / (n - 1)
+            b = jax.vmap(lambda i: f(lw.at[i].set(others[i])))(jnp.arange(n))
+        else:
+            b = jnp.zeros(n, lw.dtype)
+        signal = jax.lax.stop_gradient(value - b)
+        surrogate = f(lw_path) + jnp.sum(signal * log_q)
+        return value + (surrogate - jax.lax.stop_gradient(surrogate)), _values(z, log_p, log_q)

@@ -51,7 +51,7 @@ class _VILoss(eqx.Module):
     objective: Objective
 
     def __call__(self, q, key):
-        return self.objective(q, self.target.log_density, key)
+        return self.objective(q, self.target, key)
 
 
 @eqx.filter_jit
