@@ -17,10 +17,12 @@ from veil.objectives import (
     IWAE,
     ChiSquare,
     ForwardKL,
+    FunctionObjective,
     Objective,
     ObjectiveAux,
     Renyi,
     WeightObjective,
+    estimate,
     log_mean_exp,
 )
 from veil.result import LogEvidence, Summary, VIResult
@@ -46,6 +48,8 @@ __all__ = [
     "ChiSquare",
     "ForwardKL",
     "log_mean_exp",
+    "estimate",
+    "FunctionObjective",
     "Estimator",
     "Reparam",
     "STL",

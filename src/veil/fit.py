@@ -15,7 +15,7 @@ import optax
 from veil import driver
 from veil.diagnostics import StopRule
 from veil.families.base import Family
-from veil.objectives import ELBO, Objective
+from veil.objectives import ELBO, FunctionObjective, Objective
 from veil.result import VIResult
 from veil.target import Target
 
@@ -107,7 +107,8 @@ def fit(
         target: a :class:`~veil.Target`.
         q: the family and its starting point, e.g. ``veil.FullRank(target.dim)``.
         key: a JAX PRNG key (``jax.random.key(seed)``); required, never defaulted.
-        objective: the loss; default ``veil.ELBO()`` (4 draws per step, STL gradients).
+        objective: the loss; default ``veil.ELBO()`` (4 draws per step, STL gradients). Any
+            :class:`~veil.Objective`, or a plain function ``(q, target, key) -> loss``.
         optimizer: an optax transformation; default :func:`default_optimizer` (Adam, 0.05).
             Reuse the same object between fits: a new one recompiles the loop.
         max_steps: cap on optimisation steps.
@@ -148,8 +149,13 @@ def fit(
     max_steps = _check_positive_int("max_steps", max_steps)
     num_restarts = _check_positive_int("num_restarts", num_restarts)
     objective = _DEFAULT_OBJECTIVE if objective is None else objective
+    if callable(objective) and not isinstance(objective, (Objective, eqx.Module)):
+        objective = FunctionObjective(objective)  # a plain function (q, target, key) -> loss
     if not isinstance(objective, Objective):
-        raise TypeError(f"objective must be a veil objective such as veil.ELBO(), got {objective!r}.")
+        raise TypeError(
+            f"objective must be a veil objective such as veil.ELBO() or a function "
+            f"(q, target, key) -> loss, got {objective!r}."
+        )
     optimizer = _DEFAULT_OPTIMIZER if optimizer is None else optimizer
     if not isinstance(optimizer, optax.GradientTransformation):
         raise TypeError(f"optimizer must be an optax GradientTransformation, got {optimizer!r}.")

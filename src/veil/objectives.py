@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from jax.scipy.special import logsumexp
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from veil.estimators import STL, DReG, Estimator, ScoreFunction, _values
+from veil.estimators import STL, DReG, Draws, Estimator, Reparam, ScoreFunction, _values
 from veil.families.base import stop_gradient
 from veil.families.base import Family
 
@@ -39,6 +39,8 @@ __all__ = [
     "ForwardKL",
     "log_mean_exp",
     "log_density_of",
+    "estimate",
+    "FunctionObjective",
 ]
 
 
@@ -74,6 +76,35 @@ def _check_count(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}.")
     return value
+
+
+def estimate(
+    f: Callable[[Float[Array, " n"]], Float[Array, ""]],
+    q: Family,
+    target,
+    key: PRNGKeyArray,
+    n: int,
+    estimator: Estimator | None = None,
+) -> tuple[Float[Array, ""], Draws]:
+    """The programmable-VI primitive: ``f(log w)`` of ``n`` fresh draws, differentiable.
+
+    ``f`` maps the draws' log weights ``log p(z_i) - log q(z_i)`` to a scalar; the value
+    returned is ``f(log w)`` and its gradient with respect to ``q``'s parameters is
+    ``estimator``'s estimate of ``grad E[f(log w)]`` (default :class:`~veil.Reparam`; any
+    smooth ``f`` also gets :class:`~veil.DReG` and :class:`~veil.ScoreFunction`). A new
+    objective is then a few lines; see ``examples/log_variance.py``.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, veil
+        >>> value, draws = veil.estimate(jnp.mean, veil.MeanField(2),
+        ...                              lambda z: -0.5 * jnp.sum(z**2), jax.random.key(0), 4)
+        >>> draws.z.shape
+        (4, 2)
+    """
+    estimator = Reparam() if estimator is None else estimator
+    if not isinstance(estimator, Estimator):
+        raise TypeError(f"estimator must be a veil estimator such as veil.DReG(), got {estimator!r}.")
+    return estimator.estimate(f, q, log_density_of(target), key, _check_count("n", n))
 
 
 class Objective(eqx.Module):
@@ -397,3 +428,37 @@ class ForwardKL(Objective):
         w = jax.nn.softmax(draws.log_weights)
         cross_entropy = -jnp.sum(w * draws.log_q)
         return cross_entropy + surrogate, ObjectiveAux(-cross_entropy, draws.log_weights)
+
+
+class FunctionObjective(Objective):
+    """A plain function ``fn(q, target, key) -> loss`` (or ``-> (loss, aux)``) as an objective.
+
+    ``veil.fit`` wraps a function given as ``objective=`` in this class. Keep the same function
+    object between fits: it is part of the compiled program's identity.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, veil
+        >>> def neg_elbo(q, target, key):
+        ...     value, _ = veil.estimate(jnp.mean, q, target, key, 4, veil.STL())
+        ...     return -value
+        >>> t = veil.Target.from_logdensity(lambda z: -0.5 * jnp.sum((z - 1.0) ** 2), dim=2)
+        >>> res = veil.fit(t, veil.MeanField(2), key=jax.random.key(0), objective=neg_elbo,
+        ...                progress=False)
+        >>> bool(jnp.allclose(res.q.mean, 1.0, atol=0.05))
+        True
+    """
+
+    fn: Callable = eqx.field(static=True)
+
+    def __check_init__(self):
+        if not callable(self.fn):
+            raise TypeError(f"FunctionObjective needs a callable, got {self.fn!r}.")
+
+    def __call__(self, q, target, key):
+        out = self.fn(q, target, key)
+        loss, aux = out if isinstance(out, tuple) else (out, None)
+        if jnp.shape(loss) != ():
+            raise ValueError(
+                f"The objective function must return a scalar loss, got shape {jnp.shape(loss)}."
+            )
+        return loss, aux
