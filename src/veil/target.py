@@ -44,6 +44,23 @@ def _numpyro_logdensity(model, sites, z, data):
     return -potential_energy(model, args, kwargs, _unflatten(sites, z))
 
 
+def _numpyro_loglikelihood(model, sites, z, data):
+    """Sum of the observed sites' log densities (with their ``scale``), at the latent values
+    ``z`` maps to: NumPyro's own trace of the model, observed sites only."""
+    from numpyro import handlers
+    from numpyro.infer.util import constrain_fn
+
+    args, kwargs = data
+    values = constrain_fn(model, args, kwargs, _unflatten(sites, z))
+    tr = handlers.trace(handlers.substitute(model, data=values)).get_trace(*args, **kwargs)
+    total = 0.0
+    for site in tr.values():
+        if site["type"] == "sample" and site["is_observed"]:
+            lp = jnp.sum(site["fn"].log_prob(site["value"]))
+            total = total + (lp if site.get("scale") is None else site["scale"] * lp)
+    return total
+
+
 def _unflatten(sites, z):
     return {
         s.name: z[..., s.offset : s.offset + s.size].reshape(z.shape[:-1] + s.unconstrained_shape)
@@ -75,11 +92,18 @@ class Target(eqx.Module):
     sites: tuple[Site, ...] = eqx.field(static=True)
     names: tuple[str, ...] = eqx.field(static=True)
     data: Any
+    loglik: Callable | None = eqx.field(static=True, default=None)
 
     # ------------------------------------------------------------------ constructors
     @classmethod
-    def from_logdensity(cls, fn: Callable[[jax.Array], jax.Array], dim: int) -> "Target":
+    def from_logdensity(
+        cls, fn: Callable[[jax.Array], jax.Array], dim: int, *, log_likelihood: Callable | None = None
+    ) -> "Target":
         """Wrap ``fn: R^dim -> R``, an unnormalised log density of a flat vector.
+
+        ``log_likelihood``, optional, is the part of ``fn`` that comes from the data (``fn``
+        minus the log prior); objectives that weight the likelihood
+        (``veil.ELBO(likelihood_weight=...)``, ``beta=...``) need it.
 
         ``fn`` is checked once with abstract inputs (no computation): it must accept a vector
         of shape ``(dim,)`` and return a scalar. Keep the same ``fn`` object between fits to
@@ -102,8 +126,10 @@ class Target(eqx.Module):
                 f"The log density must return a scalar, but it returned shape {shape} for an "
                 f"input of shape ({dim},). Sum the per-component terms (e.g. `jnp.sum(...)`)."
             )
+        if log_likelihood is not None and not callable(log_likelihood):
+            raise TypeError(f"log_likelihood must be a callable, got {type(log_likelihood).__name__}.")
         site = Site("z", 0, (dim,))
-        return cls("logdensity", dim, fn, None, (site,), ("z",), None)
+        return cls("logdensity", dim, fn, None, (site,), ("z",), None, log_likelihood)
 
     @classmethod
     def from_numpyro(cls, model: Callable, *args, **kwargs) -> "Target":
@@ -159,6 +185,25 @@ class Target(eqx.Module):
         if self.kind == "numpyro":
             return _numpyro_logdensity(self.model, self.sites, z, self.data)
         return _logdensity_from_fn(self.fn, z, self.data)
+
+    @property
+    def has_likelihood(self) -> bool:
+        """Whether :meth:`log_likelihood` is available (NumPyro models, or a plain log
+        density given with ``log_likelihood=``)."""
+        return self.kind == "numpyro" or self.loglik is not None
+
+    def log_likelihood(self, z: jax.Array) -> jax.Array:
+        """The data's part of :meth:`log_density` at one flat vector ``z``: the sum of the
+        observed sites' log densities for a NumPyro model; ``log_density - log_likelihood``
+        is the log prior (with the change-of-variables term)."""
+        if self.kind == "numpyro":
+            return _numpyro_loglikelihood(self.model, self.sites, z, self.data)
+        if self.loglik is None:
+            raise ValueError(
+                "This target has no separate log likelihood: build it with "
+                "veil.Target.from_logdensity(fn, dim, log_likelihood=...) or from a NumPyro model."
+            )
+        return self.loglik(z)
 
     def to_constrained(self, z: jax.Array) -> dict[str, jax.Array]:
         """Map one unconstrained vector to a dict of named constrained values.
