@@ -18,16 +18,18 @@ from veil.objectives import (
     ChiSquare,
     ForwardKL,
     FunctionObjective,
+    MMD,
     Objective,
     ObjectiveAux,
     Renyi,
+    SumObjective,
     WeightObjective,
     estimate,
     log_mean_exp,
 )
 from veil.result import LogEvidence, Summary, VIResult
 from veil.target import Target
-from veil import demo
+from veil import demo, kernels
 
 __version__ = "0.1.0"
 
@@ -50,6 +52,9 @@ __all__ = [
     "log_mean_exp",
     "estimate",
     "FunctionObjective",
+    "MMD",
+    "SumObjective",
+    "kernels",
     "Estimator",
     "Reparam",
     "STL",
