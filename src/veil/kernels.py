@@ -58,8 +58,9 @@ class RBF(Kernel):
 
     Example:
         >>> import jax.numpy as jnp, veil
-        >>> veil.kernels.RBF(1.0)(jnp.zeros((1, 2)), jnp.ones((1, 2))).round(4)
-        Array([[0.3679]], dtype=float32)
+        >>> k = veil.kernels.RBF(1.0)(jnp.zeros((1, 2)), jnp.ones((1, 2)))
+        >>> round(float(k[0, 0]), 4)  # exp(-|x - y|^2 / 2) with |x - y|^2 = 2
+        0.3679
     """
 
     bandwidth: float | Array | None = None
