@@ -9,7 +9,18 @@
 
 from veil._config import enable_compilation_cache as _enable_compilation_cache
 from veil.diagnostics import StopRule, khat_verdict, psis_khat
-from veil.estimators import STL, DReG, Draws, Estimator, Reparam, ScoreFunction
+from veil.estimators import (
+    IID,
+    STL,
+    DReG,
+    Draws,
+    Estimator,
+    Noise,
+    Reparam,
+    ScoreFunction,
+    Sobol,
+    Unscented,
+)
 from veil.families import Family, FullRank, LowRank, MeanField
 from veil.fit import default_optimizer, fit
 from veil.objectives import (
@@ -60,6 +71,10 @@ __all__ = [
     "STL",
     "DReG",
     "ScoreFunction",
+    "Unscented",
+    "Noise",
+    "IID",
+    "Sobol",
     "Draws",
     "StopRule",
     "fit",

@@ -19,17 +19,32 @@ written as a reduction gets every estimator for free (see ``examples/``).
 from __future__ import annotations
 
 import abc
+import functools
+import math
 from collections.abc import Callable
 from typing import NamedTuple
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from veil.families.base import Family, stop_gradient
 
-__all__ = ["Estimator", "Reparam", "STL", "DReG", "ScoreFunction", "Draws", "Reduction"]
+__all__ = [
+    "Estimator",
+    "Reparam",
+    "STL",
+    "DReG",
+    "ScoreFunction",
+    "Unscented",
+    "Noise",
+    "IID",
+    "Sobol",
+    "Draws",
+    "Reduction",
+]
 
 # A reduction of the log weights of n draws to the scalar an objective maximises.
 Reduction = Callable[[Float[Array, " n"]], Float[Array, ""]]
@@ -58,6 +73,68 @@ def _grad_and_diag_hessian(f: Reduction, x: Float[Array, " n"]):
     g = jax.grad(f)
     h = jax.vmap(lambda e: jnp.vdot(e, jax.jvp(g, (x,), (e,))[1]))(jnp.eye(x.shape[0], dtype=x.dtype))
     return g(x), h
+
+
+# ----------------------------------------------------------------------------- base noise
+class Noise(eqx.Module):
+    """Where the standard-normal base noise of path-wise estimators comes from."""
+
+    @abc.abstractmethod
+    def normal(self, key: PRNGKeyArray, n: int, dim: int) -> Float[Array, "n dim"]:
+        """``n`` points whose every row is marginally ``N(0, I_dim)``."""
+
+
+class IID(Noise):
+    """Independent standard-normal draws (the default)."""
+
+    def normal(self, key, n, dim):
+        return jax.random.normal(key, (n, dim))
+
+
+@functools.lru_cache(maxsize=64)
+def _sobol_bits(n: int, dim: int) -> np.ndarray:
+    """The first ``n`` points of the unscrambled Sobol sequence in ``dim`` dimensions, as
+    32-bit integers (``point * 2^32``), from SciPy's generator (Joe-Kuo direction numbers)."""
+    from scipy.stats import qmc
+
+    u = qmc.Sobol(dim, scramble=False).random(n)
+    return np.asarray(np.floor(u * 2.0**32), dtype=np.uint32)
+
+
+class Sobol(Noise):
+    """Randomised quasi-Monte Carlo: a Sobol point set with a random digital shift.
+
+    The ``n`` points (``n`` a power of two) of a Sobol net in ``dim`` dimensions are XOR-ed
+    with one random 32-bit integer per dimension (a fresh one per step), then mapped through the
+    normal quantile. The shift leaves the net's even spread intact and makes every point
+    marginally uniform, so a mean over the points is unbiased and, for smooth integrands, has
+    variance falling faster than ``1/n``. For the ELBO the estimate stays unbiased; for IWAE or
+    Rényi the points are not independent, so the objective is the bound's value for
+    stratified rather than i.i.d. draws (still a lower bound on ``log Z``).
+
+    References:
+        Buchholz, Wenzel & Mandt (2018), Quasi-Monte Carlo Variational Inference;
+        Owen (2023), Practical Quasi-Monte Carlo Integration.
+    """
+
+    def normal(self, key, n, dim):
+        if n & (n - 1):
+            raise ValueError(
+                f"Sobol points need a power-of-two count of draws per step, got {n}; use e.g. "
+                f"{1 << max(n - 1, 1).bit_length()}."
+            )
+        bits = jnp.asarray(_sobol_bits(n, dim))
+        shift = jax.random.bits(key, (dim,), jnp.uint32)
+        # The top 24 bits fit a float32 exactly, so u stays strictly inside (0, 1).
+        u = (((bits ^ shift) >> 8).astype(jnp.float32) + 0.5) / 2.0**24
+        return jax.scipy.special.ndtri(u)
+
+
+def _path_draws(noise: Noise, q: Family, key, n: int):
+    """Draws ``z`` (differentiable in ``q``) and ``log q(z)`` from ``noise``."""
+    if isinstance(noise, IID):
+        return q.sample_and_log_prob(key, n)
+    return q.transform_and_log_prob(noise.normal(key, n, q.noise_dim))
 
 
 class Estimator(eqx.Module):
@@ -92,8 +169,10 @@ class Reparam(Estimator):
         Inference in Deep Generative Models.
     """
 
+    noise: Noise = IID()
+
     def estimate(self, f, q, log_density, key, n):
-        z, log_q = q.sample_and_log_prob(key, n)
+        z, log_q = _path_draws(self.noise, q, key, n)
         log_p = jax.vmap(log_density)(z)
         return f(log_p - log_q), _values(z, log_p, log_q)
 
@@ -121,8 +200,10 @@ class STL(Estimator):
                 "generalisation) or veil.Reparam()."
             )
 
+    noise: Noise = IID()
+
     def estimate(self, f, q, log_density, key, n):
-        z = q.sample(key, n)
+        z = _path_draws(self.noise, q, key, n)[0]
         log_q = stop_gradient(q).log_prob(z)
         log_p = jax.vmap(log_density)(z)
         return f(log_p - log_q), _values(z, log_p, log_q)
@@ -150,8 +231,10 @@ class DReG(Estimator):
         Monte Carlo Objectives.
     """
 
+    noise: Noise = IID()
+
     def estimate(self, f, q, log_density, key, n):
-        z = q.sample(key, n)
+        z = _path_draws(self.noise, q, key, n)[0]
         log_q = stop_gradient(q).log_prob(z)
         log_p = jax.vmap(log_density)(z)
         path = log_p - log_q  # gradients flow along the draws only
@@ -207,3 +290,52 @@ class ScoreFunction(Estimator):
         signal = jax.lax.stop_gradient(value - b)
         surrogate = f(lw_path) + jnp.sum(signal * log_q)
         return value + (surrogate - jax.lax.stop_gradient(surrogate)), _values(z, log_p, log_q)
+
+
+class Unscented(Estimator):
+    """Deterministic sigma points in place of random draws, for the ELBO of Gaussian families.
+
+    With noise dimension ``m`` (the family's :attr:`noise_dim`), the ``2m + 1`` sigma points
+    are ``eps = 0`` (weight ``kappa / (m + kappa)``) and ``eps = +-sqrt(m + kappa) e_j``
+    (weight ``1 / (2 (m + kappa))`` each), mapped through the family's transform: they match
+    ``q``'s mean and covariance exactly, and the weighted mean of ``log w`` over them is exact
+    whenever ``log w`` is quadratic in ``z`` (a Gaussian target). Otherwise it is a
+    deterministic, biased approximation with zero gradient variance: good for smooth,
+    near-Gaussian targets, wrong for heavy tails or multimodality. ``num_samples`` of the
+    objective is ignored; gradients flow path-wise with ``log q`` at stopped parameters (as in
+    STL). The ELBO only: other reductions are not expectations of one draw.
+
+    References:
+        Julier & Uhlmann (1997), A New Extension of the Kalman Filter to Nonlinear Systems;
+        Janjoš, Rosenbaum, Dolgov & Zöllner (2023), Unscented Autoencoder.
+    """
+
+    kappa: float | int = eqx.field(static=True, default=1.0)
+
+    def __check_init__(self):
+        if isinstance(self.kappa, bool) or not isinstance(self.kappa, (int, float)) or not (
+            math.isfinite(self.kappa) and self.kappa >= 0
+        ):
+            raise ValueError(f"kappa must be a finite number >= 0, got {self.kappa!r}.")
+
+    def check(self, objective, linear):
+        if not linear:
+            raise ValueError(
+                f"veil.Unscented() replaces an expectation by a weighted sum over sigma points, "
+                f"which only the ELBO is; {objective} needs random draws (veil.DReG(), "
+                "veil.Reparam(), or veil.Sobol() noise for quasi-Monte Carlo)."
+            )
+
+    def estimate(self, f, q, log_density, key, n):
+        del f, key, n  # linear reduction (checked): replaced by the sigma-point weighted mean
+        m = q.noise_dim
+        c = math.sqrt(m + self.kappa)
+        eye = jnp.eye(m)
+        eps = jnp.concatenate([jnp.zeros((1, m)), c * eye, -c * eye])
+        w = jnp.concatenate(
+            [jnp.full(1, self.kappa / (m + self.kappa)), jnp.full(2 * m, 0.5 / (m + self.kappa))]
+        )
+        z = q.transform_and_log_prob(eps)[0]
+        log_q = stop_gradient(q).log_prob(z)
+        log_p = jax.vmap(log_density)(z)
+        return jnp.sum(w * (log_p - log_q)), _values(z, log_p, log_q)

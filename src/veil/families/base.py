@@ -35,6 +35,23 @@ class Family(eqx.Module):
     def log_prob(self, z: Float[Array, "... dim"]) -> Float[Array, "..."]:
         """``log q(z)``, batched over leading axes."""
 
+    @property
+    def noise_dim(self) -> int:
+        """Dimension of the standard-normal noise ``eps`` that :meth:`transform_and_log_prob`
+        maps to draws; only families defined by such a map (the Gaussians) have one."""
+        raise NotImplementedError(
+            f"{type(self).__name__} is not a transform of standard-normal noise, so it cannot use "
+            "quasi-Monte Carlo or unscented base points; use the default i.i.d. draws."
+        )
+
+    def transform_and_log_prob(
+        self, eps: Float[Array, "n noise"]
+    ) -> tuple[Float[Array, "n dim"], Float[Array, " n"]]:
+        """Draws ``z = T_phi(eps)`` from given standard-normal noise, and ``log q(z)``."""
+        raise NotImplementedError(
+            f"{type(self).__name__} is not a transform of standard-normal noise."
+        )
+
     def sample(self, key: PRNGKeyArray, n: int) -> Float[Array, "n dim"]:
         """``n`` reparameterised draws."""
         return self.sample_and_log_prob(key, n)[0]

@@ -94,10 +94,15 @@ class MeanField(Family):
         """The same ``q`` as a NumPyro distribution (event shape ``(dim,)``)."""
         return dist.Normal(self.loc, self.scale).to_event(1)
 
+    @property
+    def noise_dim(self) -> int:
+        return self.dim
+
+    def transform_and_log_prob(self, eps):
+        return self.loc + self.scale * eps, _std_normal_logpdf(eps) - jnp.sum(self.log_scale)
+
     def sample_and_log_prob(self, key, n):
-        eps = jax.random.normal(key, (n, self.dim))
-        z = self.loc + self.scale * eps
-        return z, _std_normal_logpdf(eps) - jnp.sum(self.log_scale)
+        return self.transform_and_log_prob(jax.random.normal(key, (n, self.dim)))
 
     def log_prob(self, z):
         return self.distribution.log_prob(z)
@@ -153,10 +158,16 @@ class FullRank(Family):
         """The same ``q`` as a NumPyro ``MultivariateNormal``."""
         return dist.MultivariateNormal(self.loc, scale_tril=self.scale_tril)
 
-    def sample_and_log_prob(self, key, n):
-        eps = jax.random.normal(key, (n, self.dim))
+    @property
+    def noise_dim(self) -> int:
+        return self.dim
+
+    def transform_and_log_prob(self, eps):
         z = self.loc + eps @ self.scale_tril.T
         return z, _std_normal_logpdf(eps) - jnp.sum(self.log_scale)
+
+    def sample_and_log_prob(self, key, n):
+        return self.transform_and_log_prob(jax.random.normal(key, (n, self.dim)))
 
     def log_prob(self, z):
         # Solve with the unit-diagonal factor after dividing out the row scales: the diagonal
@@ -227,6 +238,15 @@ class LowRank(Family):
     def distribution(self) -> dist.Distribution:
         """The same ``q`` as a NumPyro ``LowRankMultivariateNormal``."""
         return dist.LowRankMultivariateNormal(self.loc, self.cov_factor, self.cov_diag)
+
+    @property
+    def noise_dim(self) -> int:
+        return self.dim + self.rank
+
+    def transform_and_log_prob(self, eps):
+        e1, e2 = eps[:, : self.dim], eps[:, self.dim :]
+        z = self.loc + jnp.exp(self.log_diag) * e1 + e2 @ self.cov_factor.T
+        return z, self.log_prob(z)
 
     def sample_and_log_prob(self, key, n):
         z = self.sample(key, n)
