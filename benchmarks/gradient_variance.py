@@ -46,6 +46,8 @@ def german_credit():
 ESTIMATORS = [
     ("ELBO(4)", "Reparam", veil.ELBO(num_samples=4, estimator=veil.Reparam())),
     ("ELBO(4)", "STL (= DReG)", veil.ELBO(num_samples=4, estimator=veil.STL())),
+    ("ELBO(4)", "STL + Sobol RQMC", veil.ELBO(num_samples=4, estimator=veil.STL(noise=veil.Sobol()))),
+    ("ELBO(4)", "Unscented (2d+1 points)", veil.ELBO(estimator=veil.Unscented())),
     ("ELBO(4)", "Score, LOO baseline", veil.ELBO(num_samples=4, estimator=veil.ScoreFunction())),
     ("ELBO(4)", "Score, no baseline", veil.ELBO(num_samples=4, estimator=veil.ScoreFunction(baseline=None))),
     ("IWAE(8)", "Reparam", veil.IWAE(k=8, estimator=veil.Reparam())),
