@@ -16,14 +16,14 @@ from test_objectives import A, M, Q, S, closed_form_elbo, full_rank, log_p
 LOG_Z = 0.5 * np.linalg.slogdet(2 * np.pi * S)[1]
 
 
-def _value_and_grad(objective, q, key):
-    (loss, aux), g = jax.value_and_grad(lambda q: objective(q, log_p, key), has_aux=True)(q)
+def _value_and_grad(objective, q, key, log_density=log_p):
+    (loss, aux), g = jax.value_and_grad(lambda q: objective(q, log_density, key), has_aux=True)(q)
     return loss, g
 
 
-def _replicates(objective, q, keys):
+def _replicates(objective, q, keys, log_density=log_p):
     """Bound and gradient of the *bound* (minus the loss gradient), one row per key."""
-    loss, g = jax.vmap(lambda k: _value_and_grad(objective, q, k))(keys)
+    loss, g = jax.vmap(lambda k: _value_and_grad(objective, q, k, log_density))(keys)
     flat = np.concatenate([np.asarray(x, np.float64).reshape(len(keys), -1) for x in jax.tree.leaves(g)], 1)
     return -np.asarray(loss, np.float64), -flat
 

@@ -16,12 +16,13 @@ from veil.estimators import (
     Draws,
     Estimator,
     Noise,
+    RSVI,
     Reparam,
     ScoreFunction,
     Sobol,
     Unscented,
 )
-from veil.families import Family, FullRank, LowRank, MeanField
+from veil.families import Family, FullRank, Gamma, LowRank, MeanField
 from veil.fit import default_optimizer, fit
 from veil.objectives import (
     ELBO,
@@ -52,6 +53,7 @@ __all__ = [
     "MeanField",
     "FullRank",
     "LowRank",
+    "Gamma",
     "Objective",
     "ObjectiveAux",
     "WeightObjective",
@@ -72,6 +74,7 @@ __all__ = [
     "DReG",
     "ScoreFunction",
     "Unscented",
+    "RSVI",
     "Noise",
     "IID",
     "Sobol",

@@ -1,6 +1,7 @@
 """Variational families."""
 
 from veil.families.base import Family, stop_gradient
+from veil.families.constrained import Gamma
 from veil.families.gaussian import FullRank, LowRank, MeanField
 
-__all__ = ["Family", "MeanField", "FullRank", "LowRank", "stop_gradient"]
+__all__ = ["Family", "MeanField", "FullRank", "LowRank", "Gamma", "stop_gradient"]
