@@ -1,7 +1,8 @@
 """Variational families."""
 
 from veil.families.base import Family, stop_gradient
+from veil.families.composite import Composite
 from veil.families.constrained import Gamma
 from veil.families.gaussian import FullRank, LowRank, MeanField
 
-__all__ = ["Family", "MeanField", "FullRank", "LowRank", "Gamma", "stop_gradient"]
+__all__ = ["Family", "MeanField", "FullRank", "LowRank", "Gamma", "Composite", "stop_gradient"]
