@@ -22,7 +22,7 @@ from veil.estimators import (
     Sobol,
     Unscented,
 )
-from veil.families import Composite, Family, FullRank, Gamma, LowRank, MeanField
+from veil.families import Beta, Composite, Family, FullRank, Gamma, LowRank, MeanField
 from veil.fit import default_optimizer, fit
 from veil.objectives import (
     ELBO,
@@ -54,6 +54,7 @@ __all__ = [
     "FullRank",
     "LowRank",
     "Gamma",
+    "Beta",
     "Composite",
     "Objective",
     "ObjectiveAux",

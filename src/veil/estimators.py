@@ -350,7 +350,8 @@ def _loo_baselines(f, lw):
 
 
 class RSVI(Estimator):
-    """Reparameterisation through acceptance-rejection samplers (for :class:`veil.Gamma`).
+    """Reparameterisation through acceptance-rejection samplers (:class:`veil.Gamma`,
+    :class:`veil.Beta`, and :class:`veil.Composite` blocks of them).
 
     A rejection sampler draws proposal noise ``eps`` and keeps it with a probability that
     depends on the parameters; the kept ``eps`` has density ``pi(eps; theta)``, and
@@ -381,7 +382,7 @@ class RSVI(Estimator):
     def estimate(self, f, q, log_density, key, n):
         if not hasattr(q, "rsvi_draws"):
             raise ValueError(
-                f"veil.RSVI() needs a family drawn by acceptance-rejection (veil.Gamma); "
+                f"veil.RSVI() needs a family drawn by acceptance-rejection (veil.Gamma, veil.Beta); "
                 f"{type(q).__name__} is reparameterised directly: use veil.STL() or veil.Reparam()."
             )
         if n < 2:

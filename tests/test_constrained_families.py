@@ -1,4 +1,4 @@
-"""The Gamma family (on log scale) and RSVI: densities, moments, unbiased gradients by quadrature."""
+"""Gamma and Beta families (log and logit scales) and RSVI: densities, moments, unbiased gradients by quadrature."""
 
 import math
 
@@ -85,3 +85,44 @@ def test_rsvi_misuse(key):
         veil.RSVI(boost=-1)
     with pytest.raises(ValueError, match="2 draws"):
         veil.ELBO(num_samples=1, estimator=veil.RSVI())(Q, log_p, key)
+
+
+# ------------------------------------------------------------------ Beta
+# Beta(5, 3) posterior of x carried to u = logit x: log p(u) = 5 log x + 3 log(1 - x).
+def beta_log_p(u):
+    return jnp.sum(-5.0 * jax.nn.softplus(-u) - 3.0 * jax.nn.softplus(u))
+
+
+QB = veil.Beta(1, init_scale=0.8)
+
+
+def test_beta_density_and_moments(key):
+    q = veil.Beta(2, init_scale=0.5)
+    u, lq = q.sample_and_log_prob(key, 200_000)
+    np.testing.assert_allclose(lq, q.distribution.log_prob(u), rtol=1e-4, atol=1e-4)
+    # se of the mean 0.5 / 447 ~ 0.0011; of the sd ~0.0008.
+    for draws in (u, q.rsvi_draws(key, 200_000)[0]):
+        np.testing.assert_allclose(draws.mean(0), q.mean, atol=0.006)
+        np.testing.assert_allclose(draws.std(0), q.stddev, rtol=0.01)
+
+
+def _exact_beta_elbo(q):
+    grid = jnp.linspace(-12.0, 12.0, 40001)[:, None]
+    lq = q.log_prob(grid)
+    return jnp.sum(jnp.exp(lq) * (jax.vmap(beta_log_p)(grid) - lq)) * (grid[1, 0] - grid[0, 0])
+
+
+@pytest.mark.parametrize("estimator", [veil.RSVI(), veil.Reparam()], ids=["rsvi", "reparam-implicit"])
+def test_beta_elbo_gradients_are_unbiased_against_quadrature(key, estimator):
+    exact = jax.grad(_exact_beta_elbo)(QB)
+    ex = np.concatenate([np.ravel(x) for x in jax.tree.leaves(exact)])
+    _, got = _replicates(veil.ELBO(num_samples=4, estimator=estimator), QB, jax.random.split(key, 20_000),
+                         log_density=beta_log_p)
+    se = got.std(0, ddof=1) / math.sqrt(len(got))
+    assert np.all(np.abs(got.mean(0) - ex) <= 5 * se + 1e-6), (got.mean(0), ex, se)
+
+
+def test_beta_fit_recovers_the_conjugate_posterior(key):
+    res = veil.fit(veil.Target.from_logdensity(beta_log_p, dim=1), veil.Beta(1), key=key, progress=False)
+    np.testing.assert_allclose(res.q.concentration1, [5.0], rtol=0.06)
+    np.testing.assert_allclose(res.q.concentration0, [3.0], rtol=0.06)
