@@ -2,9 +2,11 @@
 
 import math
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpyro.distributions as dist
 import pytest
 
 import veil
@@ -126,3 +128,48 @@ def test_beta_fit_recovers_the_conjugate_posterior(key):
     res = veil.fit(veil.Target.from_logdensity(beta_log_p, dim=1), veil.Beta(1), key=key, progress=False)
     np.testing.assert_allclose(res.q.concentration1, [5.0], rtol=0.06)
     np.testing.assert_allclose(res.q.concentration0, [3.0], rtol=0.06)
+
+
+# ------------------------------------------------------------------ von Mises
+def vm_log_p(u):
+    # VonMises(1, 4) on the angle, carried to u like a NumPyro circular site.
+    theta = -math.pi + 2 * math.pi * jax.nn.sigmoid(u)
+    return jnp.sum(dist.VonMises(1.0, 4.0).log_prob(theta) - jax.nn.softplus(-u) - jax.nn.softplus(u))
+
+
+def _vm(mu, kappa):
+    q = veil.VonMises(1, init_loc=jnp.array([mu]))
+    return eqx.tree_at(lambda q: q.log_concentration, q, jnp.log(jnp.array([kappa])))
+
+
+def test_von_mises_density_integrates_to_one_and_matches_its_draws(key):
+    q = _vm(0.5, 2.0)
+    grid = jnp.linspace(-25.0, 25.0, 100001)[:, None]
+    mass = jnp.exp(q.log_prob(grid)).sum() * (grid[1, 0] - grid[0, 0])
+    np.testing.assert_allclose(mass, 1.0, atol=1e-3)
+    u, lq = q.sample_and_log_prob(key, 1000)
+    np.testing.assert_allclose(lq, q.log_prob(u), rtol=1e-5, atol=1e-5)
+
+
+def test_von_mises_fit_uses_the_score_function_and_says_so(key):
+    t = veil.Target.from_logdensity(vm_log_p, dim=1)
+    with pytest.warns(UserWarning, match="score-function"):
+        res = veil.fit(t, veil.VonMises(1), key=key, progress=False)
+    # Exact family; score-function fits are noisier: 0.05 rad and 10% (measured errors over
+    # 3 seeds: <= 0.011 rad and 2%).
+    np.testing.assert_allclose(res.q.loc, [1.0], atol=0.05)
+    np.testing.assert_allclose(res.q.concentration, [4.0], rtol=0.10)
+
+
+def test_path_wise_estimators_refuse_a_family_without_a_path(key):
+    t = veil.Target.from_logdensity(vm_log_p, dim=1)
+    for objective in (veil.ELBO(), veil.IWAE(k=4), veil.ELBO(estimator=veil.RSVI()),
+                      veil.ELBO() + veil.MMD(veil.MeanField(1)),
+                      veil.ELBO() + veil.ELBO(estimator=veil.ScoreFunction())):
+        with pytest.raises(ValueError, match="reparameterisation path"):
+            veil.fit(t, veil.VonMises(1), key=key, objective=objective, progress=False)
+    q = veil.Composite([veil.VonMises(1), veil.MeanField(1)])
+    assert not q.reparameterized
+    with pytest.raises(ValueError, match="reparameterisation path"):
+        veil.fit(veil.Target.from_logdensity(lambda z: -jnp.sum(z**2), dim=2), q, key=key,
+                 objective=veil.ELBO(), progress=False)

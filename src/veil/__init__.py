@@ -22,7 +22,7 @@ from veil.estimators import (
     Sobol,
     Unscented,
 )
-from veil.families import Beta, Composite, Family, FullRank, Gamma, LowRank, MeanField
+from veil.families import Beta, Composite, Family, FullRank, Gamma, LowRank, MeanField, VonMises
 from veil.fit import default_optimizer, fit
 from veil.objectives import (
     ELBO,
@@ -55,6 +55,7 @@ __all__ = [
     "LowRank",
     "Gamma",
     "Beta",
+    "VonMises",
     "Composite",
     "Objective",
     "ObjectiveAux",

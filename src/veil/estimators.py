@@ -151,6 +151,19 @@ class Estimator(eqx.Module):
         """Raise if this estimator is wrong for an objective (``linear``: ``f`` is linear in
         the log weights). Called when the objective is built, before any computation."""
 
+    def check_family(self, q: Family) -> None:
+        """Raise if this estimator cannot differentiate through ``q``'s draws. Called by
+        ``veil.fit`` before any computation."""
+
+
+def _require_path(estimator, q) -> None:
+    if not getattr(q, "reparameterized", True):
+        raise ValueError(
+            f"{type(estimator).__name__}() differentiates through the draws, but "
+            f"{type(q).__name__} draws have no reparameterisation path. Use "
+            "veil.ScoreFunction() (what veil.fit uses by default for such a family)."
+        )
+
     def draws(self, q: Family, log_density: Callable, key: PRNGKeyArray, n: int) -> Draws:
         """``n`` draws and their log densities, values only."""
         z, log_q = q.sample_and_log_prob(key, n)
@@ -171,6 +184,9 @@ class Reparam(Estimator):
     """
 
     noise: Noise = IID()
+
+    def check_family(self, q):
+        _require_path(self, q)
 
     def estimate(self, f, q, log_density, key, n):
         z, log_q = _path_draws(self.noise, q, key, n)
@@ -203,6 +219,9 @@ class STL(Estimator):
 
     noise: Noise = IID()
 
+    def check_family(self, q):
+        _require_path(self, q)
+
     def estimate(self, f, q, log_density, key, n):
         z = _path_draws(self.noise, q, key, n)[0]
         log_q = stop_gradient(q).log_prob(z)
@@ -233,6 +252,9 @@ class DReG(Estimator):
     """
 
     noise: Noise = IID()
+
+    def check_family(self, q):
+        _require_path(self, q)
 
     def estimate(self, f, q, log_density, key, n):
         z = _path_draws(self.noise, q, key, n)[0]
@@ -326,6 +348,9 @@ class Unscented(Estimator):
                 "veil.Reparam(), or veil.Sobol() noise for quasi-Monte Carlo)."
             )
 
+    def check_family(self, q):
+        _require_path(self, q)
+
     def estimate(self, f, q, log_density, key, n):
         del f, key, n  # linear reduction (checked): replaced by the sigma-point weighted mean
         m = q.noise_dim
@@ -378,6 +403,9 @@ class RSVI(Estimator):
     def __check_init__(self):
         if isinstance(self.boost, bool) or not isinstance(self.boost, int) or self.boost < 0:
             raise ValueError(f"boost must be an integer >= 0, got {self.boost!r}.")
+
+    def check_family(self, q):
+        _require_path(self, q)
 
     def estimate(self, f, q, log_density, key, n):
         if not hasattr(q, "rsvi_draws"):

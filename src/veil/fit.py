@@ -15,6 +15,7 @@ import optax
 from veil import driver
 from veil.diagnostics import StopRule
 from veil.families.base import Family
+from veil.estimators import ScoreFunction
 from veil.objectives import ELBO, FunctionObjective, Objective
 from veil.result import VIResult
 from veil.target import Target
@@ -26,6 +27,8 @@ DEFAULT_STEP_SIZE = 0.05
 # by the optimizer's identity, so a fresh `optax.adam(...)` per call would recompile.
 _DEFAULT_OPTIMIZER = optax.adam(DEFAULT_STEP_SIZE)
 _DEFAULT_OBJECTIVE = ELBO()
+# For families whose draws have no reparameterisation path (e.g. VonMises).
+_DEFAULT_SCORE_OBJECTIVE = ELBO(num_samples=8, estimator=ScoreFunction())
 _DEFAULT_STOP = StopRule()
 _MISSING = object()
 
@@ -107,7 +110,9 @@ def fit(
         target: a :class:`~veil.Target`.
         q: the family and its starting point, e.g. ``veil.FullRank(target.dim)``.
         key: a JAX PRNG key (``jax.random.key(seed)``); required, never defaulted.
-        objective: the loss; default ``veil.ELBO()`` (4 draws per step, STL gradients). Any
+        objective: the loss; default ``veil.ELBO()`` (4 draws per step, STL gradients), or
+            for a family without reparameterised draws (``VonMises``) the ELBO with the
+            score-function estimator (8 draws, leave-one-out baseline), with a warning. Any
             :class:`~veil.Objective`, or a plain function ``(q, target, key) -> loss``.
         optimizer: an optax transformation; default :func:`default_optimizer` (Adam, 0.05).
             Reuse the same object between fits: a new one recompiles the loop.
@@ -148,6 +153,16 @@ def fit(
     _check_key(key)
     max_steps = _check_positive_int("max_steps", max_steps)
     num_restarts = _check_positive_int("num_restarts", num_restarts)
+    if objective is None and not q.reparameterized:
+        warnings.warn(
+            f"{type(q).__name__} draws are not reparameterised, so veil uses the score-function "
+            "estimator (ELBO, 8 draws, leave-one-out baseline): expect noisier steps than with "
+            "path-wise gradients. Pass objective=veil.ELBO(estimator=veil.ScoreFunction(...)) "
+            "to choose it yourself and silence this.",
+            UserWarning,
+            stacklevel=2,
+        )
+        objective = _DEFAULT_SCORE_OBJECTIVE
     objective = _DEFAULT_OBJECTIVE if objective is None else objective
     if callable(objective) and not isinstance(objective, (Objective, eqx.Module)):
         objective = FunctionObjective(objective)  # a plain function (q, target, key) -> loss
@@ -156,6 +171,7 @@ def fit(
             f"objective must be a veil objective such as veil.ELBO() or a function "
             f"(q, target, key) -> loss, got {objective!r}."
         )
+    objective.check_family(q)
     optimizer = _DEFAULT_OPTIMIZER if optimizer is None else optimizer
     if not isinstance(optimizer, optax.GradientTransformation):
         raise TypeError(f"optimizer must be an optax GradientTransformation, got {optimizer!r}.")

@@ -124,6 +124,13 @@ class Objective(eqx.Module):
     ) -> tuple[Float[Array, ""], ObjectiveAux]:
         """A scalar loss to minimise and its :class:`ObjectiveAux`."""
 
+    def check_family(self, q: Family) -> None:
+        """Raise if this objective's gradient estimator cannot work with ``q`` (called by
+        ``veil.fit`` before any computation)."""
+        estimator = getattr(self, "estimator", None)
+        if isinstance(estimator, Estimator):
+            estimator.check_family(q)
+
     def __add__(self, other):
         if not isinstance(other, Objective):
             return NotImplemented
@@ -551,6 +558,10 @@ class SumObjective(Objective):
             if not isinstance(t, Objective):
                 raise TypeError(f"every term must be a veil objective, got {t!r}.")
 
+    def check_family(self, q):
+        for t in self.terms:
+            t.check_family(q)
+
     def __call__(self, q, target, key):
         keys = jax.random.split(key, len(self.terms))
         outs = [t(q, target, k) for t, k in zip(self.terms, keys)]
@@ -610,6 +621,13 @@ class MMD(Objective):
             raise TypeError(
                 "reference must be a veil family, a NumPyro distribution or an array of points, "
                 f"got {type(self.reference).__name__}."
+            )
+
+    def check_family(self, q):
+        if not getattr(q, "reparameterized", True):
+            raise ValueError(
+                f"MMD differentiates through q's draws; {type(q).__name__} draws have no "
+                "reparameterisation path."
             )
 
     def __call__(self, q, target, key):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+from typing import ClassVar
 
 import equinox as eqx
 import jax
@@ -24,6 +25,8 @@ class Family(eqx.Module):
     """
 
     dim: eqx.AbstractVar[int]
+    # Whether draws are differentiable in the parameters (path-wise estimators need it).
+    reparameterized: ClassVar[bool] = True
 
     @abc.abstractmethod
     def sample_and_log_prob(

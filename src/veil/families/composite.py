@@ -73,6 +73,10 @@ class Composite(Family):
             blocks.append(block)
         return cls(blocks)
 
+    @property
+    def reparameterized(self) -> bool:  # type: ignore[override]
+        return all(b.reparameterized for b in self.blocks)
+
     def _split(self, z):
         cuts = [sum(self.sizes[:i]) for i in range(1, len(self.sizes))]
         return jnp.split(z, cuts, axis=-1)
