@@ -22,7 +22,17 @@ from veil.estimators import (
     Sobol,
     Unscented,
 )
-from veil.families import Beta, Composite, Family, FullRank, Gamma, LowRank, MeanField, VonMises
+from veil.families import (
+    Beta,
+    Composite,
+    Dirichlet,
+    Family,
+    FullRank,
+    Gamma,
+    LowRank,
+    MeanField,
+    VonMises,
+)
 from veil.fit import default_optimizer, fit
 from veil.objectives import (
     ELBO,
@@ -55,6 +65,7 @@ __all__ = [
     "LowRank",
     "Gamma",
     "Beta",
+    "Dirichlet",
     "VonMises",
     "Composite",
     "Objective",

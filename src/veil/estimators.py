@@ -376,7 +376,7 @@ def _loo_baselines(f, lw):
 
 class RSVI(Estimator):
     """Reparameterisation through acceptance-rejection samplers (:class:`veil.Gamma`,
-    :class:`veil.Beta`, and :class:`veil.Composite` blocks of them).
+    :class:`veil.Beta`, :class:`veil.Dirichlet`, and :class:`veil.Composite` blocks of them).
 
     A rejection sampler draws proposal noise ``eps`` and keeps it with a probability that
     depends on the parameters; the kept ``eps`` has density ``pi(eps; theta)``, and
@@ -410,7 +410,7 @@ class RSVI(Estimator):
     def estimate(self, f, q, log_density, key, n):
         if not hasattr(q, "rsvi_draws"):
             raise ValueError(
-                f"veil.RSVI() needs a family drawn by acceptance-rejection (veil.Gamma, veil.Beta); "
+                f"veil.RSVI() needs a family drawn by acceptance-rejection (veil.Gamma, Beta, Dirichlet); "
                 f"{type(q).__name__} is reparameterised directly: use veil.STL() or veil.Reparam()."
             )
         if n < 2:

@@ -2,7 +2,7 @@
 
 from veil.families.base import Family, stop_gradient
 from veil.families.composite import Composite
-from veil.families.constrained import Beta, Gamma, VonMises
+from veil.families.constrained import Beta, Dirichlet, Gamma, VonMises
 from veil.families.gaussian import FullRank, LowRank, MeanField
 
-__all__ = ["Family", "MeanField", "FullRank", "LowRank", "Gamma", "Beta", "VonMises", "Composite", "stop_gradient"]
+__all__ = ["Family", "MeanField", "FullRank", "LowRank", "Gamma", "Beta", "Dirichlet", "VonMises", "Composite", "stop_gradient"]
