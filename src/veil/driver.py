@@ -9,6 +9,10 @@ Each step whose loss or gradient is not finite is skipped (parameters and optimi
 keep their previous values) and counted; ``max_consecutive_skips`` skipped steps in a row stop
 the run with ``stop_reason="nonfinite"``.
 
+A loss with state (a moving-average baseline, say) has an ``init_state(params)`` method that
+returns the initial state; it is then called as ``loss_fn(params, key, state) ->
+(loss, new_state)``, and the loop carries the state (kept unchanged on skipped steps).
+
 The update of every step is multiplied by a per-restart ``step_scale`` held in the loop's
 state. The host's stopping rule lowers it between chunks (step-size decay) without changing
 the compiled program, whatever optax optimizer the user chose.
@@ -53,6 +57,7 @@ class LoopState(NamedTuple):
     step_scale: jax.Array
     skipped: jax.Array  # total skipped steps (int32)
     consecutive: jax.Array  # skipped steps in a row at the end of the chunk (int32)
+    loss_state: Any = None  # the loss's own state, if it has one
 
 
 class ChunkOut(NamedTuple):
@@ -102,7 +107,11 @@ def _chunk(loss_fn, optimizer, state: LoopState, n_steps, probe, capacity: int, 
 
     def body(i, carry):
         st, losses, psum, nfinite, pbuf = carry
-        (loss, _), grads = grad_fn(st.params, step_keys[i])
+        if st.loss_state is None:
+            (loss, _), grads = grad_fn(st.params, step_keys[i])
+            new_loss_state = None
+        else:
+            (loss, new_loss_state), grads = grad_fn(st.params, step_keys[i], st.loss_state)
         # One reduction tells whether the loss and every gradient entry are finite (a sum
         # with an inf or NaN in it is not finite); a skipped step leaves the parameters and
         # the optimizer state exactly as they were. `cond` rather than `where` on every
@@ -118,9 +127,11 @@ def _chunk(loss_fn, optimizer, state: LoopState, n_steps, probe, capacity: int, 
         params, opt_state = jax.lax.cond(
             ok, update, lambda args: (args[0], args[1]), (st.params, st.opt_state, grads)
         )
+        loss_state = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new_loss_state, st.loss_state)
         st = LoopState(
             params, opt_state, st.key, st.step_scale,
             st.skipped + (~ok).astype(jnp.int32), jnp.where(ok, 0, st.consecutive + 1),
+            loss_state,
         )
         losses = losses.at[i].set(jnp.where(ok, loss, jnp.nan))
         if track:
@@ -157,11 +168,15 @@ def _run_chunk(loss_fn, optimizer, state, n_steps, probe, capacity, track):
 
 
 @eqx.filter_jit
-def _init_state(optimizer, params, key):
+def _init_state(optimizer, params, key, loss_fn):
     k = jax.tree.leaves(params)[0].shape[0]
     # Weakly typed inputs (arrays made from Python scalars) would compile the loop a second
     # time once its own strongly typed outputs come back in: every array leaves here strong.
     params = jax.tree.map(lambda x: x.astype(x.dtype), params)
+    init = getattr(loss_fn, "init_state", None)
+    loss_state = jax.vmap(init)(params) if init is not None else None
+    if loss_state is not None:
+        loss_state = jax.tree.map(lambda x: x.astype(x.dtype), loss_state)
     return LoopState(
         params=params,
         opt_state=jax.vmap(optimizer.init)(params),
@@ -169,6 +184,7 @@ def _init_state(optimizer, params, key):
         step_scale=jnp.ones(k),
         skipped=jnp.zeros(k, jnp.int32),
         consecutive=jnp.zeros(k, jnp.int32),
+        loss_state=loss_state,
     )
 
 
@@ -211,7 +227,7 @@ def run(
     """
     t0 = time.perf_counter()
     k = jax.tree.leaves(params)[0].shape[0]
-    state = _init_state(optimizer, params, key)
+    state = _init_state(optimizer, params, key, loss_fn)
     track = stop_rule is not None
     probe, groups = probe_indices(params)
     rules = [stop_rule.start(groups) for _ in range(k)] if track else None

@@ -42,6 +42,7 @@ __all__ = [
     "RSVI",
     "Noise",
     "IID",
+    "MovingAverage",
     "Sobol",
     "Draws",
     "Reduction",
@@ -155,6 +156,15 @@ class Estimator(eqx.Module):
         """Raise if this estimator cannot differentiate through ``q``'s draws. Called by
         ``veil.fit`` before any computation."""
 
+    def init_state(self):
+        """State carried between optimisation steps (``None``: stateless)."""
+        return None
+
+    def estimate_with_state(self, f, q, log_density, key, n, state):
+        """:meth:`estimate` for a stateful estimator: ``(value, draws, new_state)``."""
+        value, draws = self.estimate(f, q, log_density, key, n)
+        return value, draws, state
+
 
 def _require_path(estimator, q) -> None:
     if not getattr(q, "reparameterized", True):
@@ -267,6 +277,26 @@ class DReG(Estimator):
         return f(lw) + jnp.sum(coef * (path - lw)), _values(z, log_p, log_q)
 
 
+class MovingAverage(eqx.Module):
+    """A baseline for :class:`ScoreFunction`: the exponential moving average of the
+    objective's past values, ``b_t = (1 - decay) sum_{s<t} decay^(t-1-s) f_s`` (bias-corrected
+    for its zero start). It depends only on earlier steps' draws, so it keeps the estimator
+    unbiased, and it works with a single draw per step (where leave-one-out cannot). It is
+    state that ``veil.fit`` carries between steps.
+
+    References:
+        Williams (1992); Ranganath, Gerrish & Blei (2014), Black Box Variational Inference.
+    """
+
+    decay: float = eqx.field(static=True, default=0.9)
+
+    def __check_init__(self):
+        if isinstance(self.decay, bool) or not isinstance(self.decay, (int, float)) or not (
+            0 <= self.decay < 1
+        ):
+            raise ValueError(f"decay must lie in [0, 1), got {self.decay!r}.")
+
+
 class ScoreFunction(Estimator):
     """The score-function (REINFORCE, likelihood-ratio) estimator, with a leave-one-out baseline.
 
@@ -278,7 +308,9 @@ class ScoreFunction(Estimator):
     where ``b_i`` does not depend on ``z_i``, so it leaves the estimate unbiased while removing
     most of its variance. With ``baseline="loo"`` (default, needs ``n >= 2``) ``b_i`` is ``f``
     with ``log w_i`` replaced by the mean of the other draws' log weights (the multi-sample
-    baseline of VIMCO); ``baseline=None`` uses none. Expect far more variance than the
+    baseline of VIMCO); ``baseline=MovingAverage(decay)`` uses the moving average of past
+    steps' values (one draw per step suffices; state carried by ``veil.fit``);
+    ``baseline=None`` uses none. Expect far more variance than the
     path-wise estimators: use it when they do not apply.
 
     References:
@@ -287,13 +319,40 @@ class ScoreFunction(Estimator):
         Inference; Mnih & Rezende (2016), Variational Inference for Monte Carlo Objectives.
     """
 
-    baseline: str | None = eqx.field(static=True, default="loo")
+    baseline: str | MovingAverage | None = eqx.field(static=True, default="loo")
 
     def __check_init__(self):
-        if self.baseline not in ("loo", None):
-            raise ValueError(f"baseline must be 'loo' or None, got {self.baseline!r}.")
+        if self.baseline not in ("loo", None) and not isinstance(self.baseline, MovingAverage):
+            raise ValueError(
+                f"baseline must be 'loo', veil.MovingAverage(decay) or None, got {self.baseline!r}."
+            )
+
+    def init_state(self):
+        if isinstance(self.baseline, MovingAverage):
+            return (jnp.zeros(()), jnp.zeros(()))  # moving average, weight of its history
+        return None
+
+    def estimate_with_state(self, f, q, log_density, key, n, state):
+        if not isinstance(self.baseline, MovingAverage):
+            return (*self.estimate(f, q, log_density, key, n), state)
+        ema, weight = state
+        b = jnp.where(weight > 0, ema / jnp.maximum(weight, 1e-12), 0.0)
+        value, draws = self._estimate(f, q, log_density, key, n, lambda lw, value: b)
+        d = self.baseline.decay
+        new_state = (d * ema + (1 - d) * value, d * weight + (1 - d))
+        return value, draws, jax.tree.map(jax.lax.stop_gradient, new_state)
 
     def estimate(self, f, q, log_density, key, n):
+        if isinstance(self.baseline, MovingAverage):
+            raise ValueError(
+                "ScoreFunction(baseline=MovingAverage(...)) keeps state between steps, which only "
+                "veil.fit carries; to evaluate one gradient alone use baseline='loo' or None."
+            )
+        if self.baseline == "loo":
+            return self._estimate(f, q, log_density, key, n, lambda lw, value: _loo_baselines(f, lw))
+        return self._estimate(f, q, log_density, key, n, lambda lw, value: jnp.zeros_like(lw))
+
+    def _estimate(self, f, q, log_density, key, n, baseline_fn):
         if self.baseline == "loo" and n < 2:
             raise ValueError(
                 "ScoreFunction(baseline='loo') needs at least 2 draws per step (num_samples or "
@@ -305,11 +364,7 @@ class ScoreFunction(Estimator):
         lw_path = log_p - log_q
         lw = jax.lax.stop_gradient(lw_path)
         value = f(lw)
-        if self.baseline == "loo":
-            b = _loo_baselines(f, lw)
-        else:
-            b = jnp.zeros(n, lw.dtype)
-        signal = jax.lax.stop_gradient(value - b)
+        signal = jax.lax.stop_gradient(value - baseline_fn(lw, value))
         surrogate = f(lw_path) + jnp.sum(signal * log_q)
         return value + (surrogate - jax.lax.stop_gradient(surrogate)), _values(z, log_p, log_q)
 

@@ -53,8 +53,15 @@ class _VILoss(eqx.Module):
     target: Target
     objective: Objective
 
-    def __call__(self, q, key):
-        return self.objective(q, self.target, key)
+    def init_state(self, q):
+        """The objective's own state (``None`` for most objectives)."""
+        return self.objective.init_state(q)
+
+    def __call__(self, q, key, state=None):
+        if state is None:
+            return self.objective(q, self.target, key)
+        loss, _, new_state = self.objective.call_with_state(q, self.target, key, state)
+        return loss, new_state
 
 
 @eqx.filter_jit

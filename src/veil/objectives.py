@@ -124,6 +124,17 @@ class Objective(eqx.Module):
     ) -> tuple[Float[Array, ""], ObjectiveAux]:
         """A scalar loss to minimise and its :class:`ObjectiveAux`."""
 
+    def init_state(self, q: Family):
+        """State the objective carries from step to step (``None``: stateless, the rule);
+        ``veil.fit`` threads it through :meth:`call_with_state`."""
+        estimator = getattr(self, "estimator", None)
+        return estimator.init_state() if isinstance(estimator, Estimator) else None
+
+    def call_with_state(self, q: Family, target, key: PRNGKeyArray, state):
+        """``(loss, aux, new_state)``; stateless objectives return ``state`` unchanged."""
+        loss, aux = self(q, target, key)
+        return loss, aux, state
+
     def check_family(self, q: Family) -> None:
         """Raise if this objective's gradient estimator cannot work with ``q`` (called by
         ``veil.fit`` before any computation)."""
@@ -176,6 +187,14 @@ class WeightObjective(Objective):
             self.reduce, q, log_density_of(target), key, self.num_draws
         )
         return -bound, ObjectiveAux(jax.lax.stop_gradient(bound), draws.log_weights)
+
+    def call_with_state(self, q, target, key, state):
+        if state is None:
+            return (*self(q, target, key), None)
+        bound, draws, state = self.estimator.estimate_with_state(
+            self.reduce, q, log_density_of(target), key, self.num_draws, state
+        )
+        return -bound, ObjectiveAux(jax.lax.stop_gradient(bound), draws.log_weights), state
 
 
 class ELBO(WeightObjective):
@@ -561,6 +580,18 @@ class SumObjective(Objective):
     def check_family(self, q):
         for t in self.terms:
             t.check_family(q)
+
+    def init_state(self, q):
+        states = tuple(t.init_state(q) for t in self.terms)
+        return None if all(s is None for s in states) else states
+
+    def call_with_state(self, q, target, key, state):
+        if state is None:
+            return (*self(q, target, key), None)
+        keys = jax.random.split(key, len(self.terms))
+        outs = [t.call_with_state(q, target, k, s) for t, k, s in zip(self.terms, keys, state)]
+        loss = sum(w * out[0] for w, out in zip(self.weights, outs))
+        return loss, tuple(out[1] for out in outs), tuple(out[2] for out in outs)
 
     def __call__(self, q, target, key):
         keys = jax.random.split(key, len(self.terms))
