@@ -139,6 +139,12 @@ def _path_draws(noise: Noise, q: Family, key, n: int):
     return q.transform_and_log_prob(noise.normal(key, n, q.noise_dim))
 
 
+def _stopped_q_draws(q: Family, log_density: Callable, z):
+    """``log p(z)`` and ``log q(z)`` at stopped parameters for draws ``z`` that carry the
+    path gradient (the STL / DReG / sigma-point form: no score term)."""
+    return jax.vmap(log_density)(z), stop_gradient(q).log_prob(z)
+
+
 class Estimator(eqx.Module):
     """Abstract gradient estimator; concrete ones are small immutable values."""
 
@@ -234,8 +240,7 @@ class STL(Estimator):
 
     def estimate(self, f, q, log_density, key, n):
         z = _path_draws(self.noise, q, key, n)[0]
-        log_q = stop_gradient(q).log_prob(z)
-        log_p = jax.vmap(log_density)(z)
+        log_p, log_q = _stopped_q_draws(q, log_density, z)
         return f(log_p - log_q), _values(z, log_p, log_q)
 
 
@@ -268,8 +273,7 @@ class DReG(Estimator):
 
     def estimate(self, f, q, log_density, key, n):
         z = _path_draws(self.noise, q, key, n)[0]
-        log_q = stop_gradient(q).log_prob(z)
-        log_p = jax.vmap(log_density)(z)
+        log_p, log_q = _stopped_q_draws(q, log_density, z)
         path = log_p - log_q  # gradients flow along the draws only
         lw = jax.lax.stop_gradient(path)
         g, h = _grad_and_diag_hessian(f, lw)
@@ -416,8 +420,7 @@ class Unscented(Estimator):
             [jnp.full(1, self.kappa / (m + self.kappa)), jnp.full(2 * m, 0.5 / (m + self.kappa))]
         )
         z = q.transform_and_log_prob(eps)[0]
-        log_q = stop_gradient(q).log_prob(z)
-        log_p = jax.vmap(log_density)(z)
+        log_p, log_q = _stopped_q_draws(q, log_density, z)
         return jnp.sum(w * (log_p - log_q)), _values(z, log_p, log_q)
 
 
