@@ -393,17 +393,16 @@ def _tilted_score(q, log_density, key, k: int, power: float, scale: float, estim
     ``-scale * power * sum_i (s_i - s_i^2) * path-gradient of log w_i``, which vanishes at an
     exact fit. With ``ScoreFunction(baseline=None)`` ``z`` is stopped and the score form is used.
     """
-    dreg = isinstance(estimator, DReG)
-    z = q.sample(key, k)
-    if not dreg:
-        z = jax.lax.stop_gradient(z)
-    log_q = q.log_prob(jax.lax.stop_gradient(z))  # through the parameters only
+    if isinstance(estimator, DReG):
+        z = q.sample(key, k)
+        log_q = stop_gradient(q).log_prob(z)  # gradients through the draws only
+    else:
+        z = jax.lax.stop_gradient(q.sample(key, k))
+        log_q = q.log_prob(z)  # gradients through the parameters only
     log_p = jax.vmap(log_density)(z)
-    path = log_p - stop_gradient(q).log_prob(z)  # through the draws only
-    lw = jax.lax.stop_gradient(path)
-    s = jax.nn.softmax(power * lw)
-    if dreg:
-        surrogate = -scale * power * jnp.sum(jax.lax.stop_gradient(s - s**2) * path)
+    s = jax.lax.stop_gradient(jax.nn.softmax(power * (log_p - log_q)))
+    if isinstance(estimator, DReG):
+        surrogate = -scale * power * jnp.sum((s - s**2) * (log_p - log_q))
     else:
         surrogate = -scale * jnp.sum(s * log_q)
     return surrogate - jax.lax.stop_gradient(surrogate), _values(z, log_p, log_q)
