@@ -28,11 +28,14 @@ from veil.families import (
     Composite,
     Dirichlet,
     Family,
+    Flow,
+    FlowJAX,
     FullRank,
     Gamma,
     LowRank,
     MeanField,
     VonMises,
+    flows,
 )
 from veil.fit import default_optimizer, fit
 from veil.objectives import (
@@ -50,6 +53,7 @@ from veil.objectives import (
     estimate,
     log_mean_exp,
 )
+from veil.pathfinder import PathfinderResult, pathfinder
 from veil.result import LogEvidence, Summary, VIResult
 from veil.target import Target
 from veil import demo, kernels
@@ -69,6 +73,9 @@ __all__ = [
     "Dirichlet",
     "VonMises",
     "Composite",
+    "Flow",
+    "FlowJAX",
+    "flows",
     "Objective",
     "ObjectiveAux",
     "WeightObjective",
@@ -97,6 +104,8 @@ __all__ = [
     "Draws",
     "StopRule",
     "fit",
+    "pathfinder",
+    "PathfinderResult",
     "default_optimizer",
     "VIResult",
     "Summary",

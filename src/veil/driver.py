@@ -13,6 +13,10 @@ A loss with state (a moving-average baseline, say) has an ``init_state(params)``
 returns the initial state; it is then called as ``loss_fn(params, key, state) ->
 (loss, new_state)``, and the loop carries the state (kept unchanged on skipped steps).
 
+What the stopping rule's drift test watches is ``loss_fn.watch(params)`` when the loss has
+that method (a pytree of arrays; a flow watches where fixed noise points land rather than its
+unidentifiable network weights), else ``params`` itself.
+
 The update of every step is multiplied by a per-restart ``step_scale`` held in the loop's
 state. The host's stopping rule lowers it between chunks (step-size decay) without changing
 the compiled program, whatever optax optimizer the user chose.
@@ -64,6 +68,12 @@ class ChunkOut(NamedTuple):
     losses: jax.Array  # [CHUNK_CAPACITY], NaN where skipped or unused
     mean_params: Any  # parameters averaged over the chunk's finite steps
     probe_means: jax.Array  # [CHUNK_CAPACITY // PROBE_BATCH, num_probe]: batch means of the probe
+
+
+def _watched(loss_fn, params):
+    """What the drift test watches (one restart's ``params``)."""
+    watch = getattr(loss_fn, "watch", None)
+    return params if watch is None else watch(params)
 
 
 def _flat(tree) -> jax.Array:
@@ -136,7 +146,7 @@ def _chunk(loss_fn, optimizer, state: LoopState, n_steps, probe, capacity: int, 
         losses = losses.at[i].set(jnp.where(ok, loss, jnp.nan))
         if track:
             psum = jax.tree.map(lambda s, p: s + jnp.where(ok, p, 0.0), psum, params)
-            pbuf = pbuf.at[i // PROBE_BATCH].add(_flat(params)[probe])
+            pbuf = pbuf.at[i // PROBE_BATCH].add(_flat(_watched(loss_fn, params))[probe])
         return st, losses, psum, nfinite + ok, pbuf
 
     losses = jnp.full((capacity,), jnp.nan)
@@ -229,7 +239,7 @@ def run(
     k = jax.tree.leaves(params)[0].shape[0]
     state = _init_state(optimizer, params, key, loss_fn)
     track = stop_rule is not None
-    probe, groups = probe_indices(params)
+    probe, groups = probe_indices(jax.eval_shape(jax.vmap(lambda p: _watched(loss_fn, p)), params))
     rules = [stop_rule.start(groups) for _ in range(k)] if track else None
     probe = jnp.asarray(probe)
     traces: list[list[np.ndarray]] = [[] for _ in range(k)]

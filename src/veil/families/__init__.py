@@ -4,5 +4,7 @@ from veil.families.base import Family, stop_gradient
 from veil.families.composite import Composite
 from veil.families.constrained import Beta, Dirichlet, Gamma, VonMises
 from veil.families.gaussian import FullRank, LowRank, MeanField
+from veil.families.flows import Flow, FlowJAX
+from veil.families import flows
 
-__all__ = ["Family", "MeanField", "FullRank", "LowRank", "Gamma", "Beta", "Dirichlet", "VonMises", "Composite", "stop_gradient"]
+__all__ = ["Family", "MeanField", "FullRank", "LowRank", "Gamma", "Beta", "Dirichlet", "VonMises", "Composite", "Flow", "FlowJAX", "flows", "stop_gradient"]

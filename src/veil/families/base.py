@@ -55,6 +55,20 @@ class Family(eqx.Module):
             f"{type(self).__name__} is not a transform of standard-normal noise."
         )
 
+    def whiten(self, z: Float[Array, "n dim"]) -> Float[Array, "n dim"]:
+        """The noise ``eps`` with ``z = T_phi(eps)``: the inverse of
+        :meth:`transform_and_log_prob`, for families whose noise has the dimension of ``z``."""
+        raise NotImplementedError(
+            f"{type(self).__name__} has no invertible map from noise of its own dimension."
+        )
+
+    def watched(self):
+        """What ``veil.fit``'s stopping rule watches for drift (a pytree of arrays): by
+        default the parameters themselves. A family whose parameters are not identified (a
+        flow's network weights wander while its distribution stays put) returns summaries
+        of its distribution instead."""
+        return eqx.filter(self, eqx.is_inexact_array)
+
     def sample(self, key: PRNGKeyArray, n: int) -> Float[Array, "n dim"]:
         """``n`` reparameterised draws."""
         return self.sample_and_log_prob(key, n)[0]

@@ -104,6 +104,9 @@ class MeanField(Family):
     def sample_and_log_prob(self, key, n):
         return self.transform_and_log_prob(jax.random.normal(key, (n, self.dim)))
 
+    def whiten(self, z):
+        return (z - self.loc) * jnp.exp(-self.log_scale)
+
     def log_prob(self, z):
         return self.distribution.log_prob(z)
 
@@ -169,13 +172,16 @@ class FullRank(Family):
     def sample_and_log_prob(self, key, n):
         return self.transform_and_log_prob(jax.random.normal(key, (n, self.dim)))
 
-    def log_prob(self, z):
-        # Solve with the unit-diagonal factor after dividing out the row scales: the diagonal
-        # is known in log form, so log|det L| = sum(log_scale) exactly.
-        unit = self._unit()
+    def whiten(self, z):
+        # Solve with the unit-diagonal factor after dividing out the row scales.
         r = (z - self.loc) * jnp.exp(-self.log_scale)
-        eps = jax.scipy.linalg.solve_triangular(unit, r.T, lower=True, unit_diagonal=True).T
-        return _std_normal_logpdf(eps) - jnp.sum(self.log_scale)
+        flat = r.reshape(-1, self.dim)
+        eps = jax.scipy.linalg.solve_triangular(self._unit(), flat.T, lower=True, unit_diagonal=True).T
+        return eps.reshape(r.shape)
+
+    def log_prob(self, z):
+        # The diagonal is known in log form, so log|det L| = sum(log_scale) exactly.
+        return _std_normal_logpdf(self.whiten(z)) - jnp.sum(self.log_scale)
 
 
 def _spread_basis(dim: int, rank: int) -> jax.Array:

@@ -1,0 +1,183 @@
+"""Normalizing flows: veil's flow families against a Gaussian and NumPyro's flow guides.
+
+    python benchmarks/flows.py [--targets Banana,NealsFunnel] [--seeds 3] [--out flows.jsonl]
+    python benchmarks/flows.py --summarize flows.jsonl
+    python benchmarks/flows.py --settings      # the 2-d banana runs behind fit's flow defaults
+
+Needs the bench extras (``pip install -e '.[bench]'``). Targets and accuracy measures are
+those of ``time_to_accuracy.py`` (Inference Gym ground truth, constrained space).
+
+Tools, interleaved seed by seed, each with every default:
+
+* ``veil-fullrank``: ``veil.fit(target, FullRank(d))``;
+* ``veil-coupling``: ``veil.flows.coupling(d, key=...)`` (8 affine coupling layers, width 50);
+* ``veil-iaf``: ``veil.flows.autoregressive(d, key=...)`` (8 affine IAF layers, width 50);
+* ``veil-spline``: ``veil.flows.coupling(d, key=..., transformer="spline")``;
+* ``numpyro-iaf``: ``AutoIAFNormal`` (its defaults: 3 flows, hidden dims [d, d]) and
+  ``numpyro-bnaf``: ``AutoBNAFNormal`` (1 flow, hidden factors [8, 8]); ``Trace_ELBO`` (1 draw),
+  ``Adam(1e-3)``, 10,000 steps (no tuning of ours; NumPyro's flow examples use small steps).
+
+veil's flows start from the default ``MeanField`` base; gradient evaluations are steps x draws.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+import warnings
+
+sys.path.insert(0, os.path.dirname(__file__))
+from time_to_accuracy import accuracy, elbo, load_target  # noqa: E402
+
+TARGETS = ["Banana", "NealsFunnel"]
+NUM_DRAWS = 20_000
+NUMPYRO_STEPS = 10_000
+
+
+def _veil_tool(kind, target, d):
+    import jax
+
+    import veil
+
+    def run(seed):
+        key = jax.random.key(seed)
+        if kind == "fullrank":
+            q = veil.FullRank(d)
+        elif kind == "coupling":
+            q = veil.flows.coupling(d, key=jax.random.fold_in(key, 1))
+        elif kind == "iaf":
+            q = veil.flows.autoregressive(d, key=jax.random.fold_in(key, 1))
+        else:
+            q = veil.flows.coupling(d, key=jax.random.fold_in(key, 1), transformer="spline")
+        t0 = time.perf_counter()
+        res = veil.fit(target, q, key=key, progress=False)
+        jax.block_until_ready(res.q)
+        wall = time.perf_counter() - t0
+        z, log_q = res.q.sample_and_log_prob(jax.random.key(10_000 + seed), NUM_DRAWS)
+        draws = 4 if kind == "fullrank" else 8
+        return wall, z, log_q, res.khat, res.num_steps * draws, {"stop": res.stop_reason, "steps": res.num_steps}
+
+    return run
+
+
+def _numpyro_tool(kind, log_p, d):
+    import jax
+    import numpyro
+    import numpyro.distributions as dist
+    from numpyro.distributions import constraints
+    from numpyro.infer import SVI, Trace_ELBO
+    from numpyro.infer.autoguide import AutoBNAFNormal, AutoIAFNormal
+
+    def model():
+        z = numpyro.sample("z", dist.ImproperUniform(constraints.real_vector, (), event_shape=(d,)))
+        numpyro.factor("log_p", log_p(z))
+
+    guide = AutoIAFNormal(model) if kind == "iaf" else AutoBNAFNormal(model)
+    svi = SVI(model, guide, numpyro.optim.Adam(1e-3), Trace_ELBO())
+
+    def run(seed):
+        from veil import psis_khat
+
+        t0 = time.perf_counter()
+        r = svi.run(jax.random.key(seed), NUMPYRO_STEPS, progress_bar=False)
+        jax.block_until_ready(r.params)
+        wall = time.perf_counter() - t0
+        post = guide.get_posterior(r.params)
+        z = post.sample(jax.random.key(10_000 + seed), (NUM_DRAWS,))
+        log_q = post.log_prob(z)
+        lw = jax.vmap(log_p)(z[:2000]) - log_q[:2000]
+        try:
+            khat = psis_khat(lw)
+        except ValueError:
+            khat = float("nan")
+        return wall, z, log_q, khat, NUMPYRO_STEPS, {}
+
+    return run
+
+
+def main(args):
+    import veil
+
+    for name in args.targets.split(","):
+        log_p, to_gt, d, gt_mean, gt_sd = load_target(name)
+        target = veil.Target.from_logdensity(log_p, dim=d)
+        tools = {f"veil-{k}": _veil_tool(k, target, d) for k in ("fullrank", "coupling", "iaf", "spline")}
+        tools.update({f"numpyro-{k}": _numpyro_tool(k, log_p, d) for k in ("iaf", "bnaf")})
+        for seed in range(args.seeds):
+            for tool, run in tools.items():
+                wall, z, log_q, khat, grads, extra = run(seed)
+                row = {"target": name, "dim": d, "tool": tool, "seed": seed, "wall": wall, "khat": khat,
+                       "grad_evals": grads, "elbo": elbo(log_p, z, log_q), **extra,
+                       **accuracy(z, to_gt, gt_mean, gt_sd)}
+                print(json.dumps(row), flush=True)
+                with open(args.out, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+
+
+def summarize(path):
+    import numpy as np
+
+    rows = [json.loads(line) for line in open(path)]
+    order = ["veil-fullrank", "veil-coupling", "veil-iaf", "veil-spline", "numpyro-iaf", "numpyro-bnaf"]
+    print("| target (dim) | tool | max err/sd | sd ratio [min, med, max] | ELBO | k-hat | grad evals | wall warm (s) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name in dict.fromkeys(r["target"] for r in rows):
+        for tool in order:
+            rs = sorted([r for r in rows if r["target"] == name and r["tool"] == tool], key=lambda r: r["seed"])
+            if not rs:
+                continue
+            med = lambda f: float(np.median([r[f] for r in rs]))  # noqa: E731
+            warm = float(np.median([r["wall"] for r in rs[1:]] or [rs[0]["wall"]]))
+            print(f"| {name} ({rs[0]['dim']}) | {tool} | {med('max_err'):.3f} | [{med('sd_ratio_min'):.2f}, "
+                  f"{med('sd_ratio_median'):.2f}, {med('sd_ratio_max'):.2f}] | {med('elbo'):.3f} | "
+                  f"{med('khat'):.2f} | {med('grad_evals'):.0f} | {warm:.2f} |")
+
+
+def settings():
+    """The runs behind ``fit``'s flow defaults, on a normalised 2-d banana (log Z = 0:
+    x1 ~ N(0, 10^2), x2 | x1 ~ N(0.03 (x1^2 - 100), 1)), seed 1, coupling and IAF flows
+    (4 layers, width 32)."""
+    import jax
+    import optax
+
+    import veil
+
+    def banana(z):
+        return (-0.5 * (z[0] / 10.0) ** 2 - 0.5 * (z[1] - 0.03 * (z[0] ** 2 - 100.0)) ** 2
+                - math.log(10.0) - math.log(2 * math.pi))
+
+    target = veil.Target.from_logdensity(banana, dim=2)
+    configs = [
+        ("STL, 4 draws, Adam 0.05, window 200", veil.ELBO(), 0.05, veil.StopRule()),
+        ("Reparam, 4 draws, Adam 0.05, window 200", veil.ELBO(estimator=veil.Reparam()), 0.05, veil.StopRule()),
+        ("Reparam, 4 draws, Adam 0.02, window 200", veil.ELBO(estimator=veil.Reparam()), 0.02, veil.StopRule()),
+        ("Reparam, 8 draws, Adam 0.01, window 1000 (default)", veil.ELBO(num_samples=8, estimator=veil.Reparam()), 0.01,
+         veil.StopRule(min_window=1000)),
+    ]
+    print("| settings | flow | steps | stop | KL = -ELBO |")
+    print("|---|---|---|---|---|")
+    for label, objective, step, rule in configs:
+        opt = optax.adam(step)
+        for kind, make in (("coupling", veil.flows.coupling), ("iaf", veil.flows.autoregressive)):
+            q = make(2, key=jax.random.key(0), layers=4, width=32)
+            res = veil.fit(target, q, key=jax.random.key(1), progress=False, objective=objective,
+                           optimizer=opt, stop=rule, max_steps=20_000)
+            print(f"| {label} | {kind} | {res.num_steps} | {res.stop_reason.split(':')[0]} | {-res.elbo:.3f} |", flush=True)
+
+
+if __name__ == "__main__":
+    warnings.simplefilter("ignore")
+    if len(sys.argv) == 3 and sys.argv[1] == "--summarize":
+        summarize(sys.argv[2])
+    elif len(sys.argv) == 2 and sys.argv[1] == "--settings":
+        settings()
+    else:
+        ap = argparse.ArgumentParser()
+        ap.add_argument("--targets", default=",".join(TARGETS))
+        ap.add_argument("--seeds", type=int, default=3)
+        ap.add_argument("--out", default="flows.jsonl")
+        main(ap.parse_args())
