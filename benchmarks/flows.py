@@ -87,8 +87,9 @@ def _numpyro_tool(kind, log_p, d):
         jax.block_until_ready(r.params)
         wall = time.perf_counter() - t0
         post = guide.get_posterior(r.params)
-        z = post.sample(jax.random.key(10_000 + seed), (NUM_DRAWS,))
-        log_q = post.log_prob(z)
+        # BNAF has no inverse: the density of a draw comes from its forward intermediates.
+        z, inter = post.sample_with_intermediates(jax.random.key(10_000 + seed), (NUM_DRAWS,))
+        log_q = post.log_prob(z, inter)
         lw = jax.vmap(log_p)(z[:2000]) - log_q[:2000]
         try:
             khat = psis_khat(lw)

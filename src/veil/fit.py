@@ -31,11 +31,11 @@ _DEFAULT_OBJECTIVE = ELBO()
 # For families whose draws have no reparameterisation path (e.g. VonMises).
 _DEFAULT_SCORE_OBJECTIVE = ELBO(num_samples=8, estimator=ScoreFunction())
 _DEFAULT_STOP = StopRule()
-# Flows (measured on a 2-d banana, BENCHMARKS.md section 8): Adam at 0.05 sent coupling and
-# autoregressive flows to NaN-free but wrong fits; STL needs each draw's inverse (sequential
-# for autoregressive layers, absent for tanh planar layers) and did worse than plain
-# reparameterisation; with 200-step windows the rule stopped while the ELBO still rose by
-# 0.8 nats. 8 draws, step 0.01 and 1000-step windows reached the ELBO within 0.02 of log Z.
+# Flows (a 2-d banana, `python benchmarks/flows.py --settings`, BENCHMARKS.md section 8): with
+# STL and Adam 0.05 a coupling flow ended at KL 6.5 and an autoregressive one diverged (STL also
+# needs each draw's inverse: sequential for autoregressive layers, absent for tanh planar
+# ones); with plain reparameterisation and 200-step windows the rule stopped (or hit the cap)
+# at KL 0.12-0.59. 8 draws, Adam 0.01 and 1000-step windows: KL 0.015 and 0.033.
 _FLOW_OBJECTIVE = ELBO(num_samples=8, estimator=Reparam())
 _FLOW_OPTIMIZER = optax.adam(0.01)
 _FLOW_STOP = StopRule(min_window=1000)

@@ -279,6 +279,18 @@ def _check_layers(name, value):
     return value
 
 
+def _conditioner_flow(make, dim, key, base, layers, width, depth, transformer, knots, interval) -> Flow:
+    """A FlowJAX flow whose layers are parameterised by conditioner networks (``make`` is
+    ``coupling_flow`` or ``masked_autoregressive_flow``), in the sampling direction
+    (``invert=False``: draws and their densities in one pass), started at the identity."""
+    flow = make(
+        key, base_dist=fjd.StandardNormal((_check_dim(dim),)), transformer=_transformer(transformer, knots, interval),
+        flow_layers=_check_layers("layers", layers), nn_width=_check_layers("width", width),
+        nn_depth=_check_layers("depth", depth), invert=False,
+    )  # fmt: skip
+    return Flow(_identity_start(flow.bijection), base)
+
+
 def coupling(
     dim: int,
     *,
@@ -303,15 +315,9 @@ def coupling(
         transformer: ``"affine"`` or ``"spline"``; ``knots`` and ``interval`` for splines
             (identity outside ``[-interval, interval]``, in standardised units).
     """
-    dim = _check_dim(dim)
-    if dim < 2:
+    if _check_dim(dim) < 2:
         raise ValueError("A coupling flow needs dim >= 2; use autoregressive, planar or radial.")
-    flow = fjf.coupling_flow(
-        key, base_dist=fjd.StandardNormal((dim,)), transformer=_transformer(transformer, knots, interval),
-        flow_layers=_check_layers("layers", layers), nn_width=_check_layers("width", width),
-        nn_depth=_check_layers("depth", depth), invert=False,
-    )  # fmt: skip
-    return Flow(_identity_start(flow.bijection), base)
+    return _conditioner_flow(fjf.coupling_flow, dim, key, base, layers, width, depth, transformer, knots, interval)
 
 
 def autoregressive(
@@ -333,13 +339,9 @@ def autoregressive(
 
     Arguments as :func:`coupling`.
     """
-    dim = _check_dim(dim)
-    flow = fjf.masked_autoregressive_flow(
-        key, base_dist=fjd.StandardNormal((dim,)), transformer=_transformer(transformer, knots, interval),
-        flow_layers=_check_layers("layers", layers), nn_width=_check_layers("width", width),
-        nn_depth=_check_layers("depth", depth), invert=False,
-    )  # fmt: skip
-    return Flow(_identity_start(flow.bijection), base)
+    return _conditioner_flow(
+        fjf.masked_autoregressive_flow, dim, key, base, layers, width, depth, transformer, knots, interval
+    )
 
 
 def planar(
