@@ -21,6 +21,7 @@ from veil.estimators import (
     Reparam,
     ScoreFunction,
     Sobol,
+    Stratified,
     Unscented,
 )
 from veil.families import (
@@ -34,6 +35,7 @@ from veil.families import (
     Gamma,
     LowRank,
     MeanField,
+    Mixture,
     VonMises,
     flows,
 )
@@ -73,6 +75,7 @@ __all__ = [
     "Dirichlet",
     "VonMises",
     "Composite",
+    "Mixture",
     "Flow",
     "FlowJAX",
     "flows",
@@ -95,6 +98,7 @@ __all__ = [
     "STL",
     "DReG",
     "ScoreFunction",
+    "Stratified",
     "Unscented",
     "RSVI",
     "Noise",

@@ -38,6 +38,7 @@ __all__ = [
     "STL",
     "DReG",
     "ScoreFunction",
+    "Stratified",
     "Unscented",
     "RSVI",
     "Noise",
@@ -174,10 +175,11 @@ class Estimator(eqx.Module):
 
 def _require_path(estimator, q) -> None:
     if not getattr(q, "reparameterized", True):
+        hint = getattr(q, "suggested_estimator", "veil.ScoreFunction()")
         raise ValueError(
             f"{type(estimator).__name__}() differentiates through the draws, but "
             f"{type(q).__name__} draws have no reparameterisation path. Use "
-            "veil.ScoreFunction() (what veil.fit uses by default for such a family)."
+            f"{hint} (what veil.fit uses by default for such a family)."
         )
 
     def draws(self, q: Family, log_density: Callable, key: PRNGKeyArray, n: int) -> Draws:
@@ -299,6 +301,52 @@ class MovingAverage(eqx.Module):
             0 <= self.decay < 1
         ):
             raise ValueError(f"decay must lie in [0, 1), got {self.decay!r}.")
+
+
+class Stratified(Estimator):
+    """Stratified estimator for a :class:`veil.Mixture`: ``num_samples`` draws from *every*
+    component, each component's average weighted by its mixture weight,
+
+        sum_k w_k f(log w_k1, ..., log w_kn),   z_ki = T_k(eps_i) ~ q_k,
+
+    with ``log w = log p(z) - log q(z)`` under the whole mixture ``q``. For the ELBO this is
+    ``sum_k w_k E_{q_k}[log p - log q]``, the ELBO itself (an identity), so the estimator is
+    unbiased; gradients reach the weights through ``w_k`` and the components through their own
+    reparameterised draws, with no score function (Morningstar et al. 2021, "Automatic
+    Differentiation Variational Inference with Mixtures"). ``inner`` says how a component's
+    draws are differentiated: :class:`STL` (default; ``log q`` at stopped parameters, unbiased
+    because ``E_q[grad log q] = 0`` for the mixture's parameters, weights included) or
+    :class:`Reparam`. Only for objectives linear in the log weights (the ELBO); a step costs
+    ``K`` times ``num_samples`` draws.
+    """
+
+    inner: Estimator = STL()
+
+    def __check_init__(self):
+        if not isinstance(self.inner, (STL, Reparam)) or not isinstance(self.inner.noise, IID):
+            raise ValueError("Stratified(inner=...) takes veil.STL() or veil.Reparam() with i.i.d. noise.")
+
+    def check(self, objective, linear):
+        if not linear:
+            raise ValueError(
+                f"veil.Stratified() weights per-component averages, which equals the bound only "
+                f"for objectives linear in the log weights (the ELBO), not {objective}."
+            )
+
+    def check_family(self, q):
+        from veil.families.mixture import Mixture
+
+        if not isinstance(q, Mixture):
+            raise ValueError(f"veil.Stratified() needs a veil.Mixture, got {type(q).__name__}.")
+        _require_path(self, q.components)
+
+    def estimate(self, f, q, log_density, key, n):
+        z = q.component_draws(key, n)  # [k, n, dim]
+        flat = z.reshape(-1, q.dim)
+        log_p = jax.vmap(log_density)(flat)
+        log_q = (stop_gradient(q) if isinstance(self.inner, STL) else q).log_prob(flat)
+        per_component = jax.vmap(f)((log_p - log_q).reshape(q.k, n))
+        return jnp.dot(q.weights, per_component), _values(flat, log_p, log_q)
 
 
 class ScoreFunction(Estimator):

@@ -16,7 +16,8 @@ from veil import driver
 from veil.diagnostics import StopRule
 from veil.families.base import Family
 from veil.families.flows import Flow, FlowJAX
-from veil.estimators import Reparam, ScoreFunction
+from veil.families.mixture import Mixture
+from veil.estimators import Reparam, ScoreFunction, Stratified
 from veil.objectives import ELBO, FunctionObjective, Objective
 from veil.result import VIResult
 from veil.target import Target
@@ -39,6 +40,10 @@ _DEFAULT_STOP = StopRule()
 _FLOW_OBJECTIVE = ELBO(num_samples=8, estimator=Reparam())
 _FLOW_OPTIMIZER = optax.adam(0.01)
 _FLOW_STOP = StopRule(min_window=1000)
+# Mixtures: the ELBO with draws from every component (gradients reach the weights without the
+# score function); a mixture of flows also takes the flow defaults below.
+_MIXTURE_OBJECTIVE = ELBO(estimator=Stratified())
+_FLOW_MIXTURE_OBJECTIVE = ELBO(num_samples=8, estimator=Stratified(inner=Reparam()))
 _MISSING = object()
 
 
@@ -143,7 +148,9 @@ def fit(
             estimator=Reparam())``; for a family without reparameterised draws (``VonMises``)
             the ELBO with the score-function estimator (8 draws, leave-one-out baseline), with
             a warning. Any :class:`~veil.Objective`, or a plain function
-            ``(q, target, key) -> loss``.
+            ``(q, target, key) -> loss``. For a ``veil.Mixture``: ``ELBO(estimator=
+            veil.Stratified())`` (4 draws from every component; a mixture of flows takes the
+            flow settings with ``Stratified(inner=Reparam())``).
         optimizer: an optax transformation; default :func:`default_optimizer` (Adam, 0.05),
             for a flow Adam with step 0.01. Reuse the same object between fits: a new one
             recompiles the loop.
@@ -185,6 +192,9 @@ def fit(
     _check_key(key)
     max_steps = _check_positive_int("max_steps", max_steps)
     num_restarts = _check_positive_int("num_restarts", num_restarts)
+    is_flow = isinstance(q.components if isinstance(q, Mixture) else q, (Flow, FlowJAX))
+    if objective is None and isinstance(q, Mixture):
+        objective = _FLOW_MIXTURE_OBJECTIVE if is_flow else _MIXTURE_OBJECTIVE
     if objective is None and not q.reparameterized:
         warnings.warn(
             f"{type(q).__name__} draws are not reparameterised, so veil uses the score-function "
@@ -195,7 +205,6 @@ def fit(
             stacklevel=2,
         )
         objective = _DEFAULT_SCORE_OBJECTIVE
-    is_flow = isinstance(q, (Flow, FlowJAX))
     if objective is None:
         objective = _FLOW_OBJECTIVE if is_flow else _DEFAULT_OBJECTIVE
     if callable(objective) and not isinstance(objective, (Objective, eqx.Module)):

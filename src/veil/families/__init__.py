@@ -6,5 +6,6 @@ from veil.families.constrained import Beta, Dirichlet, Gamma, VonMises
 from veil.families.gaussian import FullRank, LowRank, MeanField
 from veil.families.flows import Flow, FlowJAX
 from veil.families import flows
+from veil.families.mixture import Mixture
 
-__all__ = ["Family", "MeanField", "FullRank", "LowRank", "Gamma", "Beta", "Dirichlet", "VonMises", "Composite", "Flow", "FlowJAX", "flows", "stop_gradient"]
+__all__ = ["Family", "MeanField", "FullRank", "LowRank", "Gamma", "Beta", "Dirichlet", "VonMises", "Composite", "Flow", "FlowJAX", "flows", "Mixture", "stop_gradient"]
