@@ -53,18 +53,24 @@ def _std_normal_logpdf(eps):
     return -0.5 * jnp.sum(eps**2, axis=-1) - 0.5 * eps.shape[-1] * math.log(2 * math.pi)
 
 
+@eqx.filter_jit
+def _moments(q):
+    z = q.sample(jax.random.key(_MOMENT_KEY), _MOMENT_DRAWS)
+    return jnp.mean(z, axis=0), jnp.atleast_2d(jnp.cov(z.T))
+
+
 class _MonteCarloMoments:
     """``mean`` and ``cov`` of a family without closed-form moments: Monte-Carlo estimates
-    from 10,000 draws with a fixed key (deterministic; standard error ``sd / 100``)."""
+    from 10,000 draws with a fixed key (deterministic; standard error ``sd / 100``), compiled
+    once per family structure."""
 
     @property
     def mean(self):
-        return jnp.mean(self.sample(jax.random.key(_MOMENT_KEY), _MOMENT_DRAWS), axis=0)
+        return _moments(self)[0]
 
     @property
     def cov(self):
-        z = self.sample(jax.random.key(_MOMENT_KEY), _MOMENT_DRAWS)
-        return jnp.atleast_2d(jnp.cov(z.T))
+        return _moments(self)[1]
 
 
 class Flow(_MonteCarloMoments, Family):
