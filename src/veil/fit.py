@@ -157,7 +157,8 @@ def fit(
         max_steps: cap on optimisation steps.
         num_restarts: ``k`` fits from jittered starts run together (vmapped); the one with
             the highest ELBO (512 fresh draws each) is kept. Restart 0 starts at ``q``, the
-            others at ``q`` with its mean moved by Uniform(-2, 2) noise per coordinate.
+            others at ``q`` with its mean (a flow: its base's mean) moved by Uniform(-2, 2) noise per
+            coordinate.
         progress: show a progress bar (step, loss, steps/s), updated once per chunk.
         stop: a :class:`~veil.diagnostics.StopRule` (default ``StopRule()``, for a flow
             ``StopRule(min_window=1000)``: flows improve slowly and need longer windows to
@@ -302,11 +303,17 @@ def _check_start(q: Family, value, bad_grad) -> None:
 def _restart_params(q: Family, k: int, key: jax.Array):
     """``k`` copies of ``q`` stacked on a leading axis; copies after the first get their mean
     moved by Uniform(-2, 2) noise (the init radius of Stan and NumPyro in unconstrained
-    space), so restarts explore different basins."""
+    space), so restarts explore different basins. The location is ``q.loc``, or for a flow
+    its base Gaussian's; a family with neither restarts from ``q`` itself (its restarts then
+    differ only in their random draws)."""
     stacked = jax.tree.map(lambda x: jnp.broadcast_to(x, (k,) + x.shape) if eqx.is_array(x) else x, q)
     if k == 1:
         return stacked
-    if not hasattr(q, "loc"):  # a family without a location field restarts from q itself
+    if hasattr(q, "loc"):
+        where = lambda m: m.loc  # noqa: E731
+    elif hasattr(getattr(q, "base", None), "loc"):
+        where = lambda m: m.base.loc  # noqa: E731
+    else:
         return stacked
     jitter = jax.random.uniform(key, (k, q.dim), minval=-2.0, maxval=2.0).at[0].set(0.0)
-    return eqx.tree_at(lambda m: m.loc, stacked, replace_fn=lambda loc: loc + jitter)
+    return eqx.tree_at(where, stacked, replace_fn=lambda loc: loc + jitter)
