@@ -126,3 +126,7 @@ def test_refusals():
         veil.Mixture([veil.FullRank(2), veil.FullRank(2)], logits=jnp.zeros(3))
     with pytest.raises(ValueError, match="inner"):
         veil.Stratified(inner=veil.DReG())
+    with pytest.raises(TypeError, match="no location to spread"):
+        veil.Mixture.around(veil.Gamma(2), 2, key=jax.random.key(0))
+    with pytest.raises(ValueError, match="k must be"):
+        veil.Mixture.around(veil.MeanField(2), 1, key=jax.random.key(0))

@@ -568,9 +568,14 @@ def pathfinder(
             raise ValueError(f"{name} must be a finite non-negative number, got {v!r}.")
     if not isinstance(target, Target):
         if not callable(target):
-            raise TypeError(f"target must be a veil.Target or a log-density function, got {type(target).__name__}.")
+            raise TypeError(
+                f"target must be a veil.Target or a log-density function, got {type(target).__name__}."
+            )
         if init is None:
-            raise ValueError("A plain log-density function needs init=... (or use veil.Target.from_logdensity(fn, dim)).")
+            raise ValueError(
+                "A plain log-density function needs init=... (or use "
+                "veil.Target.from_logdensity(fn, dim))."
+            )
         target = Target.from_logdensity(target, dim=int(np.shape(init)[-1]))
     dim = target.dim
     init_key, run_key, diag_key = jax.random.split(key, 3)

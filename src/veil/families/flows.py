@@ -107,7 +107,9 @@ class Flow(_MonteCarloMoments, Family):
         if bijection.cond_shape is not None:
             raise ValueError("Conditional bijections are not families; pass an unconditional one.")
         if len(bijection.shape) != 1:
-            raise ValueError(f"The bijection must act on vectors (shape (dim,)), got shape {bijection.shape}.")
+            raise ValueError(
+                f"The bijection must act on vectors (shape (dim,)), got shape {bijection.shape}."
+            )
         dim = bijection.shape[0]
         base = MeanField(dim) if base is None else base
         if not isinstance(base, (MeanField, FullRank)):
@@ -160,7 +162,9 @@ class FlowJAX(_MonteCarloMoments, Family):
 
     Example:
         >>> import jax, flowjax.distributions as fjd, flowjax.flows as fjf, veil
-        >>> d = fjf.masked_autoregressive_flow(jax.random.key(0), base_dist=fjd.Normal(jax.numpy.zeros(2)), flow_layers=1, nn_width=4)
+        >>> d = fjf.masked_autoregressive_flow(
+        ...     jax.random.key(0), base_dist=fjd.Normal(jax.numpy.zeros(2)), flow_layers=1, nn_width=4
+        ... )
         >>> veil.FlowJAX(d).sample(jax.random.key(1), 5).shape
         (5, 2)
     """
@@ -296,7 +300,8 @@ def _conditioner_flow(make, dim, key, base, layers, width, depth, transformer, k
     ``coupling_flow`` or ``masked_autoregressive_flow``), in the sampling direction
     (``invert=False``: draws and their densities in one pass), started at the identity."""
     flow = make(
-        key, base_dist=fjd.StandardNormal((_check_dim(dim),)), transformer=_transformer(transformer, knots, interval),
+        key, base_dist=fjd.StandardNormal((_check_dim(dim),)),
+        transformer=_transformer(transformer, knots, interval),
         flow_layers=_check_layers("layers", layers), nn_width=_check_layers("width", width),
         nn_depth=_check_layers("depth", depth), invert=False,
     )  # fmt: skip
@@ -329,7 +334,9 @@ def coupling(
     """
     if _check_dim(dim) < 2:
         raise ValueError("A coupling flow needs dim >= 2; use autoregressive, planar or radial.")
-    return _conditioner_flow(fjf.coupling_flow, dim, key, base, layers, width, depth, transformer, knots, interval)
+    return _conditioner_flow(
+        fjf.coupling_flow, dim, key, base, layers, width, depth, transformer, knots, interval
+    )
 
 
 def autoregressive(

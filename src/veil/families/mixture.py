@@ -97,7 +97,9 @@ class Mixture(Family):
         try:
             where(q)
         except AttributeError:
-            raise TypeError(f"{type(q).__name__} has no location to spread; build the list yourself.") from None
+            raise TypeError(
+                f"{type(q).__name__} has no location to spread; build the list yourself."
+            ) from None
         return cls([eqx.tree_at(where, q, where(q) + j) for j in jitter])
 
     @property
