@@ -232,3 +232,17 @@ def test_flow_restarts_start_apart_and_keep_the_best(key):
     assert bool(jnp.all(jnp.abs(locs[1:] - q.base.loc) > 0)) and bool(jnp.all(jnp.abs(locs) <= 2.0))
     res = veil.fit(BANANA, q, key=key, progress=False, num_restarts=2, max_steps=300, stop=None)
     assert res.restart_losses.shape == (2,) and res.q.base.loc.shape == (2,)
+
+
+def test_flow_without_base_is_fitted_in_two_stages(key):
+    # Exactly: fit(flow without base) == fit the default MeanField base alone with the
+    # Gaussian defaults, then fit the flow over that base (same keys).
+    q = veil.flows.radial(2, key=key, layers=2)
+    assert q.fit_base_first and not veil.flows.radial(2, key=key, base=veil.MeanField(2)).fit_base_first
+    res = veil.fit(BANANA, q, key=key, progress=False, max_steps=600, stop=None)
+    main_key, base_key = jax.random.split(key)
+    base = veil.fit(BANANA, veil.MeanField(2), key=base_key, progress=False, max_steps=600)
+    manual = veil.fit(BANANA, veil.Flow(q.bijection, base.q), key=main_key, progress=False, max_steps=600, stop=None)
+    assert not res.q.fit_base_first and res.base_result.num_steps == base.num_steps
+    for a, b in zip(jax.tree.leaves(eqx.filter(res.q, eqx.is_array)), jax.tree.leaves(eqx.filter(manual.q, eqx.is_array))):
+        np.testing.assert_array_equal(a, b)

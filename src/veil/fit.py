@@ -164,6 +164,11 @@ def fit(
             ``StopRule(min_window=1000)``: flows improve slowly and need longer windows to
             show it), or ``None`` to run exactly ``max_steps`` steps and keep the last iterate.
 
+    A flow built without a ``base`` (``veil.flows.coupling(d, key=k)``) is fitted in two
+    stages: its ``MeanField`` base alone with the Gaussian defaults, then the whole flow over
+    it; the result's trace and step count are the flow stage's (``res.base_result`` is the
+    Gaussian stage's result), its wall time covers both.
+
     Returns:
         A :class:`~veil.VIResult`.
 
@@ -225,6 +230,14 @@ def fit(
     if stop is not None and not isinstance(stop, StopRule):
         raise TypeError(f"stop must be a veil.StopRule or None, got {stop!r}.")
 
+    base_res = None
+    if isinstance(q, Flow) and q.fit_base_first:
+        # The Gaussian stage: fit the default base alone, then the flow over it (section 8 of
+        # BENCHMARKS.md: over the unfitted base the layers must stretch sd 0.1 to the target's
+        # scale, and failed to).
+        key, base_key = jax.random.split(key)
+        base_res = fit(target, q.base, key=base_key, max_steps=max_steps, progress=progress)
+        q = Flow(q.bijection, base_res.q)  # a given base: fit_base_first is False
     checks, params, run_key, pick_key, diag_key = _start(target, q, key, num_restarts)
     _check_start(q, *jax.device_get(checks))
     rest = eqx.filter(q, eqx.is_inexact_array, inverse=True)
@@ -259,9 +272,10 @@ def fit(
         stop_reason=out.stop_reasons[best],
         num_skipped=int(out.skipped[best]),
         final_loss=float(out.final_loss[best]),
-        wall_time=out.wall_time,
+        wall_time=out.wall_time + (base_res.wall_time if base_res is not None else 0.0),
         restart_losses=out.final_loss,
         diagnostic_key=diag_key,
+        base_result=base_res,
     )
 
 

@@ -118,6 +118,8 @@ class VIResult:
         wall_time: seconds in the optimisation loop, compilation included.
         restart_losses: final mean loss of every restart.
         diagnostic_key: the key the lazily computed diagnostics (k-hat, summary) draw with.
+        base_result: for a flow fitted in two stages, the :class:`VIResult` of its Gaussian
+            stage (``None`` otherwise); ``num_steps`` and ``trace`` above are the flow stage's.
     """
 
     target: Any
@@ -130,6 +132,7 @@ class VIResult:
     wall_time: float
     restart_losses: np.ndarray
     diagnostic_key: jax.Array = dataclasses.field(repr=False)
+    base_result: Any = dataclasses.field(default=None, repr=False)
 
     def __repr__(self) -> str:
         return (

@@ -15,11 +15,12 @@ FlowJAX's invertibility constraint maps to zero; radial layers start with ``beta
 FlowJAX's fixed permutations between layers, which map ``N(0, I)`` to itself; so a new flow
 *is* its Gaussian as a distribution; hand it a fitted Gaussian
 (``base=veil.fit(...).q`` or ``veil.pathfinder(...).q``) and the flow starts from that fit and
-only has to learn what the Gaussian misses. The default base is ``MeanField(dim)`` at veil's
-usual start (mean 0, sd 0.1), trained jointly with the layers. Prefer a fitted base for
-posteriors whose scales are far from 0.1: on Inference Gym's banana (sd 10) a coupling flow
-over a fitted ``FullRank`` reached KL 0.010 and sd ratios 0.81-0.93, against KL 0.38 and sd
-ratios 0.30-0.56 over the default base (BENCHMARKS.md section 8)::
+only has to learn what the Gaussian misses. Without a ``base``, a flow gets ``MeanField(dim)``
+and ``veil.fit`` first fits that Gaussian alone (Gaussian defaults), then the flow over it:
+over an unfitted base (sd 0.1 at the origin) coupling flows reached only KL 0.38 on Inference
+Gym's banana and diverged on Minnesota radon, while over a fitted Gaussian they reached KL
+0.01 and edged past FullRank (BENCHMARKS.md section 8). A ``FullRank`` base fitted by you is
+used as given::
 
     gauss = veil.fit(target, veil.FullRank(d), key=k1)
     res = veil.fit(target, veil.flows.coupling(d, key=k2, base=gauss.q), key=k3)
@@ -100,6 +101,9 @@ class Flow(_MonteCarloMoments, Family):
     bijection: fjb.AbstractBijection
     base: Family
     dim: int = eqx.field(static=True)
+    # True when the base is the default, unfitted MeanField: veil.fit then fits the base
+    # alone first (see fit's docstring), because flows over an unfitted base failed (§8).
+    fit_base_first: bool = eqx.field(static=True)
 
     def __init__(self, bijection: fjb.AbstractBijection, base: Family | None = None):
         if not isinstance(bijection, fjb.AbstractBijection):
@@ -111,6 +115,7 @@ class Flow(_MonteCarloMoments, Family):
                 f"The bijection must act on vectors (shape (dim,)), got shape {bijection.shape}."
             )
         dim = bijection.shape[0]
+        self.fit_base_first = base is None
         base = MeanField(dim) if base is None else base
         if not isinstance(base, (MeanField, FullRank)):
             raise TypeError(
