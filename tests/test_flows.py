@@ -221,6 +221,7 @@ def test_flow_fits_a_banana_that_a_gaussian_cannot(key):
     assert abs(float(sd_flow[0]) - 1.0) < 0.15
 
 
+@pytest.mark.slow  # two compiled fits (~5 s); the jitter itself is checked without fitting too
 def test_flow_restarts_start_apart_and_keep_the_best(key):
     # Restarts jitter the base Gaussian's location; the kept fit is the best of them.
     from veil.fit import _restart_params

@@ -177,6 +177,7 @@ def test_summary_and_arviz(key):
     assert "PathfinderResult(dim=4, 4 paths" in repr(pf)
 
 
+@pytest.mark.slow  # compiles a NumPyro potential into Pathfinder's loop (~5 s)
 def test_numpyro_target_draws_are_constrained(key):
     import numpyro
 
