@@ -61,7 +61,7 @@ import optax
 
 from veil.diagnostics import khat_verdict, psis_khat
 from veil.families.gaussian import FullRank, LowRank, MeanField
-from veil.result import Summary, _flat_columns
+from veil.result import Summary, summary_table
 from veil.target import Target
 
 __all__ = ["pathfinder", "PathfinderResult", "Gaussian"]
@@ -461,10 +461,8 @@ class PathfinderResult:
         draws, with the k-hat verdict in plain words."""
         if not 0 < prob < 1:
             raise ValueError(f"prob must lie in (0, 1), got {prob}.")
-        names, x = _flat_columns(self.draws(_SUMMARY_DRAWS, key=jax.random.fold_in(self.diagnostic_key, 1)))
-        lo, hi = (1 - prob) / 2, (1 + prob) / 2
-        table = np.column_stack([x.mean(0), x.std(0, ddof=1), *np.quantile(x, [lo, 0.5, hi], axis=0)])
-        cols = ["mean", "sd", f"{100 * lo:g}%", "50%", f"{100 * hi:g}%"]
+        draws = self.draws(_SUMMARY_DRAWS, key=jax.random.fold_in(self.diagnostic_key, 1))
+        names, table, cols = summary_table(draws, prob)
         header = (
             f"veil pathfinder: {self.num_paths} paths, dim {self.target.dim}, "
             f"{self.num_grad_evals} gradient + {self.num_logp_evals} density evaluations, "

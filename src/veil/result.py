@@ -75,6 +75,17 @@ def _flat_columns(draws: dict[str, Any]) -> tuple[list[str], np.ndarray]:
     return names, np.concatenate(cols, axis=1)
 
 
+def summary_table(draws: dict[str, Any], prob: float) -> tuple[list[str], np.ndarray, list[str]]:
+    """Names, table (mean, sd, central ``prob`` interval and median of every constrained
+    scalar) and column labels, from a dict of draws ``[n, ...]``."""
+    if not 0 < prob < 1:
+        raise ValueError(f"prob must lie in (0, 1), got {prob}.")
+    names, x = _flat_columns(draws)
+    lo, hi = (1 - prob) / 2, (1 + prob) / 2
+    table = np.column_stack([x.mean(0), x.std(0, ddof=1), *np.quantile(x, [lo, 0.5, hi], axis=0)])
+    return names, table, ["mean", "sd", f"{100 * lo:g}%", "50%", f"{100 * hi:g}%"]
+
+
 @dataclasses.dataclass(eq=False)
 class Summary:
     """Posterior summary of a fit: a table (constrained space) and a plain-words verdict.
@@ -261,12 +272,7 @@ class VIResult:
         if not 0 < prob < 1:
             raise ValueError(f"prob must lie in (0, 1), got {prob}.")
         key = jax.random.fold_in(self.diagnostic_key, 1)
-        names, x = _flat_columns(_draw(self.target, self.q, key, _SUMMARY_DRAWS)[0])
-        lo, hi = (1 - prob) / 2, (1 + prob) / 2
-        table = np.column_stack(
-            [x.mean(0), x.std(0, ddof=1), *np.quantile(x, [lo, 0.5, hi], axis=0)]
-        )
-        cols = ["mean", "sd", f"{100 * lo:g}%", "50%", f"{100 * hi:g}%"]
+        names, table, cols = summary_table(_draw(self.target, self.q, key, _SUMMARY_DRAWS)[0], prob)
         header = (
             f"veil fit: {type(self.q).__name__}(dim={self.q.dim}), {self.num_steps} steps, "
             f"{self.wall_time:.2f} s, ELBO {self.elbo:.2f}"
