@@ -43,7 +43,7 @@ import flowjax.flows as fjf
 import jax
 import jax.numpy as jnp
 import paramax
-from jaxtyping import Array, Float, PRNGKeyArray
+from jaxtyping import Array, PRNGKeyArray
 
 from veil.families.base import Family
 from veil.families.gaussian import FullRank, MeanField
