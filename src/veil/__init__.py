@@ -35,8 +35,11 @@ from veil.families import (
     Gamma,
     LowRank,
     MeanField,
+    MixFlow,
+    MixFlowResult,
     Mixture,
     VonMises,
+    mixflow,
     flows,
 )
 from veil.fit import default_optimizer, fit
@@ -76,6 +79,9 @@ __all__ = [
     "VonMises",
     "Composite",
     "Mixture",
+    "MixFlow",
+    "MixFlowResult",
+    "mixflow",
     "Flow",
     "FlowJAX",
     "flows",

@@ -17,6 +17,7 @@ from veil.diagnostics import StopRule
 from veil.families.base import Family
 from veil.families.flows import Flow, FlowJAX
 from veil.families.mixture import Mixture
+from veil.families.mixflows import MixFlow
 from veil.estimators import Reparam, ScoreFunction, Stratified
 from veil.objectives import ELBO, FunctionObjective, Objective
 from veil.result import VIResult
@@ -190,6 +191,11 @@ def fit(
         )
     if not isinstance(q, Family):
         raise TypeError(f"q must be a veil family such as veil.FullRank(dim), got {type(q).__name__}.")
+    if isinstance(q, MixFlow):
+        raise TypeError(
+            "A MixFlow has nothing to train by gradient (its map is fixed by the target and "
+            "its step size); build and tune it with veil.mixflow(target, reference, key=...)."
+        )
     if q.dim != target.dim:
         raise ValueError(
             f"The family has dim={q.dim} but the target has dim={target.dim}; "
