@@ -76,7 +76,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Float, PRNGKeyArray
+from jaxtyping import PRNGKeyArray
 
 from veil.diagnostics import khat_verdict, psis_khat
 from veil.families.base import Family
