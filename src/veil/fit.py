@@ -18,6 +18,7 @@ from veil.families.base import Family
 from veil.families.flows import Flow, FlowJAX
 from veil.families.mixture import Mixture
 from veil.families.mixflows import MixFlow
+from veil.families.semi_implicit import SemiImplicit
 from veil.estimators import Reparam, ScoreFunction, Stratified
 from veil.objectives import ELBO, FunctionObjective, Objective
 from veil.result import VIResult
@@ -145,8 +146,8 @@ def fit(
         q: the family and its starting point, e.g. ``veil.FullRank(target.dim)``.
         key: a JAX PRNG key (``jax.random.key(seed)``); required, never defaulted.
         objective: the loss; default ``veil.ELBO()`` (4 draws per step, STL gradients); for
-            a flow (``veil.Flow``, ``veil.FlowJAX``) ``ELBO(num_samples=8,
-            estimator=Reparam())``; for a family without reparameterised draws (``VonMises``)
+            a flow (``veil.Flow``, ``veil.FlowJAX``) or a ``veil.SemiImplicit``
+            ``ELBO(num_samples=8, estimator=Reparam())`` (for the latter, the SIVI bound); for a family without reparameterised draws (``VonMises``)
             the ELBO with the score-function estimator (8 draws, leave-one-out baseline), with
             a warning. Any :class:`~veil.Objective`, or a plain function
             ``(q, target, key) -> loss``. For a ``veil.Mixture``: ``ELBO(estimator=
@@ -165,7 +166,7 @@ def fit(
             ``StopRule(min_window=1000)``: flows improve slowly and need longer windows to
             show it), or ``None`` to run exactly ``max_steps`` steps and keep the last iterate.
 
-    A flow built without a ``base`` (``veil.flows.coupling(d, key=k)``) is fitted in two
+    A flow (or ``SemiImplicit``) built without a ``base`` (``veil.flows.coupling(d, key=k)``) is fitted in two
     stages: its ``MeanField`` base alone with the Gaussian defaults, then the whole flow over
     it; the result's trace and step count are the flow stage's (``res.base_result`` is the
     Gaussian stage's result), its wall time covers both.
@@ -204,7 +205,8 @@ def fit(
     _check_key(key)
     max_steps = _check_positive_int("max_steps", max_steps)
     num_restarts = _check_positive_int("num_restarts", num_restarts)
-    is_flow = isinstance(q.components if isinstance(q, Mixture) else q, (Flow, FlowJAX))
+    # Flows and semi-implicit families share the defaults for neural families (see above).
+    is_flow = isinstance(q.components if isinstance(q, Mixture) else q, (Flow, FlowJAX, SemiImplicit))
     if objective is None and isinstance(q, Mixture):
         objective = _FLOW_MIXTURE_OBJECTIVE if is_flow else _MIXTURE_OBJECTIVE
     if objective is None and not q.reparameterized:
@@ -237,13 +239,13 @@ def fit(
         raise TypeError(f"stop must be a veil.StopRule or None, got {stop!r}.")
 
     base_res = None
-    if isinstance(q, Flow) and q.fit_base_first:
+    if isinstance(q, (Flow, SemiImplicit)) and q.fit_base_first:
         # The Gaussian stage: fit the default base alone, then the flow over it (section 8 of
         # BENCHMARKS.md: over the unfitted base the layers must stretch sd 0.1 to the target's
         # scale, and failed to).
         key, base_key = jax.random.split(key)
         base_res = fit(target, q.base, key=base_key, max_steps=max_steps, progress=progress)
-        q = Flow(q.bijection, base_res.q)  # a given base: fit_base_first is False
+        q = q.with_base(base_res.q)  # fit_base_first stays True but is not looked at again
     checks, params, run_key, pick_key, diag_key = _start(target, q, key, num_restarts)
     _check_start(q, *jax.device_get(checks))
     rest = eqx.filter(q, eqx.is_inexact_array, inverse=True)

@@ -128,6 +128,10 @@ class Flow(_MonteCarloMoments, Family):
         self.base = base
         self.dim = dim
 
+    def with_base(self, base: Family) -> "Flow":
+        """The same layers over another base (``fit``'s second stage)."""
+        return Flow(self.bijection, base)
+
     def _layers(self):
         return paramax.unwrap(self.bijection)
 
