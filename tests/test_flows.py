@@ -249,3 +249,22 @@ def test_flow_without_base_is_fitted_in_two_stages(key):
     assert not res.q.fit_base_first and res.base_result.num_steps == base.num_steps
     for a, b in zip(jax.tree.leaves(eqx.filter(res.q, eqx.is_array)), jax.tree.leaves(eqx.filter(manual.q, eqx.is_array))):
         np.testing.assert_array_equal(a, b)
+
+
+def _two_modes_log_p(z):
+    a = jax.scipy.stats.norm.logpdf(z, jnp.array([-1.2, 0.0]), 0.5).sum()
+    b = jax.scipy.stats.norm.logpdf(z, jnp.array([1.2, 0.5]), 0.5).sum()
+    return jnp.logaddexp(a, b) - math.log(2.0)  # normalised: KL(q || p) = -ELBO
+
+
+@pytest.mark.slow  # two fits, ~11 s
+def test_flow_recovers_a_two_dimensional_mixture():
+    """An equal mixture of two Gaussians 4.8 sds apart: the best Gaussian's KL is about 0.5
+    nats; a 4-layer coupling flow must get under 0.1 (measured 0.033; the 2000-draw ELBO
+    estimate has se ~0.01 at this KL)."""
+    t = veil.Target.from_logdensity(_two_modes_log_p, dim=2)
+    gauss = veil.fit(t, veil.FullRank(2), key=jax.random.key(1), progress=False)
+    flow = veil.fit(t, veil.flows.coupling(2, key=jax.random.key(0), layers=4, width=32),
+                    key=jax.random.key(1), progress=False)
+    assert -gauss.elbo > 0.3
+    assert -flow.elbo < 0.1, (flow.elbo, flow.stop_reason)
