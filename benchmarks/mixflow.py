@@ -12,7 +12,7 @@ Tools, interleaved seed by seed:
 * ``veil-fullrank``: ``veil.fit(target, FullRank(d))`` (ADVI);
 * ``veil-mixflow``: ``veil.mixflow(target, key=...)`` with every default: a ``MeanField``
   reference fitted by ``veil.fit``, 100 maps of 50 leapfrog steps, step size chosen by the
-  ELBO on the grid 0.01-0.5;
+  ELBO on the grid 0.002-0.1;
 * ``veil-mixflow-fr``: the same over a ``FullRank`` reference fit.
 
 Gradient evaluations count everything: the reference fit (steps x 4 draws), the step-size

@@ -200,6 +200,7 @@ def banana_log_p(z):
 BANANA = veil.Target.from_logdensity(banana_log_p, dim=2)
 
 
+@pytest.mark.slow  # two fits, ~12 s; the default run keeps the two-stage fit below
 def test_flow_fits_a_banana_that_a_gaussian_cannot(key):
     # KL(q || p) = log Z - ELBO = -ELBO here. The best Gaussian's KL is about 0.8 nats (the
     # FullRank fit below); the coupling flow must get under 0.1 (measured 0.03; its ELBO

@@ -98,7 +98,7 @@ def test_bound_gradient_matches_finite_differences():
 
     @jax.jit
     def bound(p):
-        z, lq = eqx.combine(p, rest).sample_and_log_prob(jax.random.key(6), 256)
+        z, lq = eqx.combine(p, rest).sample_and_log_prob(jax.random.key(6), 64)
         return jnp.mean(jax.vmap(target.log_density)(z) - lq)
 
     grad = jax.grad(bound)(params)

@@ -93,7 +93,7 @@ _MOMENT_DRAWS = 4000
 _MOMENT_KEY = 20231001
 _KHAT_DRAWS = 2000
 _SUMMARY_DRAWS = 4000
-DEFAULT_STEP_SIZES = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5)
+DEFAULT_STEP_SIZES = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1)
 
 
 # ---------------------------------------------------------------------- Laplace momentum
@@ -147,7 +147,8 @@ class MixFlow(Family):
     Example:
         >>> import jax, jax.numpy as jnp, veil
         >>> t = veil.Target.from_logdensity(lambda z: -0.5 * jnp.sum(z**2), dim=2)
-        >>> q = veil.MixFlow(t, veil.MeanField(2, init_scale=1.0), step_size=0.2, num_maps=4)
+        >>> q = veil.MixFlow(t, veil.MeanField(2, init_scale=1.0), step_size=0.2, num_leapfrog=2,
+        ...                  num_maps=3)
         >>> z, lq = q.sample_and_log_prob(jax.random.key(0), 5)
         >>> z.shape, lq.shape
         ((5, 2), (5,))
