@@ -9,7 +9,9 @@ import equinox as eqx
 import jax
 from jaxtyping import Array, Float, PRNGKeyArray
 
-__all__ = ["Family"]
+__all__ = ["Family", "MonteCarloMoments"]
+
+_MOMENT_KEY = 20240229
 
 
 class Family(eqx.Module):
@@ -92,3 +94,25 @@ class Family(eqx.Module):
 def stop_gradient(q: Family) -> Family:
     """The same family with every parameter behind ``lax.stop_gradient``."""
     return jax.tree.map(lambda x: jax.lax.stop_gradient(x) if eqx.is_array(x) else x, q)
+
+
+@eqx.filter_jit
+def _monte_carlo_moments(q):
+    z = q.sample(jax.random.key(_MOMENT_KEY), q.moment_draws)
+    return jax.numpy.mean(z, axis=0), jax.numpy.atleast_2d(jax.numpy.cov(z.T))
+
+
+class MonteCarloMoments:
+    """Mixin: ``mean`` and ``cov`` of a family without closed-form moments, as Monte-Carlo
+    estimates from ``moment_draws`` draws with a fixed key (deterministic; standard error
+    ``sd / sqrt(moment_draws)``), compiled once per family structure."""
+
+    moment_draws: ClassVar[int] = 10_000
+
+    @property
+    def mean(self):
+        return _monte_carlo_moments(self)[0]
+
+    @property
+    def cov(self):
+        return _monte_carlo_moments(self)[1]

@@ -45,13 +45,12 @@ import jax.numpy as jnp
 import paramax
 from jaxtyping import Array, PRNGKeyArray
 
-from veil.families.base import Family
+from veil.families.base import Family, MonteCarloMoments
 from veil.families.gaussian import FullRank, MeanField
 from veil.target import _check_dim
 
 __all__ = ["Flow", "FlowJAX", "Radial", "coupling", "autoregressive", "planar", "radial"]
 
-_MOMENT_DRAWS = 10_000
 _MOMENT_KEY = 20240229
 _WATCH_POINTS = 64
 
@@ -60,27 +59,7 @@ def _std_normal_logpdf(eps):
     return -0.5 * jnp.sum(eps**2, axis=-1) - 0.5 * eps.shape[-1] * math.log(2 * math.pi)
 
 
-@eqx.filter_jit
-def _moments(q):
-    z = q.sample(jax.random.key(_MOMENT_KEY), _MOMENT_DRAWS)
-    return jnp.mean(z, axis=0), jnp.atleast_2d(jnp.cov(z.T))
-
-
-class _MonteCarloMoments:
-    """``mean`` and ``cov`` of a family without closed-form moments: Monte-Carlo estimates
-    from 10,000 draws with a fixed key (deterministic; standard error ``sd / 100``), compiled
-    once per family structure."""
-
-    @property
-    def mean(self):
-        return _moments(self)[0]
-
-    @property
-    def cov(self):
-        return _moments(self)[1]
-
-
-class Flow(_MonteCarloMoments, Family):
+class Flow(MonteCarloMoments, Family):
     """Normalizing flow ``z = G(T(eps))``, ``eps ~ N(0, I)``: flow layers ``T`` (a FlowJAX
     bijection on ``R^dim``) followed by a Gaussian family ``G`` (see the module docstring).
 
@@ -163,7 +142,7 @@ class Flow(_MonteCarloMoments, Family):
         return out.reshape(z.shape[:-1])
 
 
-class FlowJAX(_MonteCarloMoments, Family):
+class FlowJAX(MonteCarloMoments, Family):
     """Any unconditional FlowJAX distribution on ``R^dim`` as a veil family.
 
     Its array leaves are the variational parameters (``paramax`` wrappers are unwrapped on

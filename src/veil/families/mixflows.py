@@ -79,7 +79,7 @@ import numpy as np
 from jaxtyping import PRNGKeyArray
 
 from veil.diagnostics import khat_verdict, psis_khat
-from veil.families.base import Family
+from veil.families.base import Family, MonteCarloMoments
 from veil.families.gaussian import FullRank, MeanField
 
 __all__ = ["MixFlow", "MixFlowResult", "mixflow", "laplace_cdf", "laplace_icdf"]
@@ -89,8 +89,6 @@ _U_SHIFT = math.sqrt(2.0) - 1.0
 # Offsets that give every momentum coordinate its own rotation at the same u.
 _COORD_SHIFT = (math.sqrt(5.0) - 1.0) / 2.0
 _LOG2 = math.log(2.0)
-_MOMENT_DRAWS = 4000
-_MOMENT_KEY = 20231001
 _KHAT_DRAWS = 2000
 _SUMMARY_DRAWS = 4000
 DEFAULT_STEP_SIZES = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1)
@@ -131,7 +129,7 @@ class _State(typing.NamedTuple):
     grad: jax.Array
 
 
-class MixFlow(Family):
+class MixFlow(MonteCarloMoments, Family):
     """A mixed variational flow over a target (see the module docstring for the maths).
 
     Args:
@@ -161,6 +159,7 @@ class MixFlow(Family):
     num_maps: int = eqx.field(static=True)
     dim: int = eqx.field(static=True)
     reparameterized: ClassVar[bool] = False
+    moment_draws: ClassVar[int] = 4000  # each draw costs (num_maps - 1) num_leapfrog gradients
 
     def __init__(self, target, reference: Family, *, step_size: float, num_leapfrog: int = 10, num_maps: int = 100):
         from veil.fit import _check_positive_int
@@ -359,14 +358,6 @@ class MixFlow(Family):
         terms = jnp.concatenate([self._log_q0(s0)[None], a])
         return jax.nn.logsumexp(terms) - math.log(self.num_maps) - self._log_det()
 
-    @property
-    def mean(self):
-        return _moments(self)[0]
-
-    @property
-    def cov(self):
-        return _moments(self)[1]
-
     def watched(self):
         return eqx.filter(self.reference, eqx.is_inexact_array)
 
@@ -385,12 +376,6 @@ class MixFlow(Family):
         drifted. Much below 1 means the density is computed along (close to) the true
         backward trajectory."""
         return np.asarray(_roundtrip(self, key, int(num_draws)))
-
-
-@eqx.filter_jit
-def _moments(q: MixFlow):
-    z = q.sample(jax.random.key(_MOMENT_KEY), _MOMENT_DRAWS)
-    return jnp.mean(z, axis=0), jnp.atleast_2d(jnp.cov(z.T))
 
 
 @eqx.filter_jit

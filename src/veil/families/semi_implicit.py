@@ -36,14 +36,13 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import PRNGKeyArray
 
-from veil.families.base import Family
+from veil.families.base import Family, MonteCarloMoments
 from veil.families.gaussian import FullRank, MeanField
 from veil.target import _check_dim
 
 __all__ = ["SemiImplicit"]
 
-_MOMENT_DRAWS = 10_000
-_MOMENT_KEY = 20190701
+_WATCH_KEY = 20190701
 _WATCH_POINTS = 64
 
 
@@ -53,7 +52,7 @@ def _normal_logpdf(u, mean, log_sd):
     )
 
 
-class SemiImplicit(Family):
+class SemiImplicit(MonteCarloMoments, Family):
     """Semi-implicit family ``z = G(m(eps) + sigma * eta)`` (see the module docstring).
 
     Args:
@@ -189,21 +188,8 @@ class SemiImplicit(Family):
         out = jax.nn.logsumexp(terms, axis=0) - math.log(int(num_inner)) + self._log_det_base()
         return out.reshape(z.shape[:-1])
 
-    @property
-    def mean(self):
-        return _moments(self)[0]
-
-    @property
-    def cov(self):
-        return _moments(self)[1]
-
     def watched(self):
         """Where 64 fixed (mixing, noise) pairs land: the network's weights are not
         identified, its map from noise to draws settles when the fit does."""
-        return self.sample(jax.random.key(_MOMENT_KEY), _WATCH_POINTS)
+        return self.sample(jax.random.key(_WATCH_KEY), _WATCH_POINTS)
 
-
-@eqx.filter_jit
-def _moments(q: SemiImplicit):
-    z = q.sample(jax.random.key(_MOMENT_KEY), _MOMENT_DRAWS)
-    return jnp.mean(z, axis=0), jnp.atleast_2d(jnp.cov(z.T))
