@@ -63,3 +63,30 @@ def test_plot_returns_a_figure(schools):
 def test_bad_draw_count(schools):
     with pytest.raises(ValueError, match="positive integer"):
         schools.draws(0, key=jax.random.key(0))
+
+
+def test_nonfinite_draws_are_counted_warned_and_fail_the_verdict():
+    """A q that maps some noise to inf must not pass silently: draws and to_arviz warn with
+    the count, summary() leaves those draws out of the table and fails the verdict."""
+    import dataclasses
+
+    import veil.result as vr
+
+    target = veil.Target.from_logdensity(lambda z: -0.5 * jnp.sum(z**2), dim=2)
+    res = veil.fit(target, veil.MeanField(2), key=jax.random.key(0), progress=False, max_steps=200, stop=None)
+
+    class Overflowing(veil.MeanField):
+        def sample_and_log_prob(self, key, n):
+            z, lq = super().sample_and_log_prob(key, n)
+            return jnp.where(z[:, :1] > 1.5, jnp.inf, z), lq  # ~7% of draws overflow
+
+    q = Overflowing(2, init_scale=1.0)
+    broken = dataclasses.replace(res, q=q)
+    with pytest.warns(RuntimeWarning, match="draws hold non-finite values"):
+        broken.draws(1000, key=jax.random.key(1))
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        broken.to_arviz(100, key=jax.random.key(1))
+    s = broken.summary()
+    assert np.isfinite(s.table).all()
+    assert not s.trustworthy and any("non-finite values" in line for line in s.verdict)
+    assert vr._count_nonfinite({"a": jnp.array([[1.0, jnp.nan], [0.0, 1.0]])}) == 1

@@ -58,6 +58,31 @@ def log_evidence_from_weights(log_weights) -> tuple[float, float]:
     return float(top + np.log(mean)), float(w.std(ddof=1) / math.sqrt(n) / mean)
 
 
+def _finite_rows(draws: dict[str, Any]) -> np.ndarray:
+    """Mask of the draws (rows) whose every site is finite."""
+    leaves = [np.asarray(x).reshape(np.shape(x)[0], -1) for x in jax.tree.leaves(draws)]
+    return np.isfinite(np.concatenate(leaves, axis=1)).all(axis=1)
+
+
+def _count_nonfinite(draws: dict[str, Any]) -> int:
+    """How many draws (rows) hold a non-finite value in any site."""
+    return int((~_finite_rows(draws)).sum())
+
+
+def _warn_nonfinite(draws: dict[str, Any]) -> None:
+    bad = _count_nonfinite(draws)
+    if bad:
+        n = np.shape(jax.tree.leaves(draws)[0])[0]
+        warnings.warn(
+            f"{bad} of {n} draws hold non-finite values: the fitted q maps some noise to inf "
+            "or NaN (a flow whose layers overflow in the tails, say). They are returned as "
+            "drawn; summary() counts them. Refit with a smaller step size or a smaller family "
+            "before using these draws.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
 def _flat_columns(draws: dict[str, Any]) -> tuple[list[str], np.ndarray]:
     """Named scalar columns (``w[0]``, ``L[1,0]``, ...) of a dict of draws ``[n, ...]``."""
     names, cols = [], []
@@ -223,7 +248,9 @@ class VIResult:
         """
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
             raise ValueError(f"n must be a positive integer, got {n!r}.")
-        return _draw(self.target, self.q, key, int(n))[0]
+        draws = _draw(self.target, self.q, key, int(n))[0]
+        _warn_nonfinite(draws)
+        return draws
 
     def to_arviz(self, n: int, *, key: jax.Array):
         """An ``arviz.InferenceData`` with ``n`` draws (one chain) in ``posterior`` and each
@@ -234,6 +261,7 @@ class VIResult:
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
             raise ValueError(f"n must be a positive integer, got {n!r}.")
         draws, log_p, log_q = _draw(self.target, self.q, key, int(n))
+        _warn_nonfinite(draws)
         posterior = {k: np.asarray(v)[None] for k, v in draws.items()}
         log_p, log_q = np.asarray(log_p)[None], np.asarray(log_q)[None]
         stats = {"lp": log_p, "log_q": log_q, "log_weight": log_p - log_q}
@@ -271,12 +299,22 @@ class VIResult:
         if not 0 < prob < 1:
             raise ValueError(f"prob must lie in (0, 1), got {prob}.")
         key = jax.random.fold_in(self.diagnostic_key, 1)
-        names, table, cols = summary_table(_draw(self.target, self.q, key, _SUMMARY_DRAWS)[0], prob)
+        draws = _draw(self.target, self.q, key, _SUMMARY_DRAWS)[0]
+        bad = _count_nonfinite(draws)
+        if bad:  # the table from the finite draws; the verdict says how many were dropped
+            keep = _finite_rows(draws)
+            draws = jax.tree.map(lambda x: np.asarray(x)[keep], draws)
+        names, table, cols = summary_table(draws, prob)
         header = (
             f"veil fit: {type(self.q).__name__}(dim={self.q.dim}), {self.num_steps} steps, "
             f"{self.wall_time:.2f} s, ELBO {self.elbo:.2f}"
         )
         lines, ok = self.verdict()
+        if bad:
+            ok = False
+            lines.insert(-1, f"{bad} of {_SUMMARY_DRAWS} draws hold non-finite values (the table "
+                         "leaves them out): q overflows somewhere it puts mass.")
+            lines[-1] = "Verdict: do NOT trust this fit as it stands."
         return Summary(names, table, cols, lines, ok, header)
 
     def plot(self, max_marginals: int = 12):

@@ -492,8 +492,12 @@ class MixFlowResult:
         """
         from veil.fit import _check_key, _check_positive_int
 
+        from veil.result import _warn_nonfinite
+
         _check_key(key)
-        return _constrained_draws(self.q, key, _check_positive_int("n", n))
+        draws = _constrained_draws(self.q, key, _check_positive_int("n", n))
+        _warn_nonfinite(draws)  # a trajectory can leave the finite region at a large step
+        return draws
 
     def to_arviz(self, n: int, *, key: jax.Array):
         """An ``arviz.InferenceData`` with ``n`` draws in ``posterior``."""
