@@ -300,9 +300,9 @@ class VIResult:
             raise ValueError(f"prob must lie in (0, 1), got {prob}.")
         key = jax.random.fold_in(self.diagnostic_key, 1)
         draws = _draw(self.target, self.q, key, _SUMMARY_DRAWS)[0]
-        bad = _count_nonfinite(draws)
+        keep = _finite_rows(draws)
+        bad = int((~keep).sum())
         if bad:  # the table from the finite draws; the verdict says how many were dropped
-            keep = _finite_rows(draws)
             draws = jax.tree.map(lambda x: np.asarray(x)[keep], draws)
         names, table, cols = summary_table(draws, prob)
         header = (
