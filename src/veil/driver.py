@@ -13,6 +13,12 @@ A loss with state (a moving-average baseline, say) has an ``init_state(params)``
 returns the initial state; it is then called as ``loss_fn(params, key, state) ->
 (loss, new_state)``, and the loop carries the state (kept unchanged on skipped steps).
 
+A loss fitted on minibatches has a ``batches`` attribute, a batch source (see
+:mod:`veil.batching`: ``init(key) -> state``, ``next(state) -> (batch, state)``); the loop
+carries the source's state, takes the next batch at every step (skipped steps included) and
+calls ``loss_fn(params, key, batch=batch)`` (after the loss's state, if it has one). Each
+restart draws its own batch order.
+
 What the stopping rule's drift test watches is ``loss_fn.watch(params)`` when the loss has
 that method (a pytree of arrays; a flow watches where fixed noise points land rather than its
 unidentifiable network weights), else ``params`` itself.
@@ -62,6 +68,7 @@ class LoopState(NamedTuple):
     skipped: jax.Array  # total skipped steps (int32)
     consecutive: jax.Array  # skipped steps in a row at the end of the chunk (int32)
     loss_state: Any = None  # the loss's own state, if it has one
+    batch_state: Any = None  # the batch source's state (its epoch's permutation), if any
 
 
 class ChunkOut(NamedTuple):
@@ -74,6 +81,11 @@ def _watched(loss_fn, params):
     """What the drift test watches (one restart's ``params``)."""
     watch = getattr(loss_fn, "watch", None)
     return params if watch is None else watch(params)
+
+
+def _batches(loss_fn):
+    """The loss's batch source, or ``None`` for a full-data loss."""
+    return getattr(loss_fn, "batches", None)
 
 
 def _flat(tree) -> jax.Array:
@@ -115,13 +127,18 @@ def _chunk(loss_fn, optimizer, state: LoopState, n_steps, probe, capacity: int, 
     next_key, chunk_key = jax.random.split(state.key)
     step_keys = jax.random.split(chunk_key, capacity)
 
+    source = _batches(loss_fn)
+
     def body(i, carry):
         st, losses, psum, nfinite, pbuf = carry
+        extra, batch_state = {}, st.batch_state
+        if source is not None:
+            extra["batch"], batch_state = source.next(st.batch_state)
         if st.loss_state is None:
-            (loss, _), grads = grad_fn(st.params, step_keys[i])
+            (loss, _), grads = grad_fn(st.params, step_keys[i], **extra)
             new_loss_state = None
         else:
-            (loss, new_loss_state), grads = grad_fn(st.params, step_keys[i], st.loss_state)
+            (loss, new_loss_state), grads = grad_fn(st.params, step_keys[i], st.loss_state, **extra)
         # One reduction tells whether the loss and every gradient entry are finite (a sum
         # with an inf or NaN in it is not finite); a skipped step leaves the parameters and
         # the optimizer state exactly as they were. `cond` rather than `where` on every
@@ -141,7 +158,7 @@ def _chunk(loss_fn, optimizer, state: LoopState, n_steps, probe, capacity: int, 
         st = LoopState(
             params, opt_state, st.key, st.step_scale,
             st.skipped + (~ok).astype(jnp.int32), jnp.where(ok, 0, st.consecutive + 1),
-            loss_state,
+            loss_state, batch_state,
         )
         losses = losses.at[i].set(jnp.where(ok, loss, jnp.nan))
         if track:
@@ -187,6 +204,11 @@ def _init_state(optimizer, params, key, loss_fn):
     loss_state = jax.vmap(init)(params) if init is not None else None
     if loss_state is not None:
         loss_state = jax.tree.map(lambda x: x.astype(x.dtype), loss_state)
+    source = _batches(loss_fn)
+    # The batch order's own key stream (folded off the run's key, so a full-data loss's
+    # stream of step keys is what it was before batch sources existed).
+    batch_state = None if source is None else jax.vmap(source.init)(
+        jax.random.split(jax.random.fold_in(key, 0x5EED), k))
     return LoopState(
         params=params,
         opt_state=jax.vmap(optimizer.init)(params),
@@ -195,6 +217,7 @@ def _init_state(optimizer, params, key, loss_fn):
         skipped=jnp.zeros(k, jnp.int32),
         consecutive=jnp.zeros(k, jnp.int32),
         loss_state=loss_state,
+        batch_state=batch_state,
     )
 
 

@@ -13,6 +13,7 @@ import numpy as np
 import optax
 
 from veil import driver
+from veil.batching import Shuffled
 from veil.diagnostics import StopRule
 from veil.families.base import Family
 from veil.families.flows import Flow, FlowJAX
@@ -22,7 +23,7 @@ from veil.families.semi_implicit import SemiImplicit
 from veil.estimators import Reparam, ScoreFunction, Stratified
 from veil.objectives import ELBO, FunctionObjective, Objective
 from veil.result import VIResult
-from veil.target import Target
+from veil.target import Target, log_density_rows
 
 __all__ = ["fit", "default_optimizer", "DEFAULT_STEP_SIZE"]
 
@@ -83,11 +84,21 @@ class _VILoss(eqx.Module):
         """What the stopping rule's drift test watches: the family's choice."""
         return eqx.combine(params, self.rest).watched()
 
-    def __call__(self, params, key, state=None):
+    @property
+    def batches(self):
+        """The batch source of a minibatched target (``None`` otherwise): the driver draws
+        each step's rows from it and passes them as ``batch``."""
+        if not self.target.is_minibatched:
+            return None
+        return Shuffled(self.target.data, self.target.batch_size)
+
+    def __call__(self, params, key, state=None, *, batch=None):
         q = eqx.combine(params, self.rest)
+        # On a batch, the objective sees log_prior + (N/B) log_lik of the batch's rows.
+        target = self.target if batch is None else self.target.on_batch(batch)
         if state is None:
-            return self.objective(q, self.target, key)
-        loss, _, new_state = self.objective.call_with_state(q, self.target, key, state)
+            return self.objective(q, target, key)
+        loss, _, new_state = self.objective.call_with_state(q, target, key, state)
         return loss, new_state
 
 
@@ -109,7 +120,7 @@ def _restart_bounds(target: Target, params, rest, key, n: int):
 
     def one(p, k):
         z, log_q = eqx.combine(p, rest).sample_and_log_prob(k, n)
-        return jnp.mean(jax.vmap(target.log_density)(z) - log_q)
+        return jnp.mean(log_density_rows(target, z) - log_q)
 
     keys = jax.random.split(key, jax.tree.leaves(params)[0].shape[0])
     return jax.vmap(one)(params, keys)

@@ -62,7 +62,7 @@ import optax
 from veil.diagnostics import khat_verdict, psis_khat
 from veil.families.gaussian import FullRank, LowRank, MeanField
 from veil.result import Summary, summary_table
-from veil.target import Target
+from veil.target import Target, log_density_rows
 
 __all__ = ["pathfinder", "PathfinderResult", "Gaussian"]
 
@@ -198,7 +198,7 @@ class PathOutput(typing.NamedTuple):
 
 def _elbo(target, gauss: Gaussian, key, n: int):
     z, log_q = gauss.transform_and_log_prob(jax.random.normal(key, (n, gauss.loc.shape[0])))
-    lw = jax.vmap(target.log_density)(z) - log_q
+    lw = log_density_rows(target, z) - log_q
     return jnp.where(jnp.all(jnp.isfinite(lw)), jnp.mean(lw), -jnp.inf)
 
 
@@ -309,7 +309,7 @@ def _mixture_draws(target, gaussians: Gaussian, log_w_paths, key, n_per_path: in
     z, _ = jax.vmap(lambda g, e: g.transform_and_log_prob(e))(gaussians, eps)
     z = z.reshape(num_paths * n_per_path, dim)
     log_q = _mixture_log_prob(gaussians, log_w_paths, z)
-    log_p = jax.vmap(target.log_density)(z)
+    log_p = log_density_rows(target, z)
     return z, log_p, log_q
 
 

@@ -14,6 +14,7 @@ import jax
 import numpy as np
 
 from veil.diagnostics import khat_verdict, psis_khat
+from veil.target import log_density_rows
 
 __all__ = ["VIResult", "Summary", "LogEvidence"]
 
@@ -25,14 +26,14 @@ _SUMMARY_DRAWS = 4000
 def _draw(target, q, key, n: int):
     """``n`` draws of ``q``: constrained values, ``log p`` and ``log q`` of each."""
     z, log_q = q.sample_and_log_prob(key, n)
-    log_p = jax.vmap(target.log_density)(z)
+    log_p = log_density_rows(target, z)
     return jax.vmap(target.to_constrained)(z), log_p, log_q
 
 
 @eqx.filter_jit
 def _log_weights(target, q, key, n: int):
     z, log_q = q.sample_and_log_prob(key, n)
-    return jax.vmap(target.log_density)(z) - log_q
+    return log_density_rows(target, z) - log_q
 
 
 class LogEvidence(typing.NamedTuple):

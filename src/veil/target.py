@@ -9,6 +9,7 @@ the compiled program, and a fit never bakes the data into the program as constan
 from __future__ import annotations
 
 import math
+import typing
 from collections.abc import Callable
 from typing import Any
 
@@ -17,7 +18,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["Target", "Site"]
+__all__ = ["Target", "Site", "log_density_rows"]
+
+# Memory for one block of full-data log densities over many draws (floats): a minibatched
+# target's data can be large, so ``log_density_rows`` maps over the draws in blocks whose
+# per-row likelihood terms stay under this many values.
+_ROWS_BUDGET = 2**24
 
 
 class Site(eqx.Module):
@@ -61,6 +67,17 @@ def _numpyro_loglikelihood(model, sites, z, data):
     return total
 
 
+def _minibatch_logdensity(log_prior, log_lik, num_data, z, data):
+    """``log p(z) + (N / n) log_lik(z, data)`` for ``n`` rows of data: the full-data log
+    density when ``data`` is all ``N`` rows, its unbiased minibatch estimate for a batch."""
+    scale = num_data / _leading(data)
+    return log_prior(z) + scale * log_lik(z, data)
+
+
+def _leading(data) -> int:
+    return jax.tree.leaves(data)[0].shape[0]
+
+
 def _unflatten(sites, z):
     return {
         s.name: z[..., s.offset : s.offset + s.size].reshape(z.shape[:-1] + s.unconstrained_shape)
@@ -93,6 +110,8 @@ class Target(eqx.Module):
     names: tuple[str, ...] = eqx.field(static=True)
     data: Any
     loglik: Callable | None = eqx.field(static=True, default=None)
+    num_data: int | None = eqx.field(static=True, default=None)
+    batch_size: int | None = eqx.field(static=True, default=None)
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -130,6 +149,122 @@ class Target(eqx.Module):
             raise TypeError(f"log_likelihood must be a callable, got {type(log_likelihood).__name__}.")
         site = Site("z", 0, (dim,))
         return cls("logdensity", dim, fn, None, (site,), ("z",), None, log_likelihood)
+
+    @classmethod
+    @typing.no_type_check  # validates its own arguments, with messages that say what to do
+    def minibatched(
+        cls,
+        log_prior: Callable[[jax.Array], jax.Array],
+        log_lik: Callable[[jax.Array, Any], jax.Array],
+        data: Any,
+        *,
+        dim: int,
+        batch_size: int,
+    ) -> "Target":
+        """A posterior over global latents whose likelihood is a sum over ``N`` data rows,
+        fitted on minibatches.
+
+        ``log p(z | data) = log_prior(z) + sum_{i=1}^N log p(x_i | z) + const``. Each step of
+        ``veil.fit`` draws a batch ``B`` of ``batch_size`` rows and uses the unbiased estimate
+        ``log_prior(z) + (N / |B|) log_lik(z, batch)``: the gradient estimate stays unbiased,
+        and a step costs ``O(batch_size)``, not ``O(N)``. Batches are the rows of one random
+        permutation per epoch (every row once per epoch, the ``N mod batch_size`` rows left
+        over sit that epoch out), drawn inside the compiled loop: no host round trip.
+
+        Args:
+            log_prior: ``z -> log p(z)`` for a flat vector of shape ``(dim,)`` (include any
+                change-of-variables term for constrained latents).
+            log_lik: ``(z, batch) -> sum_i log p(x_i | z)``, the *summed* log likelihood of the
+                rows of ``batch`` (same pytree as ``data`` with a leading axis of length
+                ``|B|``). veil scales it by ``N / |B|``; do not scale it yourself.
+            data: a pytree (array, tuple or dict of arrays) whose leaves share a leading axis
+                of length ``N``, the rows.
+            dim: dimension of ``z``.
+            batch_size: rows per step, ``1 <= batch_size <= N``.
+
+        Only global latents: a latent per row (a mixture assignment, a per-row random
+        effect) cannot be fitted this way, since a step sees only its batch's rows;
+        amortised families for such models come with the VAE toolkit.
+
+        ``log_density`` and ``log_likelihood`` of the returned target use all ``N`` rows
+        (diagnostics such as k-hat and the summary are computed on the full data, in blocks
+        of draws that bound memory).
+
+        Raises:
+            ValueError: leaves with different leading lengths, a batch size outside
+                ``[1, N]``, a NaN or inf in the data (named, with the first bad row), or
+                functions that fail or do not return a scalar on a ``(dim,)`` vector and a
+                batch.
+
+        Example:
+            >>> import jax, jax.numpy as jnp, veil
+            >>> x = jnp.linspace(-1.0, 1.0, 1000)
+            >>> t = veil.Target.minibatched(
+            ...     lambda z: -0.5 * jnp.sum(z**2),
+            ...     lambda z, xb: jnp.sum(-0.5 * (xb - z[0]) ** 2),
+            ...     x, dim=1, batch_size=100)
+            >>> t.num_data, t.batch_size
+            (1000, 100)
+        """
+        if not callable(log_prior) or not callable(log_lik):
+            raise TypeError("log_prior and log_lik must be callables: z -> scalar and (z, batch) -> scalar.")
+        dim = _check_dim(dim)
+        leaves = jax.tree_util.tree_leaves_with_path(data)
+        if not leaves:
+            raise ValueError("data holds no arrays: pass an array, or a tuple/dict of arrays sharing their first axis.")
+        lengths = {}
+        for path, leaf in leaves:
+            shape = np.shape(leaf)
+            if not shape:
+                raise ValueError(
+                    f"data leaf {jax.tree_util.keystr(path) or '(the array)'} is a scalar; every leaf "
+                    "needs a leading axis of rows. Put constants in log_lik's closure instead."
+                )
+            lengths[jax.tree_util.keystr(path) or "(the array)"] = shape[0]
+        if len(set(lengths.values())) > 1:
+            listed = ", ".join(f"{k}: {v}" for k, v in lengths.items())
+            raise ValueError(
+                f"The data leaves must share their leading axis (one row per observation), but "
+                f"their lengths differ ({listed})."
+            )
+        num_data = next(iter(lengths.values()))
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)):
+            raise TypeError(f"batch_size must be an integer, got {batch_size!r}.")
+        if not 1 <= batch_size <= num_data:
+            raise ValueError(
+                f"batch_size must be between 1 and the number of rows N={num_data}, got {batch_size}. "
+                + ("Use batch_size=N for full-batch steps." if batch_size > num_data else "")
+            )
+        _check_rows_finite(leaves)
+        data = jax.tree.map(jnp.asarray, data)  # a copy on the device; the user's arrays are untouched
+        z = jax.ShapeDtypeStruct((dim,), jnp.float32)
+        batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct((int(batch_size),) + x.shape[1:], x.dtype), data)
+        for name, call in (("log_prior", lambda: jax.eval_shape(log_prior, z)),
+                           ("log_lik", lambda: jax.eval_shape(log_lik, z, batch))):
+            try:
+                out = call()
+            except Exception as e:
+                args = f"a vector of shape ({dim},)" + (f" and a batch of {batch_size} rows" if name == "log_lik" else "")
+                raise ValueError(f"Calling {name} on {args} failed: {e}") from e
+            if getattr(out, "shape", None) != ():
+                raise ValueError(
+                    f"{name} must return a scalar, but it returned shape {getattr(out, 'shape', type(out).__name__)}. "
+                    "Sum the per-row terms (e.g. `jnp.sum(...)`)."
+                )
+        site = Site("z", 0, (dim,))
+        return cls("minibatched", dim, log_prior, None, (site,), ("z",), data, log_lik, int(num_data), int(batch_size))
+
+    @property
+    def is_minibatched(self) -> bool:
+        """Whether ``veil.fit`` steps on minibatches of this target's data."""
+        return self.batch_size is not None
+
+    def on_batch(self, batch) -> "Target":
+        """This target with ``batch`` (rows of its data) in place of the data: its
+        ``log_density`` is then the unbiased minibatch estimate ``log_prior + (N/|B|) log_lik``."""
+        if not self.is_minibatched:
+            raise ValueError("on_batch needs a minibatched target (veil.Target.minibatched).")
+        return eqx.tree_at(lambda t: t.data, self, batch)
 
     @classmethod
     def from_numpyro(cls, model: Callable, *args, **kwargs) -> "Target":
@@ -184,13 +319,15 @@ class Target(eqx.Module):
         """``log p(z)`` for one flat unconstrained vector ``z`` of shape ``(dim,)``."""
         if self.kind == "numpyro":
             return _numpyro_logdensity(self.model, self.sites, z, self.data)
+        if self.kind == "minibatched":
+            return _minibatch_logdensity(self.fn, self.loglik, self.num_data, z, self.data)
         return _logdensity_from_fn(self.fn, z, self.data)
 
     @property
     def has_likelihood(self) -> bool:
         """Whether :meth:`log_likelihood` is available (NumPyro models, or a plain log
         density given with ``log_likelihood=``)."""
-        return self.kind == "numpyro" or self.loglik is not None
+        return self.kind in ("numpyro", "minibatched") or self.loglik is not None
 
     def log_likelihood(self, z: jax.Array) -> jax.Array:
         """The data's part of :meth:`log_density` at one flat vector ``z``: the sum of the
@@ -198,6 +335,8 @@ class Target(eqx.Module):
         is the log prior (with the change-of-variables term)."""
         if self.kind == "numpyro":
             return _numpyro_loglikelihood(self.model, self.sites, z, self.data)
+        if self.kind == "minibatched":
+            return self.num_data / _leading(self.data) * self.loglik(z, self.data)
         if self.loglik is None:
             raise ValueError(
                 "This target has no separate log likelihood: build it with "
@@ -223,6 +362,35 @@ class Target(eqx.Module):
     def unflatten(self, z: jax.Array) -> dict[str, jax.Array]:
         """Split a flat unconstrained vector into its named unconstrained pieces."""
         return _unflatten(self.sites, z)
+
+
+def log_density_rows(target: Target, z: jax.Array) -> jax.Array:
+    """``target.log_density`` of each row of ``z`` (shape ``(n, dim)``).
+
+    A plain ``vmap`` for most targets. For a minibatched target each row reads all ``N`` data
+    rows, and a ``vmap`` over ``n`` draws would hold ``n x N`` likelihood terms at once; the
+    draws are then mapped over in blocks of at most ``2**24 / N`` (at least one).
+    """
+    if not target.is_minibatched:
+        return jax.vmap(target.log_density)(z)
+    block = max(1, min(z.shape[0], _ROWS_BUDGET // target.num_data))
+    return jax.lax.map(target.log_density, z, batch_size=block)
+
+
+def _check_rows_finite(leaves) -> None:
+    """Name the first data leaf holding a NaN or inf, and the first bad row in it."""
+    for path, leaf in leaves:
+        arr = np.asarray(leaf)
+        if not np.issubdtype(arr.dtype, np.inexact):
+            continue
+        bad = ~np.isfinite(arr.reshape(arr.shape[0], -1)).all(axis=1)
+        if bad.any():
+            where = jax.tree_util.keystr(path) or "(the array)"
+            raise ValueError(
+                f"data {where} holds non-finite values (NaN or inf) in {int(bad.sum())} row(s), the "
+                f"first at row {int(np.argmax(bad))}. A NaN row turns every step that draws it into "
+                "NaN. Drop or impute those rows before building the target."
+            )
 
 
 def _check_dim(dim) -> int:
