@@ -9,8 +9,12 @@ reparameterised draw per step, Adam (step 0.01), a batch of B rows per step scal
 
 * ``veil``: ``veil.fit(veil.Target.minibatched(...), MeanField(d), objective=ELBO(1, Reparam()),
   stop=None)`` (a fixed number of steps; batches from per-epoch permutations in the loop);
-* ``fused``: the same step written by hand as one ``jax.jit``-ed ``lax.scan`` with optax,
-  the per-epoch permutation drawn in the scan by ``lax.cond`` (what a user would write);
+* ``fused-*``: the same step written by hand as one ``jax.jit``-ed ``lax.scan`` with optax;
+  its batches come from ``fused-perm``: ``jax.random.permutation`` once per epoch (by
+  ``lax.cond`` in the scan; what a user would write first), ``fused-randint``: ``B`` uniform
+  indices per step, with replacement (the cheapest batching there is, not epochs), or
+  ``fused-feistel``: veil's own per-epoch permutation (``veil.batching.permute``), so that
+  ``veil / fused-feistel`` is the cost of veil's engine alone;
 * ``numpyro``: ``numpyro.plate("data", n, subsample_size=B)`` with ``AutoNormal``,
   ``Trace_ELBO()``, ``numpyro.optim.Adam(0.01)``, ``SVI.run`` (no progress bar).
 
@@ -75,7 +79,9 @@ def veil_tool(X, y, B):
 
 
 # ------------------------------------------------------------------ hand-written fused scan
-def fused_tool(X, y, B):
+def fused_tool(X, y, B, order):
+    from veil.batching import ROUNDS, permute
+
     X, y = jnp.asarray(X), jnp.asarray(y)
     n, d = X.shape
     per_epoch = n // B
@@ -87,28 +93,50 @@ def fused_tool(X, y, B):
         z = loc + jnp.exp(log_scale) * eps
         return -(log_prior(z) + n / B * log_lik(z, (xb, yb)) + jnp.sum(log_scale))
 
+    def batch_perm(order_state, k):
+        perm, pos, kp = order_state
+
+        def reshuffle(args):
+            perm, pos, kp = args
+            kp, sub = jax.random.split(kp)
+            return jax.random.permutation(sub, n).astype(jnp.int32), 0, kp
+
+        perm, pos, kp = jax.lax.cond(pos >= per_epoch, reshuffle, lambda a: a, (perm, pos, kp))
+        return jax.lax.dynamic_slice_in_dim(perm, pos * B, B), (perm, pos + 1, kp)
+
+    def batch_feistel(order_state, k):
+        rk, pos, kp = order_state
+
+        def reshuffle(args):
+            rk, pos, kp = args
+            kp, sub = jax.random.split(kp)
+            return jax.random.bits(sub, (ROUNDS,), jnp.uint32), 0, kp
+
+        rk, pos, kp = jax.lax.cond(pos >= per_epoch, reshuffle, lambda a: a, (rk, pos, kp))
+        return permute(pos * B + jnp.arange(B), rk, n), (rk, pos + 1, kp)
+
+    def batch_randint(order_state, k):
+        return jax.random.randint(jax.random.fold_in(k, 1), (B,), 0, n), order_state
+
+    next_batch = {"perm": batch_perm, "feistel": batch_feistel, "randint": batch_randint}[order]
+
     @jax.jit
     def train(X, y, key, steps_arr):
         params = (jnp.zeros(d), jnp.full(d, -2.3))
         state = opt.init(params)
-        k_perm, k_steps = jax.random.split(key)
+        k_order, k_steps = jax.random.split(key)
+        first = {"perm": jnp.arange(n, dtype=jnp.int32), "feistel": jnp.zeros(ROUNDS, jnp.uint32),
+                 "randint": jnp.int32(0)}[order]
 
         def step(carry, k):
-            params, state, perm, pos, kp = carry
-
-            def reshuffle(args):
-                perm, pos, kp = args
-                kp, sub = jax.random.split(kp)
-                return jax.random.permutation(sub, n).astype(jnp.int32), 0, kp
-
-            perm, pos, kp = jax.lax.cond(pos >= per_epoch, reshuffle, lambda a: a, (perm, pos, kp))
-            idx = jax.lax.dynamic_slice_in_dim(perm, pos * B, B)
+            params, state, order_state = carry
+            idx, order_state = next_batch(order_state, k)
             loss, g = jax.value_and_grad(neg_elbo)(params, k, X[idx], y[idx])
             updates, state = opt.update(g, state, params)
-            return (optax.apply_updates(params, updates), state, perm, pos + 1, kp), loss
+            return (optax.apply_updates(params, updates), state, order_state), loss
 
         keys = jax.random.split(k_steps, steps_arr.shape[0])
-        init = (params, state, jnp.arange(n, dtype=jnp.int32), jnp.int32(per_epoch), k_perm)
+        init = (params, state, (first, jnp.int32(per_epoch), k_order) if order != "randint" else None)
         (params, *_), losses = jax.lax.scan(step, init, keys)
         return params[0]
 
@@ -163,8 +191,8 @@ def main():
     p.add_argument("--batches", default="256,4096")
     p.add_argument("--d", type=int, default=10)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--tools", default="veil,fused,numpyro")
-    p.add_argument("--numpyro-steps", type=int, default=1000)
+    p.add_argument("--tools", default="veil,fused-feistel,fused-randint,fused-perm,numpyro")
+    p.add_argument("--numpyro-steps", type=int, default=2000, help="at most; fewer (2e8 / n, at least 100) at large n")
     p.add_argument("--out", default="minibatch.jsonl")
     args = p.parse_args()
     meta = {"machine": platform.processor() or platform.machine(), "jax": jax.__version__,
@@ -176,21 +204,27 @@ def main():
             if B > n:
                 continue
             epoch = n // B
-            tools = {"veil": veil_tool, "fused": fused_tool, "numpyro": numpyro_tool}
+            tools = {"veil": veil_tool, "numpyro": numpyro_tool,
+                     **{f"fused-{o}": (lambda X, y, B, o=o: fused_tool(X, y, B, o)) for o in ("feistel", "randint", "perm")}}
             runs = {k: tools[k](X, y, B) for k in args.tools.split(",")}
             times = {k: [] for k in runs}
             for _ in range(args.repeats):
                 for name, run in runs.items():
+                    if name == "fused-perm" and n > 10**6:
+                        continue  # one 1e7 permutation takes ~12 s here: minutes per row
                     if name == "numpyro":  # NumPyro draws its subsample at each step: no epochs
-                        s1, s2 = 100, 100 + args.numpyro_steps
+                        # (SVI.run compiles on every call: enough steps that compile noise is small)
+                        s1, s2 = 20, 20 + max(100, min(args.numpyro_steps, int(2e8 // n)))
                     else:
                         s1 = 2000
                         s2 = s1 + max(10_000, int(math.ceil(1.5 * epoch)))
                     times[name].append(per_step(run, s1, s2, 0))
+            times = {k: v for k, v in times.items() if v}
             row = {"n": n, "d": args.d, "batch": B, **{f"{k}_us": round(1e6 * float(np.median(v)), 2) for k, v in times.items()},
                    **{f"{k}_all_us": [round(1e6 * t, 2) for t in v] for k, v in times.items()}}
-            if "veil" in times and "fused" in times:
-                row["veil_over_fused"] = round(float(np.median(times["veil"]) / np.median(times["fused"])), 3)
+            for f in ("fused-feistel", "fused-randint", "fused-perm"):
+                if "veil" in times and f in times:
+                    row[f"veil_over_{f}"] = round(float(np.median(times["veil"]) / np.median(times[f])), 3)
             if "veil" in times and "numpyro" in times:
                 row["numpyro_over_veil"] = round(float(np.median(times["numpyro"]) / np.median(times["veil"])), 1)
             print(json.dumps(row), flush=True)

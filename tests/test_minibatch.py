@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import veil
-from veil.batching import Shuffled
+from veil.batching import Shuffled, permute
 from veil.target import log_density_rows
 
 N, B = 2000, 100
@@ -40,6 +40,31 @@ def _epoch_batches(src, state, count):
         b, state = src.next(state)
         out.append(np.asarray(b))
     return out, state
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 1000, 1025, 4096, 65537])
+def test_permute_is_a_bijection(n):
+    keys = jax.random.bits(jax.random.key(n), (6,), jnp.uint32)
+    out = np.asarray(jax.jit(permute, static_argnums=2)(jnp.arange(n), keys, n))
+    np.testing.assert_array_equal(np.sort(out), np.arange(n))
+
+
+def test_permutations_look_uniform():
+    """Over 4000 epochs (keys) of N = 50 rows: each row's position and each row's presence in
+    the first 10-row batch are uniform (chi-square, 49 dof: the 1e-5 upper quantile is 99.6),
+    and rows 0 and 1, neighbours as inputs (where a weak permutation shows structure), share
+    the first batch as often as random pairs do: 4000 (10/50)(9/49) = 147, sd ~12; 5 sd."""
+    n, m = 50, 4000
+    keys = jax.random.bits(jax.random.key(0), (m, 6), jnp.uint32)
+    perms = np.asarray(jax.jit(jax.vmap(lambda k: permute(jnp.arange(n), k, n)))(keys))
+    first = perms[:, :10]
+    counts = np.bincount(first.ravel(), minlength=n)
+    expected = m * 10 / n
+    assert np.sum((counts - expected) ** 2 / expected) < 99.6
+    pos0 = np.bincount(np.argmax(perms == 0, axis=1), minlength=n)
+    assert np.sum((pos0 - m / n) ** 2 / (m / n)) < 99.6
+    both = np.sum((first == 0).any(1) & (first == 1).any(1))
+    assert abs(both - 146.9) < 5 * 12
 
 
 def test_each_epoch_serves_every_row_once():
