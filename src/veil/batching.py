@@ -24,7 +24,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-__all__ = ["Shuffled", "ShuffleState", "permute"]
+__all__ = ["Shuffled", "ShuffledIndices", "ShuffleState", "permute"]
 
 
 # Rounds of the Feistel network. Four rounds of a balanced Feistel network over random round
@@ -80,15 +80,47 @@ def permute(positions: jax.Array, round_keys: jax.Array, n: int) -> jax.Array:
     return x.astype(jnp.int32)
 
 
-class Shuffled(eqx.Module):
-    """Batches of ``batch_size`` rows of ``data``, reshuffled every epoch.
+class ShuffledIndices(eqx.Module):
+    """Row indices of ``batch_size``-row batches of ``num_data`` rows, reshuffled every epoch.
 
-    ``data`` is a pytree whose leaves share a leading axis of length ``N``. An epoch serves
-    ``N // batch_size`` batches: the rows at positions ``[p B, (p + 1) B)`` of a fresh keyed
-    permutation; the ``N mod batch_size`` rows at its end sit that epoch out. Every row is in
-    exactly one batch of an epoch (or none), and the permutation is new each epoch, so each
-    row has the same chance of being in a step's batch and ``(N / batch_size) x`` the batch
-    sum estimates the full sum without bias.
+    An epoch serves ``num_data // batch_size`` batches: the images of positions
+    ``[p B, (p + 1) B)`` under a fresh keyed permutation (:func:`permute`); the
+    ``num_data mod batch_size`` rows at its end sit that epoch out. Every row is in exactly
+    one batch of an epoch (or none), and the permutation is new each epoch, so each row has
+    the same chance of being in a step's batch and ``(N / batch_size) x`` the batch sum
+    estimates the full sum without bias. ``next`` returns the indices themselves (a NumPyro
+    model indexes its data with them).
+    """
+
+    num_data: int = eqx.field(static=True)
+    batch_size: int = eqx.field(static=True)
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.num_data // self.batch_size
+
+    def init(self, key: jax.Array) -> ShuffleState:
+        """State at the start: at the end of an (empty) epoch, so the first ``next`` draws
+        the first permutation."""
+        return ShuffleState(jnp.zeros(ROUNDS, jnp.uint32), jnp.int32(self.batches_per_epoch), key)
+
+    def next(self, state: ShuffleState) -> tuple[jax.Array, ShuffleState]:
+        """The row indices of the next batch (int32[batch_size]) and the advanced state."""
+
+        def new_epoch(s):
+            key, sub = jax.random.split(s.key)
+            return ShuffleState(jax.random.bits(sub, (ROUNDS,), jnp.uint32), jnp.int32(0), key)
+
+        state = jax.lax.cond(state.position >= self.batches_per_epoch, new_epoch, lambda s: s, state)
+        positions = state.position * self.batch_size + jnp.arange(self.batch_size)
+        idx = permute(positions, state.round_keys, self.num_data)
+        return idx, state._replace(position=state.position + 1)
+
+
+class Shuffled(eqx.Module):
+    """Batches of ``batch_size`` rows of ``data``, reshuffled every epoch: the rows that
+    :class:`ShuffledIndices` picks, gathered from every leaf of ``data`` (a pytree whose
+    leaves share a leading axis of length ``N``).
 
     Example:
         >>> import jax, jax.numpy as jnp
@@ -108,28 +140,18 @@ class Shuffled(eqx.Module):
         return jax.tree.leaves(self.data)[0].shape[0]
 
     @property
+    def order(self) -> ShuffledIndices:
+        return ShuffledIndices(self.num_data, self.batch_size)
+
+    @property
     def batches_per_epoch(self) -> int:
-        return self.num_data // self.batch_size
+        return self.order.batches_per_epoch
 
     def init(self, key: jax.Array) -> ShuffleState:
-        """State at the start: at the end of an (empty) epoch, so the first ``next`` draws
-        the first permutation."""
-        return ShuffleState(jnp.zeros(ROUNDS, jnp.uint32), jnp.int32(self.batches_per_epoch), key)
-
-    def indices(self, state: ShuffleState) -> tuple[jax.Array, ShuffleState]:
-        """The rows of the next batch, and the advanced state."""
-
-        def new_epoch(s):
-            key, sub = jax.random.split(s.key)
-            return ShuffleState(jax.random.bits(sub, (ROUNDS,), jnp.uint32), jnp.int32(0), key)
-
-        state = jax.lax.cond(state.position >= self.batches_per_epoch, new_epoch, lambda s: s, state)
-        positions = state.position * self.batch_size + jnp.arange(self.batch_size)
-        idx = permute(positions, state.round_keys, self.num_data)
-        return idx, state._replace(position=state.position + 1)
+        return self.order.init(key)
 
     def next(self, state: ShuffleState) -> tuple[Any, ShuffleState]:
         """The next batch (the rows of every leaf) and the advanced state."""
-        idx, state = self.indices(state)
+        idx, state = self.order.next(state)
         batch = jax.tree.map(lambda x: jnp.take(x, idx, axis=0, mode="clip"), self.data)
         return batch, state

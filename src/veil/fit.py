@@ -13,7 +13,6 @@ import numpy as np
 import optax
 
 from veil import driver
-from veil.batching import Shuffled
 from veil.diagnostics import StopRule
 from veil.families.base import Family
 from veil.families.flows import Flow, FlowJAX
@@ -88,9 +87,7 @@ class _VILoss(eqx.Module):
     def batches(self):
         """The batch source of a minibatched target (``None`` otherwise): the driver draws
         each step's rows from it and passes them as ``batch``."""
-        if not self.target.is_minibatched:
-            return None
-        return Shuffled(self.target.data, self.target.batch_size)
+        return self.target.batches
 
     def __call__(self, params, key, state=None, *, batch=None):
         q = eqx.combine(params, self.rest)

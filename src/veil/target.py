@@ -43,6 +43,29 @@ def _logdensity_from_fn(fn, z, data):
     return fn(z)
 
 
+def _with_rows(model, plate: str | None, num_data: int | None, rows):
+    """``model`` with the indices of its subsampled plate set: ``rows`` (a batch) or, when
+    ``rows`` is None, all ``num_data`` rows, at which NumPyro's scale ``N / len(indices)``
+    is one. ``model`` itself when it has no subsampled plate."""
+    if plate is None:
+        return model
+    from numpyro.primitives import Messenger
+
+    indices = jnp.arange(num_data) if rows is None else rows
+
+    class _SetPlateRows(Messenger):
+        def process_message(self, msg):
+            if msg["type"] == "plate" and msg["name"] == plate:
+                msg["value"] = indices
+                msg["args"] = (msg["args"][0], indices.shape[0])
+
+    def model_on_rows(*args, **kwargs):
+        with _SetPlateRows():
+            return model(*args, **kwargs)
+
+    return model_on_rows
+
+
 def _numpyro_logdensity(model, sites, z, data):
     from numpyro.infer.util import potential_energy
 
@@ -112,6 +135,8 @@ class Target(eqx.Module):
     loglik: Callable | None = eqx.field(static=True, default=None)
     num_data: int | None = eqx.field(static=True, default=None)
     batch_size: int | None = eqx.field(static=True, default=None)
+    plate: str | None = eqx.field(static=True, default=None)  # a NumPyro model's subsampled plate
+    rows: Any = None  # that plate's current indices (a batch), or None for all rows
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -259,12 +284,35 @@ class Target(eqx.Module):
         """Whether ``veil.fit`` steps on minibatches of this target's data."""
         return self.batch_size is not None
 
-    def on_batch(self, batch) -> "Target":
-        """This target with ``batch`` (rows of its data) in place of the data: its
-        ``log_density`` is then the unbiased minibatch estimate ``log_prior + (N/|B|) log_lik``."""
+    @property
+    def batches(self):
+        """The batch source ``veil.fit`` draws each step's batch from (``None`` for a
+        full-data target): rows of the data for ``minibatched``, indices of the subsampled
+        plate for a NumPyro model."""
+        from veil.batching import Shuffled, ShuffledIndices
+
         if not self.is_minibatched:
-            raise ValueError("on_batch needs a minibatched target (veil.Target.minibatched).")
+            return None
+        if self.kind == "numpyro":
+            return ShuffledIndices(self.num_data, self.batch_size)
+        return Shuffled(self.data, self.batch_size)
+
+    def on_batch(self, batch) -> "Target":
+        """This target evaluated on one batch: for ``minibatched``, ``batch`` (rows of the
+        data) replaces the data; for a NumPyro model with a subsampled plate, ``batch`` (row
+        indices) becomes the plate's indices. Its ``log_density`` is then the unbiased
+        minibatch estimate ``log prior + (N/|B|) log lik``."""
+        if not self.is_minibatched:
+            raise ValueError(
+                "on_batch needs a minibatched target (veil.Target.minibatched, or a NumPyro "
+                "model with numpyro.plate(..., subsample_size=B))."
+            )
+        if self.kind == "numpyro":
+            return eqx.tree_at(lambda t: t.rows, self, batch, is_leaf=lambda x: x is None)
         return eqx.tree_at(lambda t: t.data, self, batch)
+
+    def _model(self):
+        return _with_rows(self.model, self.plate, self.num_data, self.rows)
 
     @classmethod
     def from_numpyro(cls, model: Callable, *args, **kwargs) -> "Target":
@@ -302,6 +350,7 @@ class Target(eqx.Module):
             latent[name] = site
         if not latent:
             raise ValueError("The model has no latent (unobserved) sample site: nothing to fit.")
+        plate, num_data, batch_size = _subsampled_plate(tr, latent)
         # Unconstrained shapes through NumPyro's own bijections.
         transforms = {n: biject_to(s["fn"].support) for n, s in latent.items()}
         unc = transform_fn(transforms, {n: s["value"] for n, s in latent.items()}, invert=True)
@@ -312,13 +361,14 @@ class Target(eqx.Module):
             offset += math.prod(shape)
         deterministic = tuple(n for n, s in tr.items() if s["type"] == "deterministic")
         data = (tuple(args), dict(kwargs))
-        return cls("numpyro", offset, None, model, tuple(sites), tuple(latent) + deterministic, data)
+        return cls("numpyro", offset, None, model, tuple(sites), tuple(latent) + deterministic, data,
+                   None, num_data, batch_size, plate)
 
     # ------------------------------------------------------------------ evaluation
     def log_density(self, z: jax.Array) -> jax.Array:
         """``log p(z)`` for one flat unconstrained vector ``z`` of shape ``(dim,)``."""
         if self.kind == "numpyro":
-            return _numpyro_logdensity(self.model, self.sites, z, self.data)
+            return _numpyro_logdensity(self._model(), self.sites, z, self.data)
         if self.kind == "minibatched":
             return _minibatch_logdensity(self.fn, self.loglik, self.num_data, z, self.data)
         return _logdensity_from_fn(self.fn, z, self.data)
@@ -334,7 +384,7 @@ class Target(eqx.Module):
         observed sites' log densities for a NumPyro model; ``log_density - log_likelihood``
         is the log prior (with the change-of-variables term)."""
         if self.kind == "numpyro":
-            return _numpyro_loglikelihood(self.model, self.sites, z, self.data)
+            return _numpyro_loglikelihood(self._model(), self.sites, z, self.data)
         if self.kind == "minibatched":
             return self.num_data / _leading(self.data) * self.loglik(z, self.data)
         if self.loglik is None:
@@ -355,13 +405,38 @@ class Target(eqx.Module):
 
             args, kwargs = self.data
             return constrain_fn(
-                self.model, args, kwargs, _unflatten(self.sites, z), return_deterministic=True
+                self._model(), args, kwargs, _unflatten(self.sites, z), return_deterministic=True
             )
         return {"z": z}
 
     def unflatten(self, z: jax.Array) -> dict[str, jax.Array]:
         """Split a flat unconstrained vector into its named unconstrained pieces."""
         return _unflatten(self.sites, z)
+
+
+def _subsampled_plate(trace, latent) -> tuple[str | None, int | None, int | None]:
+    """The model's plate with ``subsample_size < size`` (name, N, B), or Nones; refuses more
+    than one such plate and latent sites inside it (local latents)."""
+    plates = [(name, *site["args"]) for name, site in trace.items()
+              if site["type"] == "plate" and site["args"][1] is not None and site["args"][1] != site["args"][0]]
+    if not plates:
+        return None, None, None
+    if len(plates) > 1:
+        raise NotImplementedError(
+            f"The model subsamples {len(plates)} plates ({', '.join(p[0] for p in plates)}); veil "
+            "fits models with one subsampled plate. Keep subsample_size on the data plate only."
+        )
+    name, size, batch = plates[0]
+    local = [n for n, site in latent.items() if any(f.name == name for f in site["cond_indep_stack"])]
+    if local:
+        raise NotImplementedError(
+            f"Latent site(s) {', '.join(repr(n) for n in local)} sit inside the subsampled plate "
+            f"'{name}': one latent per data row. A minibatch step sees only its batch's rows, so "
+            "veil fits only global latents on minibatches for now. Drop subsample_size (fit on "
+            "all rows), or marginalise the local latents out of the model; amortised families "
+            "for local latents come with the VAE toolkit."
+        )
+    return name, int(size), int(batch)
 
 
 def log_density_rows(target: Target, z: jax.Array) -> jax.Array:
