@@ -18,6 +18,11 @@ reparameterised draw per step, Adam (step 0.01), a batch of B rows per step scal
 * ``numpyro``: ``numpyro.plate("data", n, subsample_size=B)`` with ``AutoNormal``,
   ``Trace_ELBO()``, ``numpyro.optim.Adam(0.01)``, ``SVI.run`` (no progress bar).
 
+``--accuracy`` instead compares fits: at each n, a full-batch MeanField fit run to convergence
+(veil's stopping rule) is the reference; then the minibatch fit (batch 256, default stopping
+rule, wall T) and a full-batch fit given the same wall T (a fixed step count, from a timed warm
+run). Error: max |mean - reference mean| / reference sd, and sd ratios to the reference.
+
 Per-step time is ``(t(S2) - t(S1)) / (S2 - S1)``: the difference of two warm runs, so compile
 time and a fit's fixed costs cancel. S2 - S1 covers at least one full epoch (n / B steps), so
 the amortised cost of the per-epoch permutation is in the figure. Medians over ``--repeats``;
@@ -185,8 +190,47 @@ def per_step(run, s1, s2, warm_steps):
     return ((t2 - t1) - (t1 - t0)) / (s2 - s1)
 
 
+def accuracy_at_equal_wall(ns, d, seeds, out, meta):
+    import veil
+
+    for n in ns:
+        X, y = make_data(n, d)
+        Xj, yj = jnp.asarray(X), jnp.asarray(y)
+        full = veil.Target.from_logdensity(lambda z: log_prior(z) + log_lik(z, (Xj, yj)), dim=d)
+        mb = veil.Target.minibatched(log_prior, log_lik, (X, y), dim=d, batch_size=256)
+        fit = lambda t, seed, **kw: veil.fit(t, veil.MeanField(d), key=jax.random.key(seed), progress=False, **kw)  # noqa: E731
+        fit(full, 99, max_steps=300, stop=None)  # compile
+        ref = fit(full, 100)
+        # Full-batch seconds per step, warm, for the equal-wall budget.
+        t0 = time.perf_counter()
+        fit(full, 101, max_steps=2000, stop=None)
+        per_step_full = (time.perf_counter() - t0) / 2000
+        fit(mb, 99)  # compile
+        for seed in range(seeds):
+            t0 = time.perf_counter()
+            r_mb = fit(mb, seed)
+            wall_mb = time.perf_counter() - t0
+            steps = max(1, int(wall_mb / per_step_full))
+            t0 = time.perf_counter()
+            r_fb = fit(full, seed, max_steps=steps, stop=None)
+            wall_fb = time.perf_counter() - t0
+            m, s = np.asarray(ref.q.mean), np.asarray(ref.q.scale)
+            row = {"mode": "accuracy", "n": n, "d": d, "seed": seed, "ref_steps": ref.num_steps,
+                   "ref_wall": round(ref.wall_time, 2)}
+            for name, r, wall in (("minibatch", r_mb, wall_mb), ("full_equal_wall", r_fb, wall_fb)):
+                ratio = np.asarray(r.q.scale) / s
+                row[name] = {"wall": round(wall, 2), "steps": r.num_steps,
+                             "max_err_sd": round(float(np.max(np.abs(np.asarray(r.q.mean) - m) / s)), 3),
+                             "sd_ratio": [round(float(ratio.min()), 3), round(float(ratio.max()), 3)]}
+            print(json.dumps(row), flush=True)
+            with open(out, "a") as f:
+                f.write(json.dumps({**row, **meta}) + "\n")
+
+
 def main():
     p = argparse.ArgumentParser()
+    p.add_argument("--accuracy", action="store_true", help="minibatch vs full batch at equal wall time")
+    p.add_argument("--seeds", type=int, default=3, help="(--accuracy) fits per n")
     p.add_argument("--ns", default="1e3,1e4,1e5,1e6,1e7")
     p.add_argument("--batches", default="256,4096")
     p.add_argument("--d", type=int, default=10)
@@ -198,6 +242,8 @@ def main():
     meta = {"machine": platform.processor() or platform.machine(), "jax": jax.__version__,
             "devices": str(jax.devices())}
     print(json.dumps(meta))
+    if args.accuracy:
+        return accuracy_at_equal_wall([int(float(v)) for v in args.ns.split(",")], args.d, args.seeds, args.out, meta)
     for n in (int(float(v)) for v in args.ns.split(",")):
         X, y = make_data(n, args.d)
         for B in (int(v) for v in args.batches.split(",")):

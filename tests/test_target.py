@@ -81,7 +81,7 @@ def test_discrete_latent_site_is_named():
 def test_nan_in_data_is_rejected_and_data_untouched():
     y = jnp.array([0.5, jnp.nan, 2.0])
     y_copy = np.asarray(y).copy()
-    with pytest.raises(ValueError, match="non-finite"):
+    with pytest.raises(ValueError, match=r"\[0\] holds 1 non-finite value\(s\).*the first at index 1\."):
         veil.Target.from_numpyro(scale_model, y)
     np.testing.assert_array_equal(np.asarray(y), y_copy)  # nothing the user gave is modified
 

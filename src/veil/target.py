@@ -480,11 +480,14 @@ def _check_data_finite(args, kwargs) -> None:
     leaves = jax.tree_util.tree_leaves_with_path((args, kwargs))
     for path, leaf in leaves:
         if isinstance(leaf, (jax.Array, np.ndarray)) and jnp.issubdtype(leaf.dtype, jnp.inexact):
-            bad = int(np.size(leaf) - np.count_nonzero(np.isfinite(np.asarray(leaf))))
+            finite = np.isfinite(np.asarray(leaf))
+            bad = int(finite.size - np.count_nonzero(finite))
             if bad:
                 where = jax.tree_util.keystr(path)
+                first = tuple(int(i) for i in np.argwhere(~finite)[0]) if finite.ndim else ()
                 raise ValueError(
-                    f"Model data {where} holds {bad} non-finite value(s) (NaN or inf). A NaN in "
+                    f"Model data {where} holds {bad} non-finite value(s) (NaN or inf), the first at "
+                    f"index {first[0] if len(first) == 1 else first}. A NaN in "
                     "the data silently turns the whole posterior into NaN. Drop or impute those "
                     "entries, or model them as latent sites (e.g. with `obs_mask`)."
                 )
