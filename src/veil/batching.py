@@ -120,7 +120,9 @@ class ShuffledIndices(eqx.Module):
 class Shuffled(eqx.Module):
     """Batches of ``batch_size`` rows of ``data``, reshuffled every epoch: the rows that
     :class:`ShuffledIndices` picks, gathered from every leaf of ``data`` (a pytree whose
-    leaves share a leading axis of length ``N``).
+    leaves share a leading axis of length ``N``). ``num_data``, when given, is the number of
+    real rows: rows past it (padding, so that the rows split evenly over devices) are never
+    served.
 
     Example:
         >>> import jax, jax.numpy as jnp
@@ -134,10 +136,11 @@ class Shuffled(eqx.Module):
 
     data: Any
     batch_size: int = eqx.field(static=True)
+    rows: int | None = eqx.field(static=True, default=None)
 
     @property
     def num_data(self) -> int:
-        return jax.tree.leaves(self.data)[0].shape[0]
+        return self.rows if self.rows is not None else jax.tree.leaves(self.data)[0].shape[0]
 
     @property
     def order(self) -> ShuffledIndices:

@@ -142,6 +142,7 @@ def fit(
     num_restarts: int = 1,
     progress: bool = True,
     stop=_MISSING,
+    mesh=None,
 ) -> VIResult:
     """Fit the family ``q`` to ``target`` by stochastic optimisation, all steps compiled.
 
@@ -173,6 +174,12 @@ def fit(
         stop: a :class:`~veil.diagnostics.StopRule` (default ``StopRule()``, for a flow
             ``StopRule(min_window=1000)``: flows improve slowly and need longer windows to
             show it), or ``None`` to run exactly ``max_steps`` steps and keep the last iterate.
+        mesh: a ``jax.sharding.Mesh`` to spread the work over its devices. A minibatched
+            target's rows are sharded over them and each step's batch is split between them
+            (:meth:`Target.shard`: the batch size must be a multiple of the device count);
+            for a full-data target the restarts are sharded instead (``num_restarts`` a
+            multiple of the device count). Parameters are replicated. The same key gives
+            the same fit as on one device, up to the order of floating-point sums.
 
     A flow (or ``SemiImplicit``) built without a ``base`` (``veil.flows.coupling(d, key=k)``) is fitted in two
     stages: its ``MeanField`` base alone with the Gaussian defaults, then the whole flow over
@@ -246,6 +253,11 @@ def fit(
     if stop is not None and not isinstance(stop, StopRule):
         raise TypeError(f"stop must be a veil.StopRule or None, got {stop!r}.")
 
+    restart_sharding = None
+    if mesh is not None:
+        restart_sharding = _place_on_mesh(target, mesh, num_restarts)
+        if restart_sharding is None:
+            target = target.shard(mesh)
     base_res = None
     if isinstance(q, (Flow, SemiImplicit)) and q.fit_base_first:
         # The Gaussian stage: fit the default base alone, then the flow over it (section 8 of
@@ -256,6 +268,8 @@ def fit(
         q = q.with_base(base_res.q)  # fit_base_first stays True but is not looked at again
     checks, params, run_key, pick_key, diag_key = _start(target, q, key, num_restarts)
     _check_start(q, *jax.device_get(checks))
+    if restart_sharding is not None:
+        params = jax.device_put(params, restart_sharding)
     rest = eqx.filter(q, eqx.is_inexact_array, inverse=True)
     out = driver.run(
         _VILoss(target, objective, rest),
@@ -293,6 +307,25 @@ def fit(
         diagnostic_key=diag_key,
         base_result=base_res,
     )
+
+
+def _place_on_mesh(target: Target, mesh, num_restarts: int):
+    """Where ``fit(..., mesh=mesh)`` puts the work: ``None`` when the target's rows are to be
+    sharded (a minibatched target), else the sharding of the restart axis, after checking
+    that the restarts split evenly."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    if not isinstance(mesh, Mesh):
+        raise TypeError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}.")
+    if target.is_minibatched:
+        return None
+    if num_restarts % mesh.size:
+        raise ValueError(
+            f"A full-data target spreads its restarts over the mesh, but num_restarts="
+            f"{num_restarts} does not split evenly over {mesh.size} devices: use a multiple of "
+            f"{mesh.size}, or a minibatched target (veil.Target.minibatched) to split the data."
+        )
+    return NamedSharding(mesh, PartitionSpec(mesh.axis_names))
 
 
 def _check_key(key) -> None:

@@ -8,6 +8,7 @@ the compiled program, and a fit never bakes the data into the program as constan
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import typing
 from collections.abc import Callable
@@ -93,6 +94,8 @@ def _numpyro_loglikelihood(model, sites, z, data):
 def _minibatch_logdensity(log_prior, log_lik, num_data, z, data):
     """``log p(z) + (N / n) log_lik(z, data)`` for ``n`` rows of data: the full-data log
     density when ``data`` is all ``N`` rows, its unbiased minibatch estimate for a batch."""
+    if _leading(data) > num_data:  # all rows of data padded to split over devices
+        data = jax.tree.map(lambda x: x[:num_data], data)
     scale = num_data / _leading(data)
     return log_prior(z) + scale * log_lik(z, data)
 
@@ -137,6 +140,7 @@ class Target(eqx.Module):
     batch_size: int | None = eqx.field(static=True, default=None)
     plate: str | None = eqx.field(static=True, default=None)  # a NumPyro model's subsampled plate
     rows: Any = None  # that plate's current indices (a batch), or None for all rows
+    mesh: Any = eqx.field(static=True, default=None)  # devices the rows are sharded over
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -295,7 +299,7 @@ class Target(eqx.Module):
             return None
         if self.kind == "numpyro":
             return ShuffledIndices(self.num_data, self.batch_size)
-        return Shuffled(self.data, self.batch_size)
+        return Shuffled(self.data, self.batch_size, self.num_data)
 
     def on_batch(self, batch) -> "Target":
         """This target evaluated on one batch: for ``minibatched``, ``batch`` (rows of the
@@ -307,10 +311,60 @@ class Target(eqx.Module):
                 "on_batch needs a minibatched target (veil.Target.minibatched, or a NumPyro "
                 "model with numpyro.plate(..., subsample_size=B))."
             )
+        if self.mesh is not None:  # each device computes its share of the batch's rows
+            batch = jax.lax.with_sharding_constraint(batch, _row_sharding(self.mesh))
         if self.kind == "numpyro":
             return eqx.tree_at(lambda t: t.rows, self, batch, is_leaf=lambda x: x is None)
         return eqx.tree_at(lambda t: t.data, self, batch)
 
+    def shard(self, mesh) -> "Target":
+        """This target with its rows sharded over the devices of ``mesh`` (a
+        ``jax.sharding.Mesh``; rows split over all its axes), for ``veil.fit(..., mesh=mesh)``.
+
+        Each step's batch is then split over the devices too: every device evaluates the
+        likelihood of ``batch_size / devices`` rows and XLA sums the gradients. The batch
+        order is the same as on one device, so a fit gives the same result up to the order
+        of floating-point sums. For ``minibatched`` targets, rows that do not split evenly are
+        padded with copies of row 0 that are never drawn nor counted; a NumPyro model's
+        arrays with ``N`` rows (those its plate indexes) must split evenly.
+
+        Raises:
+            ValueError: the target is not minibatched, the batch size is not a multiple of
+                the number of devices, or (NumPyro) ``N`` is not.
+        """
+        from jax.sharding import Mesh
+
+        if not isinstance(mesh, Mesh):
+            raise TypeError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}.")
+        if not self.is_minibatched:
+            raise ValueError(
+                "Only the rows of a minibatched target can be sharded over devices (veil.Target."
+                "minibatched, or a NumPyro model with plate(..., subsample_size=B)); for a "
+                "full-data target, veil.fit(..., mesh=...) shards its restarts instead."
+            )
+        devices = mesh.size
+        if self.batch_size % devices:
+            raise ValueError(
+                f"The batch of {self.batch_size} rows does not split evenly over the mesh's "
+                f"{devices} devices; use a batch_size that is a multiple of {devices} "
+                f"(e.g. {-(-self.batch_size // devices) * devices})."
+            )
+        spec = _row_sharding(mesh)
+        if self.kind == "numpyro":
+            if self.num_data % devices:
+                raise ValueError(
+                    f"The model's {self.num_data} rows do not split evenly over {devices} devices: "
+                    f"drop {self.num_data % devices} rows or use a mesh whose size divides {self.num_data}."
+                )
+            data = jax.tree.map(
+                lambda x: jax.device_put(x, spec) if getattr(x, "ndim", 0) and x.shape[0] == self.num_data else x,
+                self.data)
+        else:
+            pad = -self.num_data % devices
+            data = jax.tree.map(
+                lambda x: jax.device_put(jnp.concatenate([x, jnp.repeat(x[:1], pad, axis=0)]) if pad else x, spec),
+                self.data)
+        return dataclasses.replace(self, data=data, mesh=mesh)
     def _model(self):
         return _with_rows(self.model, self.plate, self.num_data, self.rows)
 
@@ -412,6 +466,13 @@ class Target(eqx.Module):
     def unflatten(self, z: jax.Array) -> dict[str, jax.Array]:
         """Split a flat unconstrained vector into its named unconstrained pieces."""
         return _unflatten(self.sites, z)
+
+
+def _row_sharding(mesh):
+    """Leading axis (rows) split over every axis of ``mesh``; the other axes whole."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    return NamedSharding(mesh, PartitionSpec(mesh.axis_names))
 
 
 def _subsampled_plate(trace, latent) -> tuple[str | None, int | None, int | None]:
