@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import veil
-from veil.batching import Shuffled, permute
+from veil.batching import ROUNDS, Shuffled, permute
 from veil.target import log_density_rows
 
 N, B = 2000, 100
@@ -44,7 +44,7 @@ def _epoch_batches(src, state, count):
 
 @pytest.mark.parametrize("n", [1, 2, 3, 5, 1000, 1025, 4096, 65537])
 def test_permute_is_a_bijection(n):
-    keys = jax.random.bits(jax.random.key(n), (6,), jnp.uint32)
+    keys = jax.random.bits(jax.random.key(n), (ROUNDS,), jnp.uint32)
     out = np.asarray(jax.jit(permute, static_argnums=2)(jnp.arange(n), keys, n))
     np.testing.assert_array_equal(np.sort(out), np.arange(n))
 
@@ -55,7 +55,7 @@ def test_permutations_look_uniform():
     and rows 0 and 1, neighbours as inputs (where a weak permutation shows structure), share
     the first batch as often as random pairs do: 4000 (10/50)(9/49) = 147, sd ~12; 5 sd."""
     n, m = 50, 4000
-    keys = jax.random.bits(jax.random.key(0), (m, 6), jnp.uint32)
+    keys = jax.random.bits(jax.random.key(0), (m, ROUNDS), jnp.uint32)
     perms = np.asarray(jax.jit(jax.vmap(lambda k: permute(jnp.arange(n), k, n)))(keys))
     first = perms[:, :10]
     counts = np.bincount(first.ravel(), minlength=n)
