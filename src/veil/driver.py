@@ -30,6 +30,8 @@ the compiled program, whatever optax optimizer the user chose.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -40,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from veil import checkpoint as ckpt
 from veil.diagnostics import PROBE_BATCH, StopRule
 
 __all__ = ["run", "RunOutput", "CHUNK_CAPACITY", "CHUNK_SCHEDULE", "PLAIN_CHUNK"]
@@ -233,6 +236,24 @@ class RunOutput(NamedTuple):
     wall_time: float
 
 
+@dataclasses.dataclass
+class _Host:
+    """What the host keeps between chunks (all of it saved in a checkpoint)."""
+
+    steps: int
+    chunk_index: int
+    traces: list  # per restart: list of per-chunk loss arrays
+    history: list  # (first step, end step, chunk-mean params), for iterate averaging
+    done: np.ndarray
+    num_steps: np.ndarray
+    reasons: list
+    final: list  # per restart: parameters decided before the end, or None
+    final_loss: np.ndarray
+    scales: np.ndarray
+    applied: np.ndarray
+    rules: list | None
+
+
 def run(
     loss_fn: Callable,
     params,
@@ -244,6 +265,8 @@ def run(
     progress: bool = True,
     max_consecutive_skips: int = 100,
     description: str = "fit",
+    checkpoint=None,
+    fingerprint: dict | None = None,
 ) -> RunOutput:
     """Minimise ``loss_fn`` from ``params`` (leading axis = restarts) for at most ``max_steps``.
 
@@ -257,81 +280,102 @@ def run(
         stop_rule: a :class:`~veil.diagnostics.StopRule`, or ``None`` to run ``max_steps``
             steps and return the last iterate.
         progress: show a tqdm progress bar (updated once per chunk).
+        checkpoint: a :class:`veil.checkpoint.Checkpoint`: save the run's state there at chunk
+            boundaries, and resume from it if it exists (after checking ``fingerprint``, a
+            JSON-able description of the caller's fit, and the state's shapes).
     """
     t0 = time.perf_counter()
     k = jax.tree.leaves(params)[0].shape[0]
     state = _init_state(optimizer, params, key, loss_fn)
     track = stop_rule is not None
     probe, groups = probe_indices(jax.eval_shape(jax.vmap(lambda p: _watched(loss_fn, p)), params))
-    rules = [stop_rule.start(groups) for _ in range(k)] if track else None
     probe = jnp.asarray(probe)
-    traces: list[list[np.ndarray]] = [[] for _ in range(k)]
-    history: list[tuple[int, int, Any]] = []  # (first step, end step, chunk-mean params)
-    done = np.zeros(k, bool)
-    num_steps = np.zeros(k, np.int64)
-    reasons = ["max_steps"] * k
-    final: list[Any] = [None] * k  # per-restart parameters decided before the end
-    final_loss = np.full(k, np.nan)
-    scales = np.ones(k)
-    applied = scales.copy()
+    host = _Host(
+        steps=0, chunk_index=0, traces=[[] for _ in range(k)], history=[],
+        done=np.zeros(k, bool), num_steps=np.zeros(k, np.int64), reasons=["max_steps"] * k,
+        final=[None] * k, final_loss=np.full(k, np.nan), scales=np.ones(k), applied=np.ones(k),
+        rules=[stop_rule.start(groups) for _ in range(k)] if track else None,
+    )
+    if checkpoint is not None:
+        fingerprint = {**(fingerprint or {}), "state": ckpt.shapes(state), "max_consecutive_skips": max_consecutive_skips}
+        if checkpoint.exists():
+            state, host = _restore(checkpoint, fingerprint, state, host)
 
     bar = _progress_bar(progress, max_steps, description)
-    steps, chunk_index = 0, 0
+    if bar is not None and host.steps:
+        bar.update(host.steps)
     try:
-        while steps < max_steps and not done.all():
-            n = CHUNK_SCHEDULE[min(chunk_index, len(CHUNK_SCHEDULE) - 1)] if track else PLAIN_CHUNK
-            n = int(min(n, max_steps - steps))
-            chunk_index += 1
-            state, out = _run_chunk(
-                loss_fn, optimizer, state, jnp.int32(n), probe,
-                CHUNK_CAPACITY if track else PLAIN_CHUNK, track,
-            )
-            # The one host sync of the chunk: every host-side quantity in a single transfer.
-            losses, consecutive, probes = jax.device_get(
-                (out.losses, state.consecutive, out.probe_means if track else None)
-            )
-            losses = losses[:, :n]
-            if track:
-                history.append((steps, steps + n, out.mean_params))
-                probes = probes[:, : -(-n // PROBE_BATCH)]
-            steps += n
-            for r in map(int, np.flatnonzero(~done)):
-                traces[r].append(losses[r])
-                num_steps[r] = steps
-                if consecutive[r] >= max_consecutive_skips:
-                    done[r], reasons[r] = True, "nonfinite"
-                    final[r] = _index(state.params, r)
-                    continue
-                if not track:
-                    continue
-                decision = rules[r].update(losses[r], probes[r])
-                if decision.action == "decay":
-                    scales[r] *= decision.factor
-                elif decision.action == "stop":
-                    done[r], reasons[r] = True, decision.reason
-                    final_loss[r] = decision.final_loss
-                    final[r] = _window_average(history, r, steps - decision.window)
-            if track:  # keep only the chunks a live restart's stage can still average over
-                oldest = min((steps - rules[r].stage_len for r in np.flatnonzero(~done)), default=steps)
-                # (at least the last chunk: a run that ends right after a decay averages it)
-                history = [h for h in history if h[1] > oldest] or history[-1:]
-            # Finished restarts stop moving; the others take their (possibly decayed) scale.
-            live = np.where(done, 0.0, scales)
-            if not np.array_equal(live, applied):
-                applied = live
-                state = state._replace(step_scale=jnp.asarray(live, state.step_scale.dtype))
-            if bar is not None:
-                bar.update(n)
-                bar.set_postfix(loss=f"{np.nanmean(losses):.4g}")
+        while host.steps < max_steps and not host.done.all():
+            state = _one_chunk(loss_fn, optimizer, state, host, probe, track, max_steps, max_consecutive_skips, bar)
+            if checkpoint is not None and checkpoint.due():
+                _save(checkpoint, fingerprint, state, host)
     finally:
         if bar is not None:
             bar.close()
+    if checkpoint is not None:
+        _save(checkpoint, fingerprint, state, host)
+    return _finish(state, host, track, time.perf_counter() - t0)
 
-    for r in map(int, np.flatnonzero(~done)):  # ran out of steps
+
+def _one_chunk(loss_fn, optimizer, state, host: _Host, probe, track, max_steps, max_consecutive_skips, bar):
+    """Run one compiled chunk and do the host's work after it (stopping rule, step-size
+    decay, bookkeeping); ``host`` is updated in place, the new loop state returned."""
+    n = CHUNK_SCHEDULE[min(host.chunk_index, len(CHUNK_SCHEDULE) - 1)] if track else PLAIN_CHUNK
+    n = int(min(n, max_steps - host.steps))
+    host.chunk_index += 1
+    state, out = _run_chunk(
+        loss_fn, optimizer, state, jnp.int32(n), probe,
+        CHUNK_CAPACITY if track else PLAIN_CHUNK, track,
+    )
+    # The one host sync of the chunk: every host-side quantity in a single transfer.
+    losses, consecutive, probes = jax.device_get(
+        (out.losses, state.consecutive, out.probe_means if track else None)
+    )
+    losses = losses[:, :n]
+    if track:
+        host.history.append((host.steps, host.steps + n, out.mean_params))
+        probes = probes[:, : -(-n // PROBE_BATCH)]
+    host.steps += n
+    steps, rules = host.steps, host.rules
+    for r in map(int, np.flatnonzero(~host.done)):
+        host.traces[r].append(losses[r])
+        host.num_steps[r] = steps
+        if consecutive[r] >= max_consecutive_skips:
+            host.done[r], host.reasons[r] = True, "nonfinite"
+            host.final[r] = _index(state.params, r)
+            continue
+        if not track:
+            continue
+        decision = rules[r].update(losses[r], probes[r])
+        if decision.action == "decay":
+            host.scales[r] *= decision.factor
+        elif decision.action == "stop":
+            host.done[r], host.reasons[r] = True, decision.reason
+            host.final_loss[r] = decision.final_loss
+            host.final[r] = _window_average(host.history, r, steps - decision.window)
+    if track:  # keep only the chunks a live restart's stage can still average over
+        oldest = min((steps - rules[r].stage_len for r in np.flatnonzero(~host.done)), default=steps)
+        # (at least the last chunk: a run that ends right after a decay averages it)
+        host.history = [h for h in host.history if h[1] > oldest] or host.history[-1:]
+    # Finished restarts stop moving; the others take their (possibly decayed) scale.
+    live = np.where(host.done, 0.0, host.scales)
+    if not np.array_equal(live, host.applied):
+        host.applied = live
+        state = state._replace(step_scale=jnp.asarray(live, state.step_scale.dtype))
+    if bar is not None:
+        bar.update(n)
+        bar.set_postfix(loss=f"{np.nanmean(losses):.4g}")
+    return state
+
+
+def _finish(state, host: _Host, track: bool, wall: float) -> RunOutput:
+    k = host.done.shape[0]
+    final, final_loss = list(host.final), host.final_loss.copy()
+    for r in map(int, np.flatnonzero(~host.done)):  # ran out of steps
         if track:
-            final_loss[r] = rules[r].window_mean()
-            final[r] = _window_average(history, r, int(num_steps[r]) - rules[r].current_window())
-    traces = [np.concatenate(t) if t else np.zeros(0) for t in traces]
+            final_loss[r] = host.rules[r].window_mean()
+            final[r] = _window_average(host.history, r, int(host.num_steps[r]) - host.rules[r].current_window())
+    traces = [np.concatenate(t) if t else np.zeros(0) for t in host.traces]
     for r in range(k):
         if np.isnan(final_loss[r]):
             tail = traces[r][-max(1, len(traces[r]) // 10):]
@@ -344,12 +388,79 @@ def run(
     return RunOutput(
         params=out_params,
         traces=traces,
-        num_steps=num_steps,
-        stop_reasons=reasons,
+        num_steps=host.num_steps,
+        stop_reasons=host.reasons,
         skipped=np.asarray(state.skipped),
         final_loss=final_loss,
-        wall_time=time.perf_counter() - t0,
+        wall_time=wall,
     )
+
+
+# ---------------------------------------------------------------------------- checkpoints
+_TRACKER_SCALARS = ("stage_len", "previous", "decays", "final_stage", "last_drift")
+
+
+def _save(checkpoint, fingerprint, state: LoopState, host: _Host) -> None:
+    arrays, key_leaves = ckpt.tree_to_arrays("loop", state)
+    k = host.done.shape[0]
+    for r in range(k):
+        arrays[f"trace/{r}"] = np.concatenate(host.traces[r]) if host.traces[r] else np.zeros(0, np.float32)
+        if host.final[r] is not None:
+            arrays.update(ckpt.tree_to_arrays(f"final/{r}", host.final[r])[0])
+    for h, (_, _, means) in enumerate(host.history):
+        arrays.update(ckpt.tree_to_arrays(f"history/{h}", means)[0])
+    rules = []
+    for r, rule in enumerate(host.rules or []):
+        for j, x in enumerate(rule.stage):
+            arrays[f"rule/{r}/stage/{j}"] = x
+        for j, x in enumerate(rule.probes):
+            arrays[f"rule/{r}/probe/{j}"] = x
+        rules.append({"stage": len(rule.stage), "probes": len(rule.probes),
+                      **{a: getattr(rule, a) for a in _TRACKER_SCALARS}})
+    for name in ("done", "num_steps", "final_loss", "scales", "applied"):
+        arrays[f"host/{name}"] = np.asarray(getattr(host, name))
+    header = {
+        "version": ckpt.FORMAT_VERSION, "fingerprint": fingerprint, "key_leaves": key_leaves,
+        "steps": host.steps, "chunk_index": host.chunk_index, "reasons": host.reasons,
+        "history": [[a, b] for a, b, _ in host.history], "final": [f is not None for f in host.final],
+        "rules": rules,
+    }
+    checkpoint.save(arrays, json.loads(json.dumps(header, default=_json_default)))
+
+
+def _json_default(x):
+    if isinstance(x, (np.floating, np.integer, np.bool_)):
+        return x.item()
+    raise TypeError(f"cannot save {type(x).__name__} in a checkpoint header")
+
+
+def _restore(checkpoint, fingerprint, state: LoopState, host: _Host):
+    arrays, header = checkpoint.load(fingerprint)
+    try:
+        state = ckpt.arrays_to_tree("loop", arrays, state, set(header["key_leaves"]))
+        one = _index(state.params, 0)
+        k = host.done.shape[0]
+        host.steps, host.chunk_index, host.reasons = header["steps"], header["chunk_index"], header["reasons"]
+        host.traces = [[arrays[f"trace/{r}"]] if arrays[f"trace/{r}"].size else [] for r in range(k)]
+        host.final = [ckpt.arrays_to_tree(f"final/{r}", arrays, one) if saved else None
+                      for r, saved in enumerate(header["final"])]
+        host.history = [(a, b, ckpt.arrays_to_tree(f"history/{h}", arrays, state.params))
+                        for h, (a, b) in enumerate(header["history"])]
+        for name in ("done", "num_steps", "final_loss", "scales", "applied"):
+            setattr(host, name, np.array(arrays[f"host/{name}"]))
+        for r, saved in enumerate(header["rules"]):
+            rule = host.rules[r]
+            rule.stage = [arrays[f"rule/{r}/stage/{j}"] for j in range(saved["stage"])]
+            rule.probes = [arrays[f"rule/{r}/probe/{j}"] for j in range(saved["probes"])]
+            for a in _TRACKER_SCALARS:
+                value = saved[a]
+                setattr(rule, a, tuple(value) if isinstance(value, list) else value)
+    except (KeyError, ValueError, TypeError, IndexError) as e:
+        raise ValueError(
+            f"The checkpoint {checkpoint.path} does not match this fit's state ({type(e).__name__}: "
+            f"{e}). Delete it (or pass another path) to start afresh."
+        ) from e
+    return state, host
 
 
 def _index(tree, r: int):

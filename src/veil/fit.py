@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+import re
 import typing
 import warnings
 
@@ -13,6 +15,7 @@ import numpy as np
 import optax
 
 from veil import driver
+from veil.checkpoint import Checkpoint
 from veil.diagnostics import StopRule
 from veil.families.base import Family
 from veil.families.flows import Flow, FlowJAX
@@ -143,6 +146,7 @@ def fit(
     progress: bool = True,
     stop=_MISSING,
     mesh=None,
+    checkpoint=None,
 ) -> VIResult:
     """Fit the family ``q`` to ``target`` by stochastic optimisation, all steps compiled.
 
@@ -180,6 +184,12 @@ def fit(
             for a full-data target the restarts are sharded instead (``num_restarts`` a
             multiple of the device count). Parameters are replicated. The same key gives
             the same fit as on one device, up to the order of floating-point sums.
+        checkpoint: a path (or a :class:`veil.checkpoint.Checkpoint` for the save interval):
+            the fit saves its whole state there at chunk boundaries (every 60 s by default,
+            and at the end) and, if the file exists when the fit starts, resumes from it,
+            continuing exactly as the uninterrupted fit would. A checkpoint written by a
+            different fit (target, family, objective, stop rule, restarts, key) or a damaged
+            file raises ``ValueError`` before any step.
 
     A flow (or ``SemiImplicit``) built without a ``base`` (``veil.flows.coupling(d, key=k)``) is fitted in two
     stages: its ``MeanField`` base alone with the Gaussian defaults, then the whole flow over
@@ -253,6 +263,10 @@ def fit(
     if stop is not None and not isinstance(stop, StopRule):
         raise TypeError(f"stop must be a veil.StopRule or None, got {stop!r}.")
 
+    if checkpoint is not None and not isinstance(checkpoint, Checkpoint):
+        if not isinstance(checkpoint, (str, os.PathLike)):
+            raise TypeError(f"checkpoint must be a path or a veil.checkpoint.Checkpoint, got {checkpoint!r}.")
+        checkpoint = Checkpoint(checkpoint)
     restart_sharding = None
     if mesh is not None:
         restart_sharding = _place_on_mesh(target, mesh, num_restarts)
@@ -264,7 +278,8 @@ def fit(
         # BENCHMARKS.md: over the unfitted base the layers must stretch sd 0.1 to the target's
         # scale, and failed to).
         key, base_key = jax.random.split(key)
-        base_res = fit(target, q.base, key=base_key, max_steps=max_steps, progress=progress)
+        base_ckpt = None if checkpoint is None else Checkpoint(checkpoint.path[:-4] + ".base", checkpoint.every)
+        base_res = fit(target, q.base, key=base_key, max_steps=max_steps, progress=progress, checkpoint=base_ckpt)
         q = q.with_base(base_res.q)  # fit_base_first stays True but is not looked at again
     checks, params, run_key, pick_key, diag_key = _start(target, q, key, num_restarts)
     _check_start(q, *jax.device_get(checks))
@@ -279,6 +294,8 @@ def fit(
         max_steps=max_steps,
         stop_rule=stop,
         progress=progress,
+        checkpoint=checkpoint,
+        fingerprint=None if checkpoint is None else _fingerprint(target, q, objective, stop, num_restarts, key),
     )
     best = 0
     if num_restarts > 1:
@@ -307,6 +324,24 @@ def fit(
         diagnostic_key=diag_key,
         base_result=base_res,
     )
+
+
+def _fingerprint(target: Target, q: Family, objective, stop, num_restarts: int, key) -> dict:
+    """What a checkpoint must match to be resumed by this fit (JSON-able; function addresses
+    removed, so a new process with the same code matches)."""
+
+    def clean(x) -> str:
+        return re.sub(r" at 0x[0-9a-fA-F]+", "", repr(x))
+
+    fn = getattr(target.fn, "__qualname__", clean(target.fn))
+    return {
+        "target": f"{target.kind} dim={target.dim} N={target.num_data} B={target.batch_size} fn={fn}",
+        "family": f"{type(q).__name__} dim={q.dim}",
+        "objective": clean(objective),
+        "stop": clean(stop),
+        "restarts": num_restarts,
+        "key": np.asarray(jax.random.key_data(key) if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) else key).tolist(),
+    }
 
 
 def _place_on_mesh(target: Target, mesh, num_restarts: int):
