@@ -265,7 +265,9 @@ class Target(eqx.Module):
                 + ("Use batch_size=N for full-batch steps." if batch_size > num_data else "")
             )
         _check_rows_finite(leaves)
-        data = jax.tree.map(jnp.asarray, data)  # a copy on the device; the user's arrays are untouched
+        # On the device (a copy: the user's arrays are untouched); arrays already there, such as
+        # a multi-host global array, stay as they are.
+        data = jax.tree.map(lambda x: x if isinstance(x, jax.Array) else jnp.asarray(x), data)
         z = jax.ShapeDtypeStruct((dim,), jnp.float32)
         batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct((int(batch_size),) + x.shape[1:], x.dtype), data)
         for name, call in (("log_prior", lambda: jax.eval_shape(log_prior, z)),
@@ -516,17 +518,21 @@ def log_density_rows(target: Target, z: jax.Array) -> jax.Array:
 def _check_rows_finite(leaves) -> None:
     """Name the first data leaf holding a NaN or inf, and the first bad row in it."""
     for path, leaf in leaves:
-        arr = np.asarray(leaf)
-        if not np.issubdtype(arr.dtype, np.inexact):
+        if not np.issubdtype(np.dtype(leaf.dtype), np.inexact):
             continue
-        bad = ~np.isfinite(arr.reshape(arr.shape[0], -1)).all(axis=1)
-        if bad.any():
-            where = jax.tree_util.keystr(path) or "(the array)"
-            raise ValueError(
-                f"data {where} holds non-finite values (NaN or inf) in {int(bad.sum())} row(s), the "
-                f"first at row {int(np.argmax(bad))}. A NaN row turns every step that draws it into "
-                "NaN. Drop or impute those rows before building the target."
-            )
+        # A global array of several processes (multi-host data): each process checks the rows
+        # it holds, numbered as rows of the whole array.
+        parts = ([(s.index[0].start or 0, np.asarray(s.data)) for s in leaf.addressable_shards]
+                 if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable else [(0, np.asarray(leaf))])
+        for offset, arr in parts:
+            bad = ~np.isfinite(arr.reshape(arr.shape[0], -1)).all(axis=1)
+            if bad.any():
+                where = jax.tree_util.keystr(path) or "(the array)"
+                raise ValueError(
+                    f"data {where} holds non-finite values (NaN or inf) in {int(bad.sum())} row(s), the "
+                    f"first at row {offset + int(np.argmax(bad))}. A NaN row turns every step that draws "
+                    "it into NaN. Drop or impute those rows before building the target."
+                )
 
 
 def _check_dim(dim) -> int:
