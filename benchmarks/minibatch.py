@@ -260,7 +260,8 @@ def main():
                         continue  # one 1e7 permutation takes ~12 s here: minutes per row
                     if name == "numpyro":  # NumPyro draws its subsample at each step: no epochs
                         # (SVI.run compiles on every call: enough steps that compile noise is small)
-                        s1, s2 = 20, 20 + max(100, min(args.numpyro_steps, int(2e8 // n)))
+                        # (its subsample is B sequential swaps: fewer steps at large B)
+                        s1, s2 = 20, 20 + max(100, min(args.numpyro_steps, int(2e8 // n), int(2000 * 256 // B)))
                     else:
                         s1 = 2000
                         s2 = s1 + max(10_000, int(math.ceil(1.5 * epoch)))

@@ -35,11 +35,9 @@ def _exact_posterior(x):
 
 # ------------------------------------------------------------------ the batch source
 def _epoch_batches(src, state, count):
-    out = []
-    for _ in range(count):
-        b, state = src.next(state)
-        out.append(np.asarray(b))
-    return out, state
+    """``count`` batches from ``src`` in one compiled scan (the loop's own way of calling it)."""
+    state, batches = jax.jit(lambda s: jax.lax.scan(lambda s, _: src.next(s)[::-1], s, None, length=count))(state)
+    return list(np.asarray(batches)), state
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 5, 1000, 1025, 4096, 65537])
@@ -88,12 +86,9 @@ def test_remainder_rows_sit_out_and_rows_stay_aligned():
     src = Shuffled((X, y), batch_size=B)
     state = src.init(jax.random.key(1))
     assert src.batches_per_epoch == 10
-    seen = []
-    for _ in range(10):
-        (xb, yb), state = src.next(state)
-        np.testing.assert_array_equal(np.asarray(xb[:, 0]), 2 * np.asarray(yb))
-        seen.append(np.asarray(yb))
-    seen = np.concatenate(seen)
+    state, (xb, yb) = jax.jit(lambda s: jax.lax.scan(lambda s, _: src.next(s)[::-1], s, None, length=10))(state)
+    np.testing.assert_array_equal(np.asarray(xb[..., 0]), 2 * np.asarray(yb))
+    seen = np.asarray(yb).ravel()
     assert len(np.unique(seen)) == 1000
 
 
@@ -119,8 +114,8 @@ def test_full_data_density_and_epoch_average_identity():
     np.testing.assert_allclose(t.log_likelihood(z), _lik(z, jnp.asarray(x)), rtol=1e-6)
     src = Shuffled(t.data, batch_size=B)
     batches, _ = _epoch_batches(src, src.init(jax.random.key(0)), N // B)
-    vals = [t.on_batch(jnp.asarray(b)).log_density(z) for b in batches]
-    grads = [jax.grad(t.on_batch(jnp.asarray(b)).log_density)(z) for b in batches]
+    value_and_grad = jax.jit(jax.vmap(lambda b: jax.value_and_grad(t.on_batch(b).log_density)(z)))
+    vals, grads = value_and_grad(jnp.asarray(np.stack(batches)))
     np.testing.assert_allclose(np.mean(vals), full, rtol=1e-5)
     np.testing.assert_allclose(np.mean(grads), jax.grad(t.log_density)(z), rtol=1e-4)
     # log_density_rows maps over draws in blocks: same values as a vmap.
@@ -242,7 +237,7 @@ def test_numpyro_subsample_plate_is_honoured():
     """A model with plate(subsample_size=B): the full-row density equals the same model
     without subsampling, and one epoch's batch densities (NumPyro's own N/B scaling) average
     to it exactly (B divides N)."""
-    X, y = _logistic_data()
+    X, y = map(jnp.asarray, _logistic_data())  # device arrays: the batch indices below are traced
     t = veil.Target.from_numpyro(_logistic_model, X, y, B=100)
     full = veil.Target.from_numpyro(_logistic_model, X, y)
     assert t.is_minibatched and (t.num_data, t.batch_size, t.plate) == (3000, 100, "data")
@@ -251,11 +246,8 @@ def test_numpyro_subsample_plate_is_honoured():
     np.testing.assert_allclose(t.log_density(z), full.log_density(z), rtol=1e-6)
     np.testing.assert_allclose(t.log_likelihood(z), full.log_likelihood(z), rtol=1e-6)
     src = t.batches
-    state = src.init(jax.random.key(0))
-    vals = []
-    for _ in range(30):
-        idx, state = src.next(state)
-        vals.append(t.on_batch(idx).log_density(z))
+    _, idx = jax.lax.scan(lambda s, _: src.next(s)[::-1], src.init(jax.random.key(0)), None, length=30)
+    vals = jax.jit(jax.vmap(lambda i: t.on_batch(i).log_density(z)))(idx)
     np.testing.assert_allclose(np.mean(vals), full.log_density(z), rtol=1e-5)
 
 

@@ -62,7 +62,7 @@ def _quadrature_elbo(q):
     return jnp.sum(jnp.exp(log_q) * (log_p - log_q)) * (GRID[1] - GRID[0])
 
 
-@pytest.mark.parametrize("inner", [veil.STL(), veil.Reparam()])
+@pytest.mark.parametrize("inner", [veil.STL(), pytest.param(veil.Reparam(), marks=pytest.mark.slow)])
 def test_stratified_value_and_gradient_are_unbiased(key, inner):
     q = veil.Mixture(
         [veil.MeanField(1, init_loc=jnp.array([-1.0]), init_scale=0.8), veil.MeanField(1, init_loc=jnp.array([1.0]))],

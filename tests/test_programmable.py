@@ -31,7 +31,7 @@ class _Ciwae(veil.Objective):
         return combined_bound.ciwae_loss(q, target, key, self.estimator), None
 
 
-@pytest.mark.parametrize("estimator", [veil.DReG(), veil.ScoreFunction()])
+@pytest.mark.parametrize("estimator", [veil.DReG(), pytest.param(veil.ScoreFunction(), marks=pytest.mark.slow)])
 def test_user_reduction_gets_unbiased_gradients_from_every_estimator(key, estimator):
     # Reparam differentiates the user's reduction directly, so it is unbiased by
     # construction; DReG (derived by veil from the reduction's derivatives) and the

@@ -45,18 +45,23 @@ import optax
 from veil import checkpoint as ckpt
 from veil.diagnostics import PROBE_BATCH, StopRule
 
-__all__ = ["run", "RunOutput", "CHUNK_CAPACITY", "CHUNK_SCHEDULE", "PLAIN_CHUNK"]
+__all__ = ["run", "RunOutput", "CHUNK_CAPACITY", "CHUNK_SCHEDULE", "PLAIN_CAPACITY"]
 
 # Steps one compiled chunk can hold (a static size: the loss buffer); chunks that run fewer
 # steps reuse the same program. With a stopping rule: short first chunks so the progress bar
 # and the rule see early progress, then CHUNK_CAPACITY steps per chunk. A fixed schedule (not
-# one timed on the host) keeps a fit a pure function of its key: the rule sees the same chunks
-# on every machine.
+# one timed on the host): the rule decides at chunk boundaries, so a fit stays a pure
+# function of its key on every machine.
 CHUNK_CAPACITY = 500
 CHUNK_SCHEDULE = (100, 200, CHUNK_CAPACITY)
-# Without a stopping rule nothing is decided between chunks, so chunks are longer: a chunk
-# costs ~0.5 ms of fixed host and runtime work, under 3% of 2,000 of the cheapest steps.
-PLAIN_CHUNK = 2000
+# Without a stopping rule nothing is decided between chunks, and each step's key is
+# fold_in(key, step) whatever the chunking, so chunk lengths are chosen on the host: about
+# PLAIN_SECONDS of work each (at most 8x the previous, between 100 and PLAIN_CAPACITY steps).
+# A chunk costs ~1 ms of fixed host and runtime work: 2,000-step chunks of an 8 us step
+# spent 6% there (BENCHMARKS.md section 14).
+PLAIN_CAPACITY = 20_000
+PLAIN_FIRST = 500
+PLAIN_SECONDS = 0.25
 # The stopping rule also watches the parameters themselves (a drift in a flat direction shows
 # in the parameters long before it shows in the noisy loss): per chunk, the driver returns
 # means over batches of PROBE_BATCH steps of at most MAX_PROBE coordinates.
@@ -70,6 +75,7 @@ class LoopState(NamedTuple):
     step_scale: jax.Array
     skipped: jax.Array  # total skipped steps (int32)
     consecutive: jax.Array  # skipped steps in a row at the end of the chunk (int32)
+    step: jax.Array  # steps taken so far (int32): the step's key is fold_in(key, step)
     loss_state: Any = None  # the loss's own state, if it has one
     batch_state: Any = None  # the batch source's state (its epoch's permutation), if any
 
@@ -125,10 +131,6 @@ def _chunk(loss_fn, optimizer, state: LoopState, n_steps, probe, capacity: int, 
     stopping rule; without it a step does nothing but the update (the benchmarked path).
     """
     grad_fn = eqx.filter_value_and_grad(loss_fn, has_aux=True)
-    # One vectorised split per chunk is cheaper than a sequential split per step; the chunk
-    # schedule is fixed, so the stream is still a pure function of the key.
-    next_key, chunk_key = jax.random.split(state.key)
-    step_keys = jax.random.split(chunk_key, capacity)
 
     source = _batches(loss_fn)
 
@@ -137,11 +139,13 @@ def _chunk(loss_fn, optimizer, state: LoopState, n_steps, probe, capacity: int, 
         extra, batch_state = {}, st.batch_state
         if source is not None:
             extra["batch"], batch_state = source.next(st.batch_state)
+        # The step's key depends on the step's number only, not on how steps are chunked.
+        step_key = jax.random.fold_in(st.key, st.step)
         if st.loss_state is None:
-            (loss, _), grads = grad_fn(st.params, step_keys[i], **extra)
+            (loss, _), grads = grad_fn(st.params, step_key, **extra)
             new_loss_state = None
         else:
-            (loss, new_loss_state), grads = grad_fn(st.params, step_keys[i], st.loss_state, **extra)
+            (loss, new_loss_state), grads = grad_fn(st.params, step_key, st.loss_state, **extra)
         # One reduction tells whether the loss and every gradient entry are finite (a sum
         # with an inf or NaN in it is not finite); a skipped step leaves the parameters and
         # the optimizer state exactly as they were. `cond` rather than `where` on every
@@ -161,7 +165,7 @@ def _chunk(loss_fn, optimizer, state: LoopState, n_steps, probe, capacity: int, 
         st = LoopState(
             params, opt_state, st.key, st.step_scale,
             st.skipped + (~ok).astype(jnp.int32), jnp.where(ok, 0, st.consecutive + 1),
-            loss_state, batch_state,
+            st.step + 1, loss_state, batch_state,
         )
         losses = losses.at[i].set(jnp.where(ok, loss, jnp.nan))
         if track:
@@ -175,7 +179,6 @@ def _chunk(loss_fn, optimizer, state: LoopState, n_steps, probe, capacity: int, 
     state, losses, psum, nfinite, pbuf = jax.lax.fori_loop(
         0, n_steps, body, (state, losses, psum, jnp.int32(0), pbuf)
     )
-    state = state._replace(key=next_key)
     if not track:
         return state, ChunkOut(losses, state.params, jnp.zeros((0, 0)))
     denom = jnp.maximum(nfinite, 1)
@@ -219,6 +222,7 @@ def _init_state(optimizer, params, key, loss_fn):
         step_scale=jnp.ones(k),
         skipped=jnp.zeros(k, jnp.int32),
         consecutive=jnp.zeros(k, jnp.int32),
+        step=jnp.zeros(k, jnp.int32),
         loss_state=loss_state,
         batch_state=batch_state,
     )
@@ -242,6 +246,7 @@ class _Host:
 
     steps: int
     chunk_index: int
+    plain_next: int  # steps in the next chunk of a run without a stopping rule
     traces: list  # per restart: list of per-chunk loss arrays
     history: list  # (first step, end step, chunk-mean params), for iterate averaging
     done: np.ndarray
@@ -291,7 +296,7 @@ def run(
     probe, groups = probe_indices(jax.eval_shape(jax.vmap(lambda p: _watched(loss_fn, p)), params))
     probe = jnp.asarray(probe)
     host = _Host(
-        steps=0, chunk_index=0, traces=[[] for _ in range(k)], history=[],
+        steps=0, chunk_index=0, plain_next=PLAIN_FIRST, traces=[[] for _ in range(k)], history=[],
         done=np.zeros(k, bool), num_steps=np.zeros(k, np.int64), reasons=["max_steps"] * k,
         final=[None] * k, final_loss=np.full(k, np.nan), scales=np.ones(k), applied=np.ones(k),
         rules=[stop_rule.start(groups) for _ in range(k)] if track else None,
@@ -320,17 +325,21 @@ def run(
 def _one_chunk(loss_fn, optimizer, state, host: _Host, probe, track, max_steps, max_consecutive_skips, bar):
     """Run one compiled chunk and do the host's work after it (stopping rule, step-size
     decay, bookkeeping); ``host`` is updated in place, the new loop state returned."""
-    n = CHUNK_SCHEDULE[min(host.chunk_index, len(CHUNK_SCHEDULE) - 1)] if track else PLAIN_CHUNK
+    n = CHUNK_SCHEDULE[min(host.chunk_index, len(CHUNK_SCHEDULE) - 1)] if track else host.plain_next
     n = int(min(n, max_steps - host.steps))
     host.chunk_index += 1
+    t0 = time.perf_counter()
     state, out = _run_chunk(
         loss_fn, optimizer, state, jnp.int32(n), probe,
-        CHUNK_CAPACITY if track else PLAIN_CHUNK, track,
+        CHUNK_CAPACITY if track else PLAIN_CAPACITY, track,
     )
     # The one host sync of the chunk: every host-side quantity in a single transfer.
     losses, consecutive, probes = jax.device_get(
         (out.losses, state.consecutive, out.probe_means if track else None)
     )
+    if not track:  # the next plain chunk: about PLAIN_SECONDS of work
+        grow = PLAIN_SECONDS / max(time.perf_counter() - t0, 1e-6)
+        host.plain_next = int(np.clip(n * min(grow, 8.0), 100, PLAIN_CAPACITY))
     losses = losses[:, :n]
     if track:
         host.history.append((host.steps, host.steps + n, out.mean_params))
@@ -421,7 +430,8 @@ def _save(checkpoint, fingerprint, state: LoopState, host: _Host) -> None:
         arrays[f"host/{name}"] = np.asarray(getattr(host, name))
     header = {
         "version": ckpt.FORMAT_VERSION, "fingerprint": fingerprint, "key_leaves": key_leaves,
-        "steps": host.steps, "chunk_index": host.chunk_index, "reasons": host.reasons,
+        "steps": host.steps, "chunk_index": host.chunk_index, "plain_next": host.plain_next,
+        "reasons": host.reasons,
         "history": [[a, b] for a, b, _ in host.history], "final": [f is not None for f in host.final],
         "rules": rules,
     }
@@ -441,6 +451,7 @@ def _restore(checkpoint, fingerprint, state: LoopState, host: _Host):
         one = _index(state.params, 0)
         k = host.done.shape[0]
         host.steps, host.chunk_index, host.reasons = header["steps"], header["chunk_index"], header["reasons"]
+        host.plain_next = header["plain_next"]
         host.traces = [[arrays[f"trace/{r}"]] if arrays[f"trace/{r}"].size else [] for r in range(k)]
         host.final = [ckpt.arrays_to_tree(f"final/{r}", arrays, one) if saved else None
                       for r, saved in enumerate(header["final"])]
