@@ -166,16 +166,17 @@ def test_on_batch_needs_a_minibatched_target():
 # ------------------------------------------------------------------ fits
 def test_minibatch_fit_recovers_conjugate_posterior():
     """x_i ~ N(mu, 1), N = 2000, batches of 100. The stop rule's iterate average removes most
-    of the minibatch noise: the fitted mean lies within 0.25 posterior sd of the exact one
-    and the sd within 20% (seeds 0-5 gave mean errors 0.00-0.04 sd and sd ratios
-    0.99-1.10, the spread being the minibatch noise left after averaging; a full-batch fit
-    is exact here). A wrong N/B scaling would put the sd off by a factor sqrt(20)."""
+    of the minibatch noise: the fitted mean lies within 0.1 posterior sd of the exact one
+    and the sd within 10% (with the minibatch stop rule, seeds 0-5 gave mean errors below
+    0.005 sd and sd ratios 0.97-1.03, the spread being the minibatch noise left after
+    averaging; a full-batch fit is exact here). A wrong N/B scaling would put the sd off by
+    a factor sqrt(20)."""
     x = _gauss_data()
     t = veil.Target.minibatched(_prior, _lik, x, dim=1, batch_size=B)
     res = veil.fit(t, veil.MeanField(1), key=jax.random.key(0), progress=False)
     m, s = _exact_posterior(x)
-    assert abs(float(res.q.mean[0]) - m) < 0.25 * s
-    assert abs(float(res.q.scale[0]) / s - 1) < 0.20
+    assert abs(float(res.q.mean[0]) - m) < 0.1 * s
+    assert abs(float(res.q.scale[0]) / s - 1) < 0.10
     assert res.num_skipped == 0 and res.stop_reason.startswith("converged")
 
 
@@ -254,7 +255,7 @@ def test_numpyro_subsample_plate_is_honoured():
 def test_numpyro_subsampled_fit_matches_full_data_fit():
     """MeanField on 3000 rows, batches of 100 vs all rows: means within 0.3 posterior sd and
     sds within 20% of each other (the minibatch fit's leftover noise; seeds 0-3 gave mean
-    differences 0.02-0.03 sd and sd differences 2-9%), and draws work in constrained space."""
+    differences 0.02-0.04 sd and sd differences 4-13%), and draws work in constrained space."""
     X, y = _logistic_data()
     kw = dict(key=jax.random.key(0), progress=False)
     mb = veil.fit(veil.Target.from_numpyro(_logistic_model, X, y, B=100), veil.MeanField(3), **kw)

@@ -223,8 +223,8 @@ def _init_state(optimizer, params, key, loss_fn):
     if loss_state is not None:
         loss_state = jax.tree.map(lambda x: x.astype(x.dtype), loss_state)
     source = _batches(loss_fn)
-    # The batch order's own key stream (folded off the run's key, so a full-data loss's
-    # stream of step keys is what it was before batch sources existed).
+    # The batch order's own key stream, folded off the run's key (step keys are fold_in(key,
+    # step) of the same key: the two streams never meet).
     batch_state = None if source is None else jax.vmap(source.init)(
         jax.random.split(jax.random.fold_in(key, 0x5EED), k))
     return LoopState(
