@@ -100,7 +100,7 @@ def test_renyi_is_non_increasing_in_alpha(key):
 
 
 # ------------------------------------------------------------------ unbiased gradients
-@pytest.mark.parametrize("estimator", [veil.DReG(), veil.ScoreFunction()])
+@pytest.mark.parametrize("estimator", [veil.DReG(), pytest.param(veil.ScoreFunction(), marks=pytest.mark.slow)])
 def test_iwae_gradient_estimators_agree_with_reparam(key, estimator):
     # Reparam is unbiased by construction; DReG and the score-function estimator must have the
     # same mean gradient of IWAE(k=4) (no closed form) within 5 standard errors per entry.

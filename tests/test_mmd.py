@@ -38,6 +38,7 @@ def test_mmd_estimate_is_unbiased_for_the_closed_form(key):
     assert exact > 0.01  # the distributions differ: the check is not trivially about zero
 
 
+@pytest.mark.slow  # a whole fit (8 s); the default run keeps MMD's exactness and gradient checks
 def test_fit_to_mmd_alone_matches_the_reference(key):
     # MMD with a characteristic kernel is zero only at q = reference: a MeanField fit to the
     # MMD alone recovers the reference's mean and sds. Tolerances 0.1 / 15%: the MMD's
