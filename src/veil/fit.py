@@ -25,7 +25,7 @@ from veil.families.semi_implicit import SemiImplicit
 from veil.estimators import Reparam, ScoreFunction, Stratified
 from veil.objectives import ELBO, FunctionObjective, Objective
 from veil.result import VIResult
-from veil.target import Target, log_density_rows
+from veil.target import Target, _row_sharding, log_density_rows
 
 __all__ = ["fit", "default_optimizer", "DEFAULT_STEP_SIZE"]
 
@@ -184,7 +184,8 @@ def fit(
         stop: a :class:`~veil.diagnostics.StopRule` (default ``StopRule()``, for a flow
             ``StopRule(min_window=1000)``: flows improve slowly and need longer windows to
             show it; for a minibatched target ``StopRule(min_decays=4, max_decays=8)``:
-            batch noise hides the gain of a smaller step), or ``None`` to run exactly ``max_steps`` steps and keep the last iterate.
+            batch noise hides the gain of a smaller step), or ``None`` to run exactly
+            ``max_steps`` steps and keep the last iterate.
         mesh: a ``jax.sharding.Mesh`` to spread the work over its devices. A minibatched
             target's rows are sharded over them and each step's batch is split between them
             (:meth:`Target.shard`: the batch size must be a multiple of the device count);
@@ -340,7 +341,8 @@ def _fingerprint(target: Target, q: Family, objective, stop, num_restarts: int, 
     def clean(x) -> str:
         return re.sub(r" at 0x[0-9a-fA-F]+", "", repr(x))
 
-    fn = getattr(target.fn, "__qualname__", clean(target.fn))
+    fn = target.fn if target.model is None else target.model  # a NumPyro target's model
+    fn = getattr(fn, "__qualname__", clean(fn))
     return {
         "target": f"{target.kind} dim={target.dim} N={target.num_data} B={target.batch_size} fn={fn}",
         "family": f"{type(q).__name__} dim={q.dim}",
@@ -355,7 +357,7 @@ def _place_on_mesh(target: Target, mesh, num_restarts: int):
     """Where ``fit(..., mesh=mesh)`` puts the work: ``None`` when the target's rows are to be
     sharded (a minibatched target), else the sharding of the restart axis, after checking
     that the restarts split evenly."""
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+    from jax.sharding import Mesh
 
     if not isinstance(mesh, Mesh):
         raise TypeError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}.")
@@ -367,7 +369,7 @@ def _place_on_mesh(target: Target, mesh, num_restarts: int):
             f"{num_restarts} does not split evenly over {mesh.size} devices: use a multiple of "
             f"{mesh.size}, or a minibatched target (veil.Target.minibatched) to split the data."
         )
-    return NamedSharding(mesh, PartitionSpec(mesh.axis_names))
+    return _row_sharding(mesh)  # the restart axis split like a target's rows
 
 
 def _check_key(key) -> None:
