@@ -14,18 +14,31 @@ evaluated only at the positions of the step's batch: ``O(batch_size)`` work per 
 memory, no sort. ``jax.random.permutation`` would instead sort ``N`` keys once per epoch:
 on this project's 2-core CPU it takes 12 s for ``N = 1e7`` (0.3 ms per 256-row step,
 amortised, sixty times the step itself; ``benchmarks/minibatch.py``).
+
+:class:`OnDisk` keeps rows that do not fit in memory on disk (memory-mapped ``.npy`` files):
+its batch source, :class:`DiskBatches`, is *fed* by the host rather than called in the loop.
+The batch of step ``j`` is a function of ``j`` alone (epoch ``j // (N // B)``, whose round
+keys are :func:`epoch_keys`, position ``j mod (N // B)``), so a :class:`Feeder` thread reads
+the rows of the next chunk's batches from disk, in the same order as :class:`Shuffled` would
+serve them, while the device runs the current chunk; the compiled chunk takes its batches as
+an input array.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import math
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-__all__ = ["Shuffled", "ShuffledIndices", "ShuffleState", "permute"]
+__all__ = [
+    "DiskBatches", "Feeder", "OnDisk", "Shuffled", "ShuffledIndices", "ShuffleState",
+    "epoch_keys", "permute", "permute_host",
+]
 
 
 # Rounds of the Feistel network: four rounds over random round functions already give a
@@ -36,14 +49,24 @@ ROUNDS = 4
 class ShuffleState(NamedTuple):
     round_keys: jax.Array  # uint32[ROUNDS]: this epoch's permutation
     position: jax.Array  # int32: batches of this epoch already served
-    key: jax.Array  # draws the next epoch's round keys
+    epoch: jax.Array  # int32: this epoch's number (from 0)
+    key: jax.Array  # epoch e's round keys are epoch_keys(key, e)
 
 
-def _mix(x: jax.Array, k: jax.Array) -> jax.Array:
-    """A 32-bit integer hash of ``x`` keyed by ``k`` (multiply-xorshift; the round function)."""
-    x = (x ^ k) * jnp.uint32(0x9E3779B1)
+def epoch_keys(key: jax.Array, epoch) -> jax.Array:
+    """The round keys of epoch ``epoch``'s permutation: a function of the order's key and the
+    epoch's number alone, so a step's batch is a function of the step's number (the host can
+    compute a chunk's batches ahead of the loop, :class:`OnDisk`)."""
+    return jax.random.bits(jax.random.fold_in(key, epoch), (ROUNDS,), jnp.uint32)
+
+
+def _mix(x, k, xp=jnp):
+    """A 32-bit integer hash of ``x`` keyed by ``k`` (multiply-xorshift; the round function).
+    ``xp`` is ``jax.numpy`` in the compiled loop, ``numpy`` on the host (:func:`permute_host`):
+    the same uint32 arithmetic, wrapping alike, so both give the same permutation."""
+    x = (x ^ k) * xp.uint32(0x9E3779B1)
     x = x ^ (x >> 15)
-    x = x * jnp.uint32(0x85EBCA77)
+    x = x * xp.uint32(0x85EBCA77)
     return x ^ (x >> 13)
 
 
@@ -54,18 +77,18 @@ def _split(n: int) -> tuple[int, int]:
     return a, -(-n // a)
 
 
-def _feistel(x: jax.Array, round_keys: jax.Array, a: int, b: int) -> jax.Array:
+def _feistel(x, round_keys, a: int, b: int, xp=jnp):
     """A bijection of ``[0, a b)``: write ``x = l b + r`` with ``l < a``, ``r < b``; the
     rounds add a keyed hash of one half to the other, modulo its size (invertible by
     subtracting it again whatever the hash), the halves taking turns (Black & Rogaway's
     Feistel network on an arbitrary domain)."""
-    ua, ub = jnp.uint32(a), jnp.uint32(b)
+    ua, ub = xp.uint32(a), xp.uint32(b)
     left, right = x // ub, x % ub
     for i in range(ROUNDS):
         if i % 2 == 0:
-            left = (left + _mix(right, round_keys[i]) % ua) % ua
+            left = (left + _mix(right, round_keys[i], xp) % ua) % ua
         else:
-            right = (right + _mix(left, round_keys[i]) % ub) % ub
+            right = (right + _mix(left, round_keys[i], xp) % ub) % ub
     return left * ub + right
 
 
@@ -87,6 +110,17 @@ def permute(positions: jax.Array, round_keys: jax.Array, n: int) -> jax.Array:
     x = _feistel(positions.astype(jnp.uint32), round_keys, a, b)
     x = jax.lax.while_loop(lambda x: jnp.any(x >= n), walk, x)
     return x.astype(jnp.int32)
+
+
+def permute_host(positions: np.ndarray, round_keys: np.ndarray, n: int) -> np.ndarray:
+    """:func:`permute` in NumPy, on the host: the same permutation, bit for bit (the test
+    suite checks it), for sources whose rows the host reads ahead of the loop (:class:`OnDisk`)."""
+    a, b = _split(n)
+    round_keys = np.asarray(round_keys, np.uint32)
+    x = _feistel(np.asarray(positions, np.uint32), round_keys, a, b, np)
+    while (x >= n).any():
+        x = np.where(x >= n, _feistel(x, round_keys, a, b, np), x)
+    return x.astype(np.int64)
 
 
 class ShuffledIndices(eqx.Module):
@@ -111,14 +145,13 @@ class ShuffledIndices(eqx.Module):
     def init(self, key: jax.Array) -> ShuffleState:
         """State at the start: at the end of an (empty) epoch, so the first ``next`` draws
         the first permutation."""
-        return ShuffleState(jnp.zeros(ROUNDS, jnp.uint32), jnp.int32(self.batches_per_epoch), key)
+        return ShuffleState(jnp.zeros(ROUNDS, jnp.uint32), jnp.int32(self.batches_per_epoch), jnp.int32(-1), key)
 
     def next(self, state: ShuffleState) -> tuple[jax.Array, ShuffleState]:
         """The row indices of the next batch (int32[batch_size]) and the advanced state."""
 
         def new_epoch(s):
-            key, sub = jax.random.split(s.key)
-            return ShuffleState(jax.random.bits(sub, (ROUNDS,), jnp.uint32), jnp.int32(0), key)
+            return ShuffleState(epoch_keys(s.key, s.epoch + 1), jnp.int32(0), s.epoch + 1, s.key)
 
         state = jax.lax.cond(state.position >= self.batches_per_epoch, new_epoch, lambda s: s, state)
         positions = state.position * self.batch_size + jnp.arange(self.batch_size)
@@ -169,3 +202,228 @@ class Shuffled(eqx.Module):
         # of a 4096-row step at N = 1e6 (BENCHMARKS.md section 14).
         batch = jax.tree.map(lambda x: x[idx], self.data)
         return batch, state
+
+
+# ---------------------------------------------------------------------------- on disk
+# Bytes of rows one chunk's batches may hold on the device (all restarts together); two
+# chunks are alive at once (the running one and the one read ahead).
+FEED_BYTES = 64 * 2**20
+# Rows read per block when the full data are streamed (the finiteness check, full-data log
+# densities): a bound on the host memory such a pass needs, and on its number of reads.
+STREAM_BYTES = 16 * 2**20
+# Fewest steps a fed chunk holds, whatever its bytes: the stopping rule averages the probe
+# over this many steps (veil.diagnostics.PROBE_BATCH).
+MIN_FEED_STEPS = 25
+
+
+def _canonical(dtype) -> np.dtype:
+    """The dtype JAX gives an array of ``dtype`` (float64 becomes float32 unless x64 is on)."""
+    return np.dtype(jax.dtypes.canonicalize_dtype(dtype))
+
+
+class OnDisk:
+    """Rows of data that stay on disk: a pytree whose leaves are memory-mapped arrays
+    (``np.load(path, mmap_mode="r")``, or ``np.memmap``) sharing a leading axis of ``N`` rows.
+
+    Give it (or the memory-mapped arrays themselves, which veil wraps in one) as the data of
+    :meth:`veil.Target.minibatched`. ``veil.fit`` then never holds the whole data in memory:
+    each chunk of the compiled loop takes the rows of its batches, which a background thread
+    reads (in ascending row order, so the disk reads are as sequential as the batches allow)
+    while the previous chunk runs; full-data evaluations (the start check, the diagnostics)
+    stream the rows in blocks. The fit is the same as with the data in memory.
+
+    Args:
+        data: a pytree of arrays with a leading axis of rows, read with NumPy indexing (an
+            in-memory ``np.ndarray`` works too, and is read the same way).
+        chunk_bytes: bytes of rows one chunk of the loop may hold (default 64 MiB; at least
+            25 steps' worth are always held). Larger chunks amortise the per-chunk cost (about
+            a millisecond) over more steps.
+
+    Example:
+        >>> import numpy as np, tempfile, os
+        >>> from veil.batching import OnDisk
+        >>> path = os.path.join(tempfile.mkdtemp(), "x.npy")
+        >>> np.save(path, np.arange(12.0).reshape(6, 2))
+        >>> rows = OnDisk(np.load(path, mmap_mode="r"))
+        >>> rows.num_data, rows.row_bytes
+        (6, 8)
+    """
+
+    def __init__(self, data: Any, *, chunk_bytes: int = FEED_BYTES):
+        if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, (int, np.integer)) or chunk_bytes <= 0:
+            raise ValueError(f"chunk_bytes must be a positive integer (bytes), got {chunk_bytes!r}.")
+        leaves = jax.tree_util.tree_leaves_with_path(data)
+        if not leaves:
+            raise ValueError("data holds no arrays: pass a memory-mapped array, or a tuple/dict of them.")
+        for path, leaf in leaves:
+            if not (hasattr(leaf, "shape") and hasattr(leaf, "dtype") and len(leaf.shape) >= 1):
+                where = jax.tree_util.keystr(path) or "(the array)"
+                raise ValueError(
+                    f"data leaf {where} is not an array with a leading axis of rows (got "
+                    f"{type(leaf).__name__}); open .npy files with np.load(path, mmap_mode='r')."
+                )
+        self.data = data
+        self.paths = [jax.tree_util.keystr(p) or "(the array)" for p, _ in leaves]
+        self.leaves = [leaf for _, leaf in leaves]
+        self.treedef = jax.tree.structure(data)
+        self.chunk_bytes = int(chunk_bytes)
+
+    def __repr__(self) -> str:
+        shapes = ", ".join(f"{p}: {tuple(x.shape)} {x.dtype}" for p, x in zip(self.paths, self.leaves))
+        return f"OnDisk({shapes})"
+
+    @property
+    def num_data(self) -> int:
+        return int(self.leaves[0].shape[0])
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one row (all leaves), as the device holds it."""
+        return sum(math.prod(x.shape[1:]) * _canonical(x.dtype).itemsize for x in self.leaves)
+
+    def shapes(self, rows: int):
+        """The pytree of ``jax.ShapeDtypeStruct`` of ``rows`` rows."""
+        return self.treedef.unflatten(
+            [jax.ShapeDtypeStruct((rows, *x.shape[1:]), _canonical(x.dtype)) for x in self.leaves]
+        )
+
+    def read(self, rows: np.ndarray) -> list[np.ndarray]:
+        """The leaves' rows ``rows`` (ascending ints), in memory, in the device's dtypes."""
+        return [np.asarray(x[rows], _canonical(x.dtype)) for x in self.leaves]
+
+    def slice(self, start: int, stop: int):
+        """Rows ``[start, stop)`` of every leaf, as the pytree of in-memory arrays."""
+        return self.treedef.unflatten(
+            [np.ascontiguousarray(x[start:stop], _canonical(x.dtype)) for x in self.leaves]
+        )
+
+    def stream_rows(self) -> int:
+        """Rows per block when the full data are streamed."""
+        return max(1, min(self.num_data, STREAM_BYTES // max(self.row_bytes, 1)))
+
+    def check_finite(self) -> None:
+        """Raise naming the first leaf with a NaN or inf and its first bad row, reading the
+        data once, a block of rows at a time."""
+        step = self.stream_rows()
+        for where, x in zip(self.paths, self.leaves):
+            if not np.issubdtype(np.dtype(x.dtype), np.inexact):
+                continue
+            bad_rows, first = 0, None
+            for start in range(0, self.num_data, step):
+                block = np.asarray(x[start:start + step])
+                bad = ~np.isfinite(block.reshape(block.shape[0], -1)).all(axis=1)
+                if bad.any():
+                    first = start + int(np.argmax(bad)) if first is None else first
+                    bad_rows += int(bad.sum())
+            if first is not None:
+                raise ValueError(
+                    f"data {where} holds non-finite values (NaN or inf) in {bad_rows} row(s), the "
+                    f"first at row {first}. A NaN row turns every step that draws it into NaN. "
+                    "Drop or impute those rows before building the target."
+                )
+
+
+def _gather_into(x, rows: np.ndarray, out: np.ndarray) -> None:
+    """``out[:] = x[rows]``, straight into ``out`` when the dtypes agree. In batch order, not
+    ascending: on rows in the page cache one gather costs less than an ascending read and a
+    scatter back (BENCHMARKS.md section 16)."""
+    if x.dtype == out.dtype:
+        np.take(x, rows, axis=0, out=out)
+    else:  # e.g. float64 on disk, float32 on the device
+        out[...] = x[rows]
+
+
+def _aligned_empty(shape, dtype, align: int = 64) -> np.ndarray:
+    """``np.empty`` whose data start on an ``align``-byte boundary: XLA's CPU runtime uses
+    such a buffer in place (``_to_device``) and copies any other (a 64 MB chunk: 36 ms)."""
+    dtype = np.dtype(dtype)
+    nbytes = math.prod(shape) * dtype.itemsize
+    raw = np.empty(nbytes + align, np.uint8)
+    start = -raw.ctypes.data % align
+    return raw[start:start + nbytes].view(dtype).reshape(shape)
+
+
+def _to_device(tree):
+    """The chunk's buffers on the device: used in place rather than copied where the runtime
+    can (a CPU device, aligned buffers, JAX with ``may_alias``); each buffer is fresh, so
+    nothing writes to it afterwards."""
+    try:
+        return jax.device_put(tree, may_alias=True)
+    except TypeError:  # JAX before may_alias
+        return jax.device_put(tree)
+
+
+class DiskBatches(eqx.Module):
+    """The batch source of an :class:`OnDisk` target: the batches :class:`Shuffled` would
+    serve (same key, same rows in the same order), fed to the compiled loop a chunk at a
+    time by a :class:`Feeder` instead of gathered inside it (``host_fed``)."""
+
+    store: OnDisk = eqx.field(static=True)
+    batch_size: int = eqx.field(static=True)
+    host_fed: ClassVar[bool] = True
+
+    @property
+    def order(self) -> ShuffledIndices:
+        return ShuffledIndices(self.store.num_data, self.batch_size)
+
+    def init(self, key: jax.Array) -> ShuffleState:
+        """The order's state (its key; the driver leaves it as it is: the feeder serves)."""
+        return self.order.init(key)
+
+    def steps_per_chunk(self, restarts: int) -> int:
+        """Steps of batches one chunk holds within ``store.chunk_bytes`` (at least
+        ``MIN_FEED_STEPS``)."""
+        per_step = restarts * self.batch_size * max(self.store.row_bytes, 1)
+        return max(MIN_FEED_STEPS, self.store.chunk_bytes // per_step)
+
+
+class Feeder:
+    """Reads the rows of a chunk's batches on a background thread, for :class:`DiskBatches`.
+
+    ``submit(first, n)`` starts reading the batches of steps ``[first, first + n)`` of every
+    restart and returns a future of the chunk's input: a pytree whose leaves have shape
+    ``(restarts, capacity, batch_size, ...)`` (steps past ``n`` are zeros, never read), on
+    the device. Step ``j`` of restart ``r`` takes the rows that ``ShuffledIndices.next``
+    would give at its ``j``-th call from ``order_keys[r]``.
+    """
+
+    def __init__(self, source: DiskBatches, order_keys: jax.Array, capacity: int):
+        self.source, self.capacity = source, int(capacity)
+        self.keys = list(order_keys)  # one key per restart
+        self._round_keys: dict[tuple[int, int], np.ndarray] = {}
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="veil-feeder")
+
+    def indices(self, first: int, n: int) -> np.ndarray:
+        """Rows of the batches of steps ``[first, first + n)``: int64[restarts, n, B]."""
+        order = self.source.order
+        per_epoch, size = order.batches_per_epoch, order.batch_size
+        steps = np.arange(first, first + n)
+        epochs, positions = steps // per_epoch, steps % per_epoch
+        out = np.empty((len(self.keys), n, size), np.int64)
+        within = positions[:, None] * size + np.arange(size)
+        for r in range(len(self.keys)):
+            for e in np.unique(epochs):
+                if (r, int(e)) not in self._round_keys:
+                    self._round_keys[r, int(e)] = np.asarray(epoch_keys(self.keys[r], int(e)))
+                sel = epochs == e
+                out[r, sel] = permute_host(within[sel], self._round_keys[r, int(e)], order.num_data)
+        return out
+
+    def load(self, first: int, n: int):
+        """The chunk's input for steps ``[first, first + n)`` (see the class)."""
+        idx = self.indices(first, n)
+        k, size = idx.shape[0], idx.shape[2]
+        leaves = []
+        for x in self.source.store.leaves:
+            out = _aligned_empty((k, self.capacity, size, *x.shape[1:]), _canonical(x.dtype))
+            out[:, n:] = 0
+            for r in range(k):
+                _gather_into(x, idx[r].reshape(-1), out[r, :n].reshape(n * size, *x.shape[1:]))
+            leaves.append(out)
+        return _to_device(self.source.store.treedef.unflatten(leaves))
+
+    def submit(self, first: int, n: int) -> concurrent.futures.Future:
+        return self._pool.submit(self.load, first, n)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)

@@ -17,7 +17,11 @@ A loss fitted on minibatches has a ``batches`` attribute, a batch source (see
 :mod:`veil.batching`: ``init(key) -> state``, ``next(state) -> (batch, state)``); the loop
 carries the source's state, takes the next batch at every step (skipped steps included) and
 calls ``loss_fn(params, key, batch=batch)`` (after the loss's state, if it has one). Each
-restart draws its own batch order.
+restart draws its own batch order. A source marked ``host_fed`` (rows on disk,
+:class:`veil.batching.DiskBatches`) is not called in the loop: a
+:class:`veil.batching.Feeder` thread reads the next chunk's batches while the current chunk
+runs, and each chunk takes its batches as an input array (chunks are then
+``source.steps_per_chunk(restarts)`` steps at most).
 
 What the stopping rule's drift test watches is ``loss_fn.watch(params)`` when the loss has
 that method (a pytree of arrays; a flow watches where fixed noise points land rather than its
@@ -43,6 +47,7 @@ import numpy as np
 import optax
 
 from veil import checkpoint as ckpt
+from veil.batching import Feeder
 from veil.diagnostics import PROBE_BATCH, StopRule
 
 __all__ = ["run", "RunOutput", "CHUNK_CAPACITY", "CHUNK_SCHEDULE", "PLAIN_CAPACITY"]
@@ -126,11 +131,12 @@ def probe_indices(params) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(idx), np.concatenate(groups)
 
 
-def _chunk(loss_fn, optimizer, state: LoopState, n_steps, probe, capacity: int, track: bool):
+def _chunk(loss_fn, optimizer, state: LoopState, n_steps, probe, capacity: int, track: bool, feed=None):
     """Run ``n_steps`` (dynamic, ``<= capacity``) optimisation steps of one restart.
 
     With ``track`` the chunk also averages the iterates and the probe coordinates for the
     stopping rule; without it a step does nothing but the update (the benchmarked path).
+    ``feed``, for a host-fed batch source, holds the chunk's batches (leading axis: step).
     """
     grad_fn = eqx.filter_value_and_grad(loss_fn, has_aux=True)
 
@@ -139,7 +145,9 @@ def _chunk(loss_fn, optimizer, state: LoopState, n_steps, probe, capacity: int, 
     def body(i, step_key, carry):
         st, losses, psum, nfinite, pbuf = carry
         extra, batch_state = {}, st.batch_state
-        if source is not None:
+        if feed is not None:
+            extra["batch"] = jax.tree.map(lambda x: x[i], feed)
+        elif source is not None:
             extra["batch"], batch_state = source.next(st.batch_state)
         if st.loss_state is None:
             (loss, _), grads = grad_fn(st.params, step_key, **extra)
@@ -175,7 +183,7 @@ def _chunk(loss_fn, optimizer, state: LoopState, n_steps, probe, capacity: int, 
 
     losses = jnp.full((capacity,), jnp.nan)
     psum = jax.tree.map(jnp.zeros_like, state.params) if track else None
-    pbuf = jnp.zeros((capacity // PROBE_BATCH, probe.shape[0])) if track else None
+    pbuf = jnp.zeros((-(-capacity // PROBE_BATCH), probe.shape[0])) if track else None
     # Step j's key is fold_in(key, j), a function of the step's number alone, so chunk
     # lengths do not change a fit. The keys are made KEY_BLOCK at a time, vectorised (one
     # fold_in inside the step cost 1.3 us of a 6.5 us step; BENCHMARKS.md section 14).
@@ -202,14 +210,14 @@ def _chunk(loss_fn, optimizer, state: LoopState, n_steps, probe, capacity: int, 
 
 
 @eqx.filter_jit
-def _run_chunk(loss_fn, optimizer, state, n_steps, probe, capacity, track):
-    def one(st):
-        return _chunk(loss_fn, optimizer, st, n_steps, probe, capacity, track)
+def _run_chunk(loss_fn, optimizer, state, n_steps, probe, capacity, track, feed=None):
+    def one(st, fd):
+        return _chunk(loss_fn, optimizer, st, n_steps, probe, capacity, track, fd)
 
     if state.step_scale.shape[0] == 1:  # a single fit: no batching rules in its program
-        out = one(jax.tree.map(lambda x: x[0], state))
+        out = one(*jax.tree.map(lambda x: x[0], (state, feed)))
         return jax.tree.map(lambda x: x[None], out)
-    return jax.vmap(one)(state)
+    return jax.vmap(one)(state, feed)
 
 
 @eqx.filter_jit
@@ -318,44 +326,100 @@ def run(
         if checkpoint.exists():
             state, host = _restore(checkpoint, fingerprint, state, host)
 
+    source = _batches(loss_fn)
+    feeds, capacity = None, CHUNK_CAPACITY if track else PLAIN_CAPACITY
+    if getattr(source, "host_fed", False):
+        # A fed chunk holds at most the feed's steps (a multiple of the probe's batch); a
+        # longer chunk of the stopping rule's schedule runs as several pieces, so the rule
+        # decides at the same steps as with the data in memory. Lengths do not depend on
+        # timing, so the next piece is known, and read, ahead.
+        capacity = min(capacity, source.steps_per_chunk(k))
+        capacity = max(PROBE_BATCH, capacity - capacity % PROBE_BATCH)
+        host.plain_next = capacity
+        feeds = _ReadAhead(Feeder(source, state.batch_state.key, capacity))
+
     bar = _progress_bar(progress, max_steps, description)
     if bar is not None and host.steps:
         bar.update(host.steps)
     try:
         while host.steps < max_steps and not host.done.all():
-            state = _one_chunk(loss_fn, optimizer, state, host, probe, track, max_steps, max_consecutive_skips, bar)
+            n = _chunk_len(host, track, max_steps)
+            after = host.steps + n  # where the chunk after this one starts, and its length
+            following = (after, min(_chunk_len(host, track, max_steps, ahead=1, at=after), capacity))
+            state = _one_chunk(loss_fn, optimizer, state, host, probe, track, max_consecutive_skips,
+                               bar, n, capacity, feeds, following if following[1] > 0 else None)
             if checkpoint is not None and checkpoint.due():
                 _save(checkpoint, fingerprint, state, host)
     finally:
         if bar is not None:
             bar.close()
+        if feeds is not None:
+            feeds.feeder.close()
     if checkpoint is not None:
         _save(checkpoint, fingerprint, state, host)
     return _finish(state, host, track, time.perf_counter() - t0)
 
 
-def _one_chunk(loss_fn, optimizer, state, host: _Host, probe, track, max_steps, max_consecutive_skips, bar):
-    """Run one compiled chunk and do the host's work after it (stopping rule, step-size
-    decay, bookkeeping); ``host`` is updated in place, the new loop state returned."""
-    n = CHUNK_SCHEDULE[min(host.chunk_index, len(CHUNK_SCHEDULE) - 1)] if track else host.plain_next
-    n = int(min(n, max_steps - host.steps))
+def _chunk_len(host: _Host, track: bool, max_steps: int, ahead: int = 0, at: int | None = None) -> int:
+    """Steps of the next chunk (``ahead=1``: of the one after it, which starts at step
+    ``at``): the stopping rule's fixed schedule, or the length of a plain run (host-timed,
+    except for a fed source, whose plain chunks hold the feed's capacity); at most the steps
+    left."""
+    index = host.chunk_index + ahead
+    n = CHUNK_SCHEDULE[min(index, len(CHUNK_SCHEDULE) - 1)] if track else host.plain_next
+    return int(max(0, min(n, max_steps - (host.steps if at is None else at))))
+
+
+class _ReadAhead:
+    """Feeds the pieces of chunks to the loop, reading the next piece's rows on the
+    feeder's thread while the current piece runs."""
+
+    def __init__(self, feeder: Feeder):
+        self.feeder, self.pending = feeder, None  # ((first, steps), future)
+
+    def __call__(self, first: int, steps: int, after: tuple[int, int] | None):
+        """The feed of steps ``[first, first + steps)``; starts reading ``after`` (a piece)."""
+        if self.pending is not None and self.pending[0] == (first, steps):
+            feed = self.pending[1].result()
+        else:  # the first piece, or one not foreseen (after a resume)
+            feed = self.feeder.load(first, steps)
+        self.pending = None if after is None else (after, self.feeder.submit(*after))
+        return feed
+
+
+def _one_chunk(loss_fn, optimizer, state, host: _Host, probe, track, max_consecutive_skips, bar,
+               n: int, capacity: int, feeds, following):
+    """Run one chunk of ``n`` steps and do the host's work after it (stopping rule, step-size
+    decay, bookkeeping); ``host`` is updated in place, the new loop state returned.
+
+    The chunk is one compiled call, or, when ``n`` exceeds what a fed chunk holds, several
+    (pieces of ``capacity`` steps) whose outputs are joined on the host; ``following`` is the
+    first piece of the next chunk, read ahead.
+    """
     host.chunk_index += 1
     t0 = time.perf_counter()
-    state, out = _run_chunk(
-        loss_fn, optimizer, state, jnp.int32(n), probe,
-        CHUNK_CAPACITY if track else PLAIN_CAPACITY, track,
-    )
+    pieces = []
+    for offset in range(0, n, capacity):
+        m = min(capacity, n - offset)
+        feed = None
+        if feeds is not None:
+            nxt = offset + m
+            ahead = (host.steps + nxt, min(capacity, n - nxt)) if nxt < n else following
+            feed = feeds(host.steps + offset, m, ahead)
+        state, out = _run_chunk(loss_fn, optimizer, state, jnp.int32(m), probe, capacity, track, feed)
+        pieces.append((m, out))
     # The one host sync of the chunk: every host-side quantity in a single transfer.
-    losses, consecutive, probes = jax.device_get(
-        (out.losses, state.consecutive, out.probe_means if track else None)
+    got, consecutive = jax.device_get(
+        ([(o.losses, o.probe_means if track else None) for _, o in pieces], state.consecutive)
     )
-    if not track:  # the next plain chunk: about PLAIN_SECONDS of work
+    got = [(l[:, :m], p[:, : -(-m // PROBE_BATCH)] if track else None) for (m, _), (l, p) in zip(pieces, got)]
+    if not track and feeds is None:  # the next plain chunk: about PLAIN_SECONDS of work
         grow = PLAIN_SECONDS / max(time.perf_counter() - t0, 1e-6)
         host.plain_next = int(np.clip(n * min(grow, 8.0), 100, PLAIN_CAPACITY))
-    losses = losses[:, :n]
+    losses = np.concatenate([g[0] for g in got], axis=1)
     if track:
-        host.history.append((host.steps, host.steps + n, out.mean_params))
-        probes = probes[:, : -(-n // PROBE_BATCH)]
+        probes = np.concatenate([g[1] for g in got], axis=1)
+        host.history.append((host.steps, host.steps + n, _join_means(pieces, [g[0] for g in got], state.params)))
     host.steps += n
     steps, rules = host.steps, host.rules
     for r in map(int, np.flatnonzero(~host.done)):
@@ -387,6 +451,24 @@ def _one_chunk(loss_fn, optimizer, state, host: _Host, probe, track, max_steps, 
         bar.update(n)
         bar.set_postfix(loss=f"{np.nanmean(losses):.4g}")
     return state
+
+
+def _join_means(pieces, losses, params):
+    """The iterate average of a chunk run as pieces: each piece's average weighted by its
+    finite steps (a step's loss is NaN where it was skipped); the last parameters where no
+    step was finite."""
+    if len(pieces) == 1:
+        return pieces[0][1].mean_params
+    counts = jnp.asarray(np.stack([np.isfinite(l).sum(axis=1) for l in losses]), jnp.float32)  # [piece, k]
+    total = counts.sum(axis=0)
+
+    def join(last, *means):
+        w = counts / jnp.maximum(total, 1)
+        w = w.reshape(w.shape + (1,) * (last.ndim - 1))
+        avg = sum(wi * m for wi, m in zip(w, means))
+        return jnp.where(total.reshape((-1,) + (1,) * (last.ndim - 1)) > 0, avg, last)
+
+    return jax.tree.map(join, params, *[o.mean_params for _, o in pieces])
 
 
 def _finish(state, host: _Host, track: bool, wall: float) -> RunOutput:

@@ -100,6 +100,36 @@ def _minibatch_logdensity(log_prior, log_lik, num_data, z, data):
     return log_prior(z) + scale * log_lik(z, data)
 
 
+def _streamed_loglik(log_lik, store, z: jax.Array) -> jax.Array:
+    """``sum_{i=1}^N log_lik(z_k, x_i)`` for each row ``z_k`` of ``z`` (shape ``(n, dim)``),
+    the ``N`` rows read from an on-disk ``store`` (:class:`veil.batching.OnDisk`) a block at a
+    time by a host callback inside the program, so they are never all in memory.
+
+    A block holds at most ``store.stream_rows()`` rows and ``2**24 / n`` of them (the
+    ``n x block`` likelihood terms live at once). Each block's work is under
+    ``jax.checkpoint``: a gradient reads the block again instead of keeping every block for
+    the backward pass.
+    """
+    n, total_rows = z.shape[0], store.num_data
+    size = max(1, min(store.stream_rows(), _ROWS_BUDGET // max(n, 1)))
+    full, rest = divmod(total_rows, size)
+
+    def block_sum(b, rows):
+        def read(b):
+            start = int(b) * size
+            return store.slice(start, start + rows)
+
+        x = jax.pure_callback(read, store.shapes(rows), b, vmap_method="sequential")
+        return jax.vmap(log_lik, (0, None))(z, x)
+
+    body = jax.checkpoint(lambda acc, b: (acc + block_sum(b, size), None))
+    acc = jnp.zeros(n, jnp.result_type(z.dtype, jnp.float32))
+    acc, _ = jax.lax.scan(body, acc, jnp.arange(full, dtype=jnp.int32))
+    if rest:
+        acc = acc + block_sum(jnp.int32(full), rest)
+    return acc
+
+
 def _leading(data) -> int:
     return jax.tree.leaves(data)[0].shape[0]
 
@@ -141,6 +171,7 @@ class Target(eqx.Module):
     plate: str | None = eqx.field(static=True, default=None)  # a NumPyro model's subsampled plate
     rows: Any = None  # that plate's current indices (a batch), or None for all rows
     mesh: Any = eqx.field(static=True, default=None)  # devices the rows are sharded over
+    store: Any = eqx.field(static=True, default=None)  # rows kept on disk (batching.OnDisk)
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -207,7 +238,10 @@ class Target(eqx.Module):
                 rows of ``batch`` (same pytree as ``data`` with a leading axis of length
                 ``|B|``). veil scales it by ``N / |B|``; do not scale it yourself.
             data: a pytree (array, tuple or dict of arrays) whose leaves share a leading axis
-                of length ``N``, the rows.
+                of length ``N``, the rows. Memory-mapped arrays (``np.load(path,
+                mmap_mode="r")``), or a :class:`veil.batching.OnDisk`, stay on disk: each chunk
+                of the fit reads its batches' rows ahead on a background thread, and full-data
+                evaluations stream the rows in blocks (same fit, same key, as in memory).
             dim: dimension of ``z``.
             batch_size: rows per step, ``1 <= batch_size <= N``.
 
@@ -235,9 +269,15 @@ class Target(eqx.Module):
             >>> t.num_data, t.batch_size
             (1000, 100)
         """
+        from veil.batching import OnDisk
+
         if not callable(log_prior) or not callable(log_lik):
             raise TypeError("log_prior and log_lik must be callables: z -> scalar and (z, batch) -> scalar.")
         dim = _check_dim(dim)
+        store = None
+        if isinstance(data, OnDisk) or any(isinstance(x, np.memmap) for x in jax.tree.leaves(data)):
+            store = data if isinstance(data, OnDisk) else OnDisk(data)  # rows stay on disk
+            data = store.data
         leaves = jax.tree_util.tree_leaves_with_path(data)
         if not leaves:
             raise ValueError("data holds no arrays: pass an array, or a tuple/dict of arrays sharing their first axis.")
@@ -264,12 +304,16 @@ class Target(eqx.Module):
                 f"batch_size must be between 1 and the number of rows N={num_data}, got {batch_size}. "
                 + ("Use batch_size=N for full-batch steps." if batch_size > num_data else "")
             )
-        _check_rows_finite(leaves)
-        # On the device (a copy: the user's arrays are untouched); arrays already there, such as
-        # a multi-host global array, stay as they are.
-        data = jax.tree.map(lambda x: x if isinstance(x, jax.Array) else jnp.asarray(x), data)
+        if store is not None:
+            store.check_finite()  # one pass over the file, a block at a time
+            batch, data = store.shapes(int(batch_size)), None
+        else:
+            _check_rows_finite(leaves)
+            # On the device (a copy: the user's arrays are untouched); arrays already there,
+            # such as a multi-host global array, stay as they are.
+            data = jax.tree.map(lambda x: x if isinstance(x, jax.Array) else jnp.asarray(x), data)
+            batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct((int(batch_size),) + x.shape[1:], x.dtype), data)
         z = jax.ShapeDtypeStruct((dim,), jnp.float32)
-        batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct((int(batch_size),) + x.shape[1:], x.dtype), data)
         for name, call in (("log_prior", lambda: jax.eval_shape(log_prior, z)),
                            ("log_lik", lambda: jax.eval_shape(log_lik, z, batch))):
             try:
@@ -283,7 +327,8 @@ class Target(eqx.Module):
                     "Sum the per-row terms (e.g. `jnp.sum(...)`)."
                 )
         site = Site("z", 0, (dim,))
-        return cls("minibatched", dim, log_prior, None, (site,), ("z",), data, log_lik, int(num_data), int(batch_size))
+        return cls("minibatched", dim, log_prior, None, (site,), ("z",), data, log_lik, int(num_data),
+                   int(batch_size), store=store)
 
     @property
     def is_minibatched(self) -> bool:
@@ -295,12 +340,14 @@ class Target(eqx.Module):
         """The batch source ``veil.fit`` draws each step's batch from (``None`` for a
         full-data target): rows of the data for ``minibatched``, indices of the subsampled
         plate for a NumPyro model."""
-        from veil.batching import Shuffled, ShuffledIndices
+        from veil.batching import DiskBatches, Shuffled, ShuffledIndices
 
         if not self.is_minibatched:
             return None
         if self.kind == "numpyro":
             return ShuffledIndices(self.num_data, self.batch_size)
+        if self.store is not None:
+            return DiskBatches(self.store, self.batch_size)
         return Shuffled(self.data, self.batch_size, self.num_data)
 
     def on_batch(self, batch) -> "Target":
@@ -317,7 +364,8 @@ class Target(eqx.Module):
             batch = jax.lax.with_sharding_constraint(batch, _row_sharding(self.mesh))
         if self.kind == "numpyro":
             return eqx.tree_at(lambda t: t.rows, self, batch, is_leaf=lambda x: x is None)
-        return eqx.tree_at(lambda t: t.data, self, batch)
+        # (an on-disk target's data is None until a batch takes its place)
+        return eqx.tree_at(lambda t: t.data, self, batch, is_leaf=lambda x: x is None)
 
     def shard(self, mesh) -> "Target":
         """This target with its rows sharded over the devices of ``mesh`` (a
@@ -343,6 +391,12 @@ class Target(eqx.Module):
                 "Only the rows of a minibatched target can be sharded over devices (veil.Target."
                 "minibatched, or a NumPyro model with plate(..., subsample_size=B)); for a "
                 "full-data target, veil.fit(..., mesh=...) shards its restarts instead."
+            )
+        if self.store is not None:
+            raise ValueError(
+                "The rows of this target are on disk (memory-mapped), and veil does not shard "
+                "on-disk rows over devices yet: load them into memory (np.asarray) to use a mesh, "
+                "or fit on one device."
             )
         devices = mesh.size
         if self.batch_size % devices:
@@ -425,9 +479,16 @@ class Target(eqx.Module):
         """``log p(z)`` for one flat unconstrained vector ``z`` of shape ``(dim,)``."""
         if self.kind == "numpyro":
             return _numpyro_logdensity(self._model(), self.sites, z, self.data)
+        if self.kind == "minibatched" and self._on_disk:
+            return self.fn(z) + _streamed_loglik(self.loglik, self.store, z[None])[0]
         if self.kind == "minibatched":
             return _minibatch_logdensity(self.fn, self.loglik, self.num_data, z, self.data)
         return _logdensity_from_fn(self.fn, z, self.data)
+
+    @property
+    def _on_disk(self) -> bool:
+        """All rows on disk (not a batch of them in memory)."""
+        return self.store is not None and self.data is None
 
     @property
     def has_likelihood(self) -> bool:
@@ -441,6 +502,8 @@ class Target(eqx.Module):
         is the log prior (with the change-of-variables term)."""
         if self.kind == "numpyro":
             return _numpyro_loglikelihood(self._model(), self.sites, z, self.data)
+        if self.kind == "minibatched" and self._on_disk:
+            return _streamed_loglik(self.loglik, self.store, z[None])[0]
         if self.kind == "minibatched":
             return self.num_data / _leading(self.data) * self.loglik(z, self.data)
         if self.loglik is None:
@@ -511,6 +574,8 @@ def log_density_rows(target: Target, z: jax.Array) -> jax.Array:
     """
     if not target.is_minibatched:
         return jax.vmap(target.log_density)(z)
+    if target._on_disk:  # the rows streamed once for all the draws
+        return jax.vmap(target.fn)(z) + _streamed_loglik(target.loglik, target.store, z)
     block = max(1, min(z.shape[0], _ROWS_BUDGET // target.num_data))
     return jax.lax.map(target.log_density, z, batch_size=block)
 
