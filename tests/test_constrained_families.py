@@ -73,6 +73,7 @@ def test_gamma_elbo_gradients_are_unbiased_against_quadrature(key, estimator):
     _assert_unbiased_against_quadrature(estimator, Q, log_p, -6.0, 5.0, key)
 
 
+@pytest.mark.slow  # 9 s; RSVI's unbiasedness is checked in the default run
 def test_rsvi_has_far_less_variance_than_the_score_function(key):
     keys = jax.random.split(key, 4000)
     _, rsvi = _replicates(veil.ELBO(num_samples=4, estimator=veil.RSVI()), Q, keys, log_density=log_p)
