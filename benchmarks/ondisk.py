@@ -30,7 +30,6 @@ import os
 import platform
 import sys
 import tempfile
-import time
 
 import jax
 import jax.numpy as jnp

@@ -9,7 +9,6 @@ rounding, not Monte Carlo error.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 
 import jax
@@ -21,6 +20,8 @@ import veil
 from veil.batching import DiskBatches, Feeder, OnDisk, ROUNDS, ShuffledIndices, epoch_keys, permute, permute_host
 from veil.checkpoint import Checkpoint
 from veil.target import log_density_rows
+
+from test_checkpoint import _CrashAfter  # a Checkpoint that dies after its n-th save
 
 N, D, B = 3000, 3, 50
 W = np.array([1.0, -2.0, 0.5], np.float32)
@@ -136,17 +137,6 @@ def test_stop_rule_fit_on_disk_equals_fit_in_memory(files):
     assert (a.num_steps, a.stop_reason) == (b.num_steps, b.stop_reason)
     np.testing.assert_array_equal(a.trace, b.trace)
     np.testing.assert_allclose(b.q.loc, a.q.loc, rtol=1e-5, atol=1e-6)
-
-
-@dataclasses.dataclass
-class _CrashAfter(Checkpoint):
-    n: int = 2
-
-    def save(self, arrays, header):
-        super().save(arrays, header)
-        self.n -= 1
-        if self.n == 0:
-            raise KeyboardInterrupt("simulated crash")
 
 
 def test_on_disk_fit_resumes_and_leaves_the_files_alone(files, tmp_path):

@@ -19,9 +19,10 @@ carries the source's state, takes the next batch at every step (skipped steps in
 calls ``loss_fn(params, key, batch=batch)`` (after the loss's state, if it has one). Each
 restart draws its own batch order. A source marked ``host_fed`` (rows on disk,
 :class:`veil.batching.DiskBatches`) is not called in the loop: a
-:class:`veil.batching.Feeder` thread reads the next chunk's batches while the current chunk
-runs, and each chunk takes its batches as an input array (chunks are then
-``source.steps_per_chunk(restarts)`` steps at most).
+:class:`veil.batching.Feeder` thread reads the next piece's batches while the current piece
+runs, and each compiled call takes its batches as an input array. A piece holds at most
+``source.steps_per_chunk(restarts)`` steps; a longer chunk runs as several pieces whose
+outputs are joined on the host before the stopping rule sees them.
 
 What the stopping rule's drift test watches is ``loss_fn.watch(params)`` when the loss has
 that method (a pytree of arrays; a flow watches where fixed noise points land rather than its
