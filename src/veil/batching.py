@@ -287,10 +287,6 @@ class OnDisk:
             [jax.ShapeDtypeStruct((rows, *x.shape[1:]), _canonical(x.dtype)) for x in self.leaves]
         )
 
-    def read(self, rows: np.ndarray) -> list[np.ndarray]:
-        """The leaves' rows ``rows`` (ascending ints), in memory, in the device's dtypes."""
-        return [np.asarray(x[rows], _canonical(x.dtype)) for x in self.leaves]
-
     def slice(self, start: int, stop: int):
         """Rows ``[start, stop)`` of every leaf, as the pytree of in-memory arrays."""
         return self.treedef.unflatten(

@@ -215,11 +215,6 @@ def _phi_rows(targets, mu, chol, u):
     return jax.lax.map(one, u, batch_size=block)
 
 
-def _ess(lw):
-    w = jnp.exp(lw - jnp.max(lw))
-    return jnp.sum(w) ** 2 / jnp.sum(w**2)
-
-
 def _systematic(key, lw, n: int):
     """Systematic resampling: ``n`` ancestor indices for log weights ``lw``."""
     w = jnp.exp(lw - jnp.max(lw))
@@ -278,7 +273,7 @@ def _move(children, mu, chol, u, phi, noise, s, tau, time):
     return u_new, jnp.where(ok[None], phi_new, 0.0), jnp.where(ok, inc, -jnp.inf)
 
 
-def _ess_np(lw: np.ndarray) -> float:
+def _ess(lw: np.ndarray) -> float:
     """Effective sample size fraction of log weights ``lw``."""
     if not np.isfinite(lw).any():
         return 0.0
@@ -302,7 +297,7 @@ def _fuse_node(children, u, mu, chol, time: float, key, num_steps: int, threshol
     bad = ~np.isfinite(np.asarray(phi)).all(axis=0)
     lw, dropped = np.where(bad, -np.inf, lw), int(bad.sum())
     phi = jnp.where(jnp.asarray(bad)[None], 0.0, phi)
-    ess, resamples, s, tau = [_ess_np(lw)], 0, 0.0, time / num_steps
+    ess, resamples, s, tau = [_ess(lw)], 0, 0.0, time / num_steps
 
     def resample(key, u, phi, lw):
         idx = _systematic(key, jnp.asarray(lw, jnp.float32), n)
@@ -324,7 +319,13 @@ def _fuse_node(children, u, mu, chol, time: float, key, num_steps: int, threshol
         u, phi = moved[0], moved[1]
         dropped += int(np.sum(~np.isfinite(inc)))
         lw = lw + inc
-        ess.append(_ess_np(lw))
+        ess.append(_ess(lw))
+        if ess[-1] == 0.0:
+            raise FloatingPointError(
+                "Every particle of the fusion lost its weight (the sub-posteriors' log densities or "
+                "their derivatives were not finite where the particles moved): check the targets' "
+                "log densities far from their draws, or fuse fewer shards."
+            )
         s = time if time - (s + tau) < 1e-6 * time else s + tau
         tau = min(2 * tau, time / num_steps)
     # At `time` the children coincide: one point per particle, resampled by its weight.
