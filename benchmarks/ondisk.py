@@ -37,23 +37,8 @@ import numpy as np
 import optax
 
 sys.path.insert(0, os.path.dirname(__file__))
-from minibatch import STEP, log_lik, log_prior, make_data, per_step  # noqa: E402
-
-
-def veil_tool(data, d, B):
-    import veil
-
-    target = veil.Target.minibatched(log_prior, log_lik, data, dim=d, batch_size=B)
-    objective = veil.ELBO(num_samples=1, estimator=veil.Reparam())
-    opt = optax.adam(STEP)
-
-    def run(steps, seed=0):
-        res = veil.fit(target, veil.MeanField(d), key=jax.random.key(seed), objective=objective,
-                       optimizer=opt, max_steps=steps, stop=None, progress=False)
-        jax.block_until_ready(res.q)
-        return res.q.mean
-
-    return run
+# veil_tool: minibatch.py's veil fit; given memory maps, Target.minibatched keeps them on disk.
+from minibatch import STEP, log_lik, log_prior, make_data, per_step, veil_tool  # noqa: E402
 
 
 def host_loop_tool(Xm, ym, B):
@@ -123,8 +108,8 @@ def main():
         Xm, ym = np.load(f"{root}/X.npy", mmap_mode="r"), np.load(f"{root}/y.npy", mmap_mode="r")
         for B in (int(b) for b in a.batches.split(",")):
             tools = {
-                "memory": veil_tool((X, y), a.d, B),
-                "disk": veil_tool((Xm, ym), a.d, B),
+                "memory": veil_tool(X, y, B),
+                "disk": veil_tool(Xm, ym, B),
                 "host-loop": host_loop_tool(Xm, ym, B),
                 "read": read_tool((Xm, ym), B),
             }
