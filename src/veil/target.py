@@ -9,13 +9,16 @@ the compiled program, and a fit never bakes the data into the program as constan
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import typing
+import weakref
 from collections.abc import Callable
 from typing import Any
 
 import equinox as eqx
 import jax
+import jax.extend.core as jex_core
 import jax.numpy as jnp
 import numpy as np
 
@@ -39,9 +42,89 @@ class Site(eqx.Module):
         return math.prod(self.unconstrained_shape)
 
 
+# Closed-over arrays larger than this (bytes, all together) are lifted out of a plain log
+# density and passed to the compiled program as arguments (see ``_hoist``).
+_HOIST_BYTES = 2**20
+
+
+class _Hoisted:
+    """A function of ``z`` whose large closed-over arrays are lifted out as arguments.
+
+    ``jax.jit`` embeds the arrays a function closes over into the compiled program as
+    literal constants: an 800 MB design matrix in ``lambda z: loglik(z, X, y)`` gave a
+    1.6 GB program text and a 17 s compilation (jax 0.10, CPU), and memory for the copy.
+    Tracing the function once to a jaxpr separates those arrays (its ``consts``) from the
+    computation; calling ``self(z, consts)`` evaluates the jaxpr with the arrays given as
+    ordinary inputs, which ``jit``, ``grad`` and ``vmap`` see as data, not program.
+    Metadata (``__qualname__``, ...) are the user's function's, so checkpoints still match.
+    """
+
+    def __init__(self, fn, jaxpr, aval):
+        functools.update_wrapper(self, fn)
+        self.source, self.jaxpr, self.aval = fn, jaxpr, aval
+
+    def __call__(self, z, consts):
+        if (jnp.shape(z), jnp.result_type(z)) != (self.aval.shape, self.aval.dtype):
+            return self.source(z)  # traced for another shape/dtype: the function as written
+        return jex_core.jaxpr_as_fun(jex_core.ClosedJaxpr(self.jaxpr, consts))(z)[0]
+
+
+_HOISTED: "weakref.WeakKeyDictionary[Callable, _Hoisted]" = weakref.WeakKeyDictionary()
+
+
+def _hoist(fn: Callable, traced) -> tuple[Callable, tuple | None]:
+    """``(fn, None)``, or ``(_Hoisted, consts)`` when ``fn`` closes over more than
+    ``_HOIST_BYTES`` of arrays. ``traced`` is ``jax.make_jaxpr(fn)`` at one ``(dim,)``
+    vector. The same ``fn`` over the same arrays gives back the same ``_Hoisted`` object, so
+    a second target from it reuses the compiled program."""
+    raw = tuple(traced.consts)
+    size = sum(getattr(c, "nbytes", 0) for c in raw)
+    if size <= _HOIST_BYTES or not all(isinstance(c, (jax.Array, np.ndarray)) for c in raw):
+        return fn, None
+    try:
+        old = _HOISTED.get(fn)
+    except TypeError:  # not weak-referenceable: no reuse
+        old = None
+    if (old is not None and str(old.jaxpr) == str(traced.jaxpr)
+            and len(old.raw) == len(raw) and all(a is b for a, b in zip(old.raw, raw))):
+        return old, old.consts
+    hoisted = _Hoisted(fn, traced.jaxpr, traced.in_avals[0])
+    # (the closure's own arrays, for the identity check; on the device once, for the fits)
+    hoisted.raw, hoisted.consts = raw, tuple(jnp.asarray(c) for c in raw)
+    try:
+        _HOISTED[fn] = hoisted
+    except TypeError:
+        pass
+    return hoisted, hoisted.consts
+
+
+def _trace_scalar_fn(fn, dim: int, what: str):
+    """``jax.make_jaxpr(fn)`` at a ``(dim,)`` vector (no computation), checking that ``fn``
+    accepts it and returns a scalar."""
+    try:
+        traced = jax.make_jaxpr(fn)(jnp.zeros((dim,)))
+    except Exception as e:  # the user's function failed on a (dim,) vector
+        raise ValueError(
+            f"Calling {what[:1].lower() + what[1:]} on a vector of shape ({dim},) failed: {e}. "
+            f"Check that `dim` ({dim}) is the length of the vector your function expects."
+        ) from e
+    shapes = [getattr(a, "shape", None) for a in traced.out_avals]
+    if shapes != [()]:
+        shape = shapes[0] if len(shapes) == 1 else f"{len(shapes)} outputs"
+        raise ValueError(
+            f"{what} must return a scalar, but it returned shape {shape} for an "
+            f"input of shape ({dim},). Sum the per-component terms (e.g. `jnp.sum(...)`)."
+        )
+    return traced
+
+
+def _call(fn, z, consts):
+    """``fn(z)``, or a hoisted function with its arrays."""
+    return fn(z) if consts is None else fn(z, consts)
+
+
 def _logdensity_from_fn(fn, z, data):
-    del data
-    return fn(z)
+    return _call(fn, z, None if data is None else data[0])
 
 
 def _with_rows(model, plate: str | None, num_data: int | None, rows):
@@ -192,23 +275,15 @@ class Target(eqx.Module):
         if not callable(fn):
             raise TypeError(f"fn must be a callable log density, got {type(fn).__name__}.")
         dim = _check_dim(dim)
-        try:
-            out = jax.eval_shape(fn, jax.ShapeDtypeStruct((dim,), jnp.float32))
-        except Exception as e:  # the user's function failed on a (dim,) vector
-            raise ValueError(
-                f"Calling the log density on a vector of shape ({dim},) failed: {e}. "
-                f"Check that `dim` ({dim}) is the length of the vector your function expects."
-            ) from e
-        if not hasattr(out, "shape") or out.shape != ():
-            shape = getattr(out, "shape", type(out).__name__)
-            raise ValueError(
-                f"The log density must return a scalar, but it returned shape {shape} for an "
-                f"input of shape ({dim},). Sum the per-component terms (e.g. `jnp.sum(...)`)."
-            )
         if log_likelihood is not None and not callable(log_likelihood):
             raise TypeError(f"log_likelihood must be a callable, got {type(log_likelihood).__name__}.")
+        fn, consts = _hoist(fn, _trace_scalar_fn(fn, dim, "The log density"))
+        lik_consts = None
+        if log_likelihood is not None:
+            log_likelihood, lik_consts = _hoist(log_likelihood, _trace_scalar_fn(log_likelihood, dim, "log_likelihood"))
+        data = None if consts is None and lik_consts is None else (consts, lik_consts)
         site = Site("z", 0, (dim,))
-        return cls("logdensity", dim, fn, None, (site,), ("z",), None, log_likelihood)
+        return cls("logdensity", dim, fn, None, (site,), ("z",), data, log_likelihood)
 
     @classmethod
     @typing.no_type_check  # validates its own arguments, with messages that say what to do
@@ -511,7 +586,7 @@ class Target(eqx.Module):
                 "This target has no separate log likelihood: build it with "
                 "veil.Target.from_logdensity(fn, dim, log_likelihood=...) or from a NumPyro model."
             )
-        return self.loglik(z)
+        return _call(self.loglik, z, None if self.data is None else self.data[1])
 
     def to_constrained(self, z: jax.Array) -> dict[str, jax.Array]:
         """Map one unconstrained vector to a dict of named constrained values.
@@ -580,10 +655,24 @@ def log_density_rows(target: Target, z: jax.Array) -> jax.Array:
     return jax.lax.map(target.log_density, z, batch_size=block)
 
 
+def _finite_on_device(leaf) -> bool:
+    """Whether a device array is finite throughout, checked where it lives (a 4 GB array on a
+    GPU is not copied to the host to be checked); ``False`` for host arrays and for global
+    arrays spanning processes, which the callers check piece by piece on the host."""
+    if not isinstance(leaf, jax.Array) or not leaf.is_fully_addressable:
+        return False
+    return bool(_all_finite(leaf))
+
+
+@jax.jit
+def _all_finite(x):
+    return jnp.isfinite(x).all()
+
+
 def _check_rows_finite(leaves) -> None:
     """Name the first data leaf holding a NaN or inf, and the first bad row in it."""
     for path, leaf in leaves:
-        if not np.issubdtype(np.dtype(leaf.dtype), np.inexact):
+        if not np.issubdtype(np.dtype(leaf.dtype), np.inexact) or _finite_on_device(leaf):
             continue
         # A global array of several processes (multi-host data): each process checks the rows
         # it holds, numbered as rows of the whole array.
@@ -611,7 +700,8 @@ def _check_dim(dim) -> int:
 def _check_data_finite(args, kwargs) -> None:
     leaves = jax.tree_util.tree_leaves_with_path((args, kwargs))
     for path, leaf in leaves:
-        if isinstance(leaf, (jax.Array, np.ndarray)) and jnp.issubdtype(leaf.dtype, jnp.inexact):
+        if (isinstance(leaf, (jax.Array, np.ndarray)) and jnp.issubdtype(leaf.dtype, jnp.inexact)
+                and not _finite_on_device(leaf)):
             finite = np.isfinite(np.asarray(leaf))
             bad = int(finite.size - np.count_nonzero(finite))
             if bad:
