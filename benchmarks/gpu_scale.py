@@ -18,7 +18,9 @@ Rows (JSON, one per line, also appended to ``--out``):
   read each row once for both.
 * ``minibatch``: microseconds per step at batch 256 and 4096 for ``veil.fit`` on
   ``Target.minibatched``, the hand-written fused scan with veil's Feistel permutation and
-  with uniform indices, and NumPyro's subsampled plate (``SVI.run``, batch 256 only: its
+  with uniform indices, ``veil-branches`` (veil's loop as it runs on CPU, with ``lax.cond`` and
+  a ``while_loop``: what selecting instead of branching saves on this device), and NumPyro's
+  subsampled plate (``SVI.run``, batch 256 only: its
   subsample is drawn by sequential swaps, slow on a GPU). A batch moves ``B * d * 4`` bytes
   a few times: far below a microsecond, so these steps are bound by latency, not bandwidth.
 * ``accuracy``: a full-batch fit to convergence (veil's stopping rule) as reference, the
@@ -129,6 +131,38 @@ def full_batch_tools(X, y):
     return {"fused": fused, "veil-logdensity": veil_run(t_closure), "veil-numpyro": veil_run(t_numpyro)}, t_closure
 
 
+def veil_branches_tool(X, y, B, branches: bool):
+    """``veil_tool`` with veil's loop forced to branch (``lax.cond``, ``while_loop``: the CPU
+    code) or to select (the GPU code), to measure what the choice is worth on this device."""
+    import contextlib
+
+    import veil
+    import veil.batching
+    import veil.driver
+
+    @contextlib.contextmanager
+    def forced():
+        saved = veil.driver.cheap_branches, veil.batching.cheap_branches
+        veil.driver.cheap_branches = veil.batching.cheap_branches = lambda: branches
+        try:
+            yield
+        finally:
+            veil.driver.cheap_branches, veil.batching.cheap_branches = saved
+
+    d = X.shape[1]
+    # New functions: a program of its own, not the other variant's from the cache.
+    target = veil.Target.minibatched(lambda z: log_prior(z), lambda z, b: log_lik(z, b), (X, y), dim=d, batch_size=B)
+    objective = veil.ELBO(num_samples=1, estimator=veil.Reparam())
+
+    def run(steps, seed=0):
+        with forced():
+            res = veil.fit(target, veil.MeanField(d), key=jax.random.key(seed), objective=objective,
+                           optimizer=optax.adam(STEP), max_steps=steps, stop=None, progress=False)
+            return jax.block_until_ready(res.q.mean)
+
+    return run
+
+
 def emit(row, out, meta):
     print(json.dumps(row), flush=True)
     with open(out, "a") as f:
@@ -186,8 +220,8 @@ def main():
     def minibatch(n_rows):
         Xn, yn = X[:n_rows], y[:n_rows]
         for B in (256, 4096):
-            tools = {"veil": veil_tool(Xn, yn, B), "fused-feistel": fused_tool(Xn, yn, B, "feistel"),
-                     "fused-randint": fused_tool(Xn, yn, B, "randint")}
+            tools = {"veil": veil_tool(Xn, yn, B), "veil-branches": veil_branches_tool(Xn, yn, B, True),
+                     "fused-feistel": fused_tool(Xn, yn, B, "feistel"), "fused-randint": fused_tool(Xn, yn, B, "randint")}
             if B == 256:
                 tools["numpyro"] = numpyro_tool(Xn, yn, B)
             times = {k: [] for k in tools}
@@ -195,13 +229,15 @@ def main():
             for _ in range(args.repeats):
                 for name, run in tools.items():
                     if name == "numpyro":
-                        s1, s2 = 10, 110
+                        s1, s2 = 20, 520
                     else:
                         s1, s2 = 2000, 2000 + max(10_000, int(math.ceil(1.1 * epoch)))
                     times[name].append(per_step(run, s1, s2, 0))
             row = {"section": "minibatch", "n_rows": n_rows, "batch": B,
                    **{f"{k}_us": round(1e6 * float(np.median(v)), 2) for k, v in times.items()},
                    "veil_over_fused-feistel": round(float(np.median(times["veil"]) / np.median(times["fused-feistel"])), 3),
+                   "veil_over_fused-randint": round(float(np.median(times["veil"]) / np.median(times["fused-randint"])), 3),
+                   "branches_over_veil": round(float(np.median(times["veil-branches"]) / np.median(times["veil"])), 2),
                    "batch_bytes": B * d * 4,
                    "all_us": {k: [round(1e6 * t, 2) for t in v] for k, v in times.items()}}
             if "numpyro" in times:

@@ -289,3 +289,59 @@ def test_numpyro_local_latents_in_subsampled_plate_are_refused():
 
     with pytest.raises(NotImplementedError, match="subsamples 2 plates"):
         veil.Target.from_numpyro(two, jnp.zeros(50))
+
+
+# ------------------------------------------------------------------ the loop without branches (GPU)
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 50, 1025, 65537, 1_000_003])
+def test_unrolled_cycle_walk_is_the_loop(n):
+    """The branch-free walk (a b - n unconditional rounds) gives the loop's permutation
+    exactly: a walk visits each value above n at most once."""
+    from veil.batching import MAX_EXCESS, _split, permute_host
+
+    a, b = _split(n)
+    assert 0 <= a * b - n <= MAX_EXCESS
+    keys = jax.random.bits(jax.random.key(n), (4, ROUNDS), jnp.uint32)
+    pos = jnp.arange(min(n, 5000))
+    for k in keys:
+        loop = np.asarray(permute(pos, k, n, unrolled=False))
+        np.testing.assert_array_equal(np.asarray(permute(pos, k, n, unrolled=True)), loop)
+        np.testing.assert_array_equal(permute_host(np.asarray(pos), np.asarray(k), n), loop)
+
+
+def test_feistel_split_is_tight_and_balanced():
+    """Every n below 20000: the walk is short enough to unroll, the halves within 4x."""
+    from veil.batching import MAX_EXCESS, _split
+
+    for n in range(4, 20_000):
+        a, b = _split(n)
+        assert a * b >= n and a * b - n <= MAX_EXCESS and max(a, b) <= 4 * min(a, b) + 4, n
+
+
+def test_branch_free_loop_gives_the_same_fit(monkeypatch):
+    """With branches dear (a GPU), the loop selects instead of branching: skipped steps, the
+    epochs' turns and the partial last block of steps (300 = 2 x 128 + 44) come out the same."""
+    import veil.batching
+    import veil.driver
+
+    x = _gauss_data()
+    bad = np.zeros(N, np.float32)
+    bad[:3] = 1.0
+
+    def run():
+        def lik(z, b):  # a new function each time: a new program
+            xb, flag = b
+            return jnp.sum(-0.5 * (xb - z[0]) ** 2 + jnp.where((flag > 0) & (z[0] > 0.5), -jnp.inf, 0.0))
+
+        t = veil.Target.minibatched(_prior, lik, (x, bad), dim=1, batch_size=B)
+        return veil.fit(t, veil.MeanField(1), key=jax.random.key(0), max_steps=300, stop=None, progress=False)
+
+    branchy = run()
+    asked = []
+    for mod in (veil.driver, veil.batching):
+        monkeypatch.setattr(mod, "cheap_branches", lambda mod=mod: asked.append(mod.__name__) or False)
+    flat = run()
+    assert {"veil.driver", "veil.batching"} <= set(asked)  # both places took the select path
+    assert branchy.num_skipped > 0
+    np.testing.assert_array_equal(flat.trace, branchy.trace)
+    np.testing.assert_array_equal(flat.q.mean, branchy.q.mean)
+    np.testing.assert_array_equal(flat.q.scale, branchy.q.scale)

@@ -34,3 +34,16 @@ def enable_compilation_cache() -> str | None:
     # veil's loops compile in well under JAX's default 1 s threshold; cache them anyway.
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     return path
+
+
+def cheap_branches() -> bool:
+    """Whether data-dependent control flow (``lax.cond``, a ``while_loop`` with a computed
+    predicate) is cheap inside a compiled loop on the default backend.
+
+    On CPU it is: the branch is taken in place. On a GPU each one copies its predicate to
+    the host and waits for it, a round trip per step: at n=1e7, d=100 on an H200, three of
+    them took a 256-row minibatch step from 12 us to 50 us (BENCHMARKS.md section 18). Where
+    they are not cheap, veil's loop selects (``jnp.where``) and unrolls instead, computing
+    the same values.
+    """
+    return jax.default_backend() == "cpu"

@@ -27,6 +27,7 @@ an input array.
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import math
 from typing import Any, ClassVar, NamedTuple
 
@@ -34,6 +35,8 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from veil._config import cheap_branches
 
 __all__ = [
     "DiskBatches", "Feeder", "OnDisk", "Shuffled", "ShuffledIndices", "ShuffleState",
@@ -70,10 +73,27 @@ def _mix(x, k, xp=jnp):
     return x ^ (x >> 13)
 
 
+# The Feistel domain [0, a b) exceeds [0, n) by at most this many values when such a split
+# exists (for every n below 2e5 and every one of 20000 random n up to 1e10, checked): the
+# cycle walk then needs at most this many extra rounds, few enough to unroll where branches
+# are dear (veil._config.cheap_branches).
+MAX_EXCESS = 32
+
+
+@functools.lru_cache(maxsize=256)
 def _split(n: int) -> tuple[int, int]:
-    """``a x b >= n`` with ``a = ceil(sqrt(n))``: the two halves of the Feistel network,
-    whose product exceeds ``n`` by less than ``a``."""
-    a = math.isqrt(max(n, 1) - 1) + 1
+    """The two halves of the Feistel network, ``a x b >= n`` with ``b = ceil(n / a)``: the
+    ``a`` in ``[max(2, ceil(sqrt(n)) / 2), ceil(sqrt(n))]`` with the least excess ``a b - n``, the
+    largest such ``a`` on ties.
+
+    The excess bounds the cycle walk of :func:`permute`: a walk passes only through values
+    at or above ``n``, each at most once, so it takes at most ``a b - n`` extra rounds. The
+    excess is ``(-n) mod a``, roughly uniform over ``[0, a)``, so among ``sqrt(n) / 2``
+    candidates some ``a`` nearly always gives a few; the halves stay within a factor of 4
+    of each other, balanced enough for the rounds to mix.
+    """
+    top = math.isqrt(max(n, 1) - 1) + 1
+    a = min(range(top, max(min(2, top), top // 2) - 1, -1), key=lambda a: (-n % a, -a))
     return a, -(-n // a)
 
 
@@ -92,7 +112,7 @@ def _feistel(x, round_keys, a: int, b: int, xp=jnp):
     return left * ub + right
 
 
-def permute(positions: jax.Array, round_keys: jax.Array, n: int) -> jax.Array:
+def permute(positions: jax.Array, round_keys: jax.Array, n: int, unrolled: bool | None = None) -> jax.Array:
     """The images of ``positions`` (ints in ``[0, n)``) under the permutation of ``[0, n)``
     that ``round_keys`` picks.
 
@@ -100,7 +120,9 @@ def permute(positions: jax.Array, round_keys: jax.Array, n: int) -> jax.Array:
     ``n`` is sent through the network again until it lands below ``n`` (cycle walking). The
     walk follows the cycle of the position, so the result is a bijection of ``[0, n)``; an
     image lands above ``n`` with probability below ``1 / sqrt(n)``, so the loop rarely runs
-    more than twice.
+    more than twice. ``unrolled`` (default: where branches are dear, on a GPU, and the
+    excess is small) replaces the loop by ``a b - n`` unconditional rounds, enough for any
+    walk: the same result, with no predicate copied to the host.
     """
     a, b = _split(n)
 
@@ -108,7 +130,13 @@ def permute(positions: jax.Array, round_keys: jax.Array, n: int) -> jax.Array:
         return jnp.where(x >= n, _feistel(x, round_keys, a, b), x)
 
     x = _feistel(positions.astype(jnp.uint32), round_keys, a, b)
-    x = jax.lax.while_loop(lambda x: jnp.any(x >= n), walk, x)
+    if unrolled is None:
+        unrolled = not cheap_branches() and a * b - n <= MAX_EXCESS
+    if unrolled:  # every walk ends within a b - n rounds (see _split): no loop, no branch
+        for _ in range(a * b - n):
+            x = walk(x)
+    else:
+        x = jax.lax.while_loop(lambda x: jnp.any(x >= n), walk, x)
     return x.astype(jnp.int32)
 
 
@@ -153,7 +181,13 @@ class ShuffledIndices(eqx.Module):
         def new_epoch(s):
             return ShuffleState(epoch_keys(s.key, s.epoch + 1), jnp.int32(0), s.epoch + 1, s.key)
 
-        state = jax.lax.cond(state.position >= self.batches_per_epoch, new_epoch, lambda s: s, state)
+        turn = state.position >= self.batches_per_epoch
+        if cheap_branches():
+            state = jax.lax.cond(turn, new_epoch, lambda s: s, state)
+        else:  # the next epoch's keys every step (a few hashes), kept only at an epoch's turn
+            s = state
+            state = ShuffleState(jnp.where(turn, epoch_keys(s.key, s.epoch + 1), s.round_keys),
+                                 jnp.where(turn, 0, s.position), jnp.where(turn, s.epoch + 1, s.epoch), s.key)
         positions = state.position * self.batch_size + jnp.arange(self.batch_size)
         idx = permute(positions, state.round_keys, self.num_data)
         return idx, state._replace(position=state.position + 1)

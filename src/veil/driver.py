@@ -48,6 +48,7 @@ import numpy as np
 import optax
 
 from veil import checkpoint as ckpt
+from veil._config import cheap_branches
 from veil.batching import Feeder
 from veil.diagnostics import PROBE_BATCH, StopRule
 
@@ -132,6 +133,11 @@ def probe_indices(params) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(idx), np.concatenate(groups)
 
 
+def _select(pred, new, old):
+    """``new`` where ``pred`` else ``old``, leaf by leaf (``None`` leaves stay ``None``)."""
+    return jax.tree.map(lambda n, o: jnp.where(pred, n, o), new, old)
+
+
 def _chunk(loss_fn, optimizer, state: LoopState, n_steps, probe, capacity: int, track: bool, feed=None):
     """Run ``n_steps`` (dynamic, ``<= capacity``) optimisation steps of one restart.
 
@@ -140,7 +146,7 @@ def _chunk(loss_fn, optimizer, state: LoopState, n_steps, probe, capacity: int, 
     ``feed``, for a host-fed batch source, holds the chunk's batches (leading axis: step).
     """
     grad_fn = eqx.filter_value_and_grad(loss_fn, has_aux=True)
-
+    branches = cheap_branches()
     source = _batches(loss_fn)
 
     def body(i, step_key, carry):
@@ -158,7 +164,8 @@ def _chunk(loss_fn, optimizer, state: LoopState, n_steps, probe, capacity: int, 
         # One reduction tells whether the loss and every gradient entry are finite (a sum
         # with an inf or NaN in it is not finite); a skipped step leaves the parameters and
         # the optimizer state exactly as they were. `cond` rather than `where` on every
-        # leaf: on CPU the branch costs less than selecting each array.
+        # leaf on CPU, where the branch costs less than selecting each array; `where` on a
+        # GPU, where a branch costs a round trip to the host (veil._config.cheap_branches).
         ok = jnp.isfinite(loss + sum(jnp.sum(g) for g in jax.tree.leaves(grads)))
 
         def update(args):
@@ -167,9 +174,11 @@ def _chunk(loss_fn, optimizer, state: LoopState, n_steps, probe, capacity: int, 
             updates = jax.tree.map(lambda u: st.step_scale * u, updates)
             return eqx.apply_updates(params, updates), opt_state
 
-        params, opt_state = jax.lax.cond(
-            ok, update, lambda args: (args[0], args[1]), (st.params, st.opt_state, grads)
-        )
+        old = (st.params, st.opt_state)
+        if branches:
+            params, opt_state = jax.lax.cond(ok, update, lambda args: (args[0], args[1]), (*old, grads))
+        else:
+            params, opt_state = _select(ok, update((*old, grads)), old)
         loss_state = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new_loss_state, st.loss_state)
         st = LoopState(
             params, opt_state, st.key, st.step_scale,
@@ -190,16 +199,16 @@ def _chunk(loss_fn, optimizer, state: LoopState, n_steps, probe, capacity: int, 
     # fold_in inside the step cost 1.3 us of a 6.5 us step; BENCHMARKS.md section 14).
     first = state.step
 
-    def block(b, carry):
+    def block(b, carry, steps=KEY_BLOCK):
         start = b * KEY_BLOCK
         keys = jax.vmap(lambda j: jax.random.fold_in(state.key, first + start + j))(jnp.arange(KEY_BLOCK))
-        return jax.lax.fori_loop(
-            0, jnp.minimum(KEY_BLOCK, n_steps - start), lambda j, c: body(start + j, keys[j], c), carry
-        )
+        return jax.lax.fori_loop(0, steps, lambda j, c: body(start + j, keys[j], c), carry)
 
-    state, losses, psum, nfinite, pbuf = jax.lax.fori_loop(
-        0, (n_steps + KEY_BLOCK - 1) // KEY_BLOCK, block, (state, losses, psum, jnp.int32(0), pbuf)
-    )
+    # Whole blocks run a loop of fixed length (a GPU then runs it without asking the host
+    # whether to go on at every step); the last, partial block a loop of computed length.
+    full = n_steps // KEY_BLOCK
+    carry = jax.lax.fori_loop(0, full, block, (state, losses, psum, jnp.int32(0), pbuf))
+    state, losses, psum, nfinite, pbuf = block(full, carry, n_steps - full * KEY_BLOCK)
     if not track:
         return state, ChunkOut(losses, state.params, jnp.zeros((0, 0)))
     denom = jnp.maximum(nfinite, 1)
