@@ -179,7 +179,7 @@ def _chunk(loss_fn, optimizer, state: LoopState, n_steps, probe, capacity: int, 
             params, opt_state = jax.lax.cond(ok, update, lambda args: (args[0], args[1]), (*old, grads))
         else:
             params, opt_state = _select(ok, update((*old, grads)), old)
-        loss_state = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new_loss_state, st.loss_state)
+        loss_state = _select(ok, new_loss_state, st.loss_state)
         st = LoopState(
             params, opt_state, st.key, st.step_scale,
             st.skipped + (~ok).astype(jnp.int32), jnp.where(ok, 0, st.consecutive + 1),

@@ -59,9 +59,13 @@ class _Hoisted:
     Metadata (``__qualname__``, ...) are the user's function's, so checkpoints still match.
     """
 
-    def __init__(self, fn, jaxpr, aval):
+    def __init__(self, fn, traced):
         functools.update_wrapper(self, fn)
-        self.source, self.jaxpr, self.aval = fn, jaxpr, aval
+        self.source, self.jaxpr, self.aval = fn, traced.jaxpr, traced.in_avals[0]
+        # The closure's own arrays (to recognise the same closure again), and the same
+        # arrays on the device once, for the fits.
+        self.raw = tuple(traced.consts)
+        self.consts = tuple(jnp.asarray(c) for c in self.raw)
 
     def __call__(self, z, consts):
         if (jnp.shape(z), jnp.result_type(z)) != (self.aval.shape, self.aval.dtype):
@@ -88,9 +92,7 @@ def _hoist(fn: Callable, traced) -> tuple[Callable, tuple | None]:
     if (old is not None and str(old.jaxpr) == str(traced.jaxpr)
             and len(old.raw) == len(raw) and all(a is b for a, b in zip(old.raw, raw))):
         return old, old.consts
-    hoisted = _Hoisted(fn, traced.jaxpr, traced.in_avals[0])
-    # (the closure's own arrays, for the identity check; on the device once, for the fits)
-    hoisted.raw, hoisted.consts = raw, tuple(jnp.asarray(c) for c in raw)
+    hoisted = _Hoisted(fn, traced)
     try:
         _HOISTED[fn] = hoisted
     except TypeError:
