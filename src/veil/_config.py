@@ -44,6 +44,6 @@ def cheap_branches() -> bool:
     the host and waits for it, a round trip per step: at n=1e7, d=100 on an H200, three of
     them took a 256-row minibatch step from 12 us to 50 us (BENCHMARKS.md section 18). Where
     they are not cheap, veil's loop selects (``jnp.where``) and unrolls instead, computing
-    the same values.
+    the same values, and runs whole blocks of steps as loops of fixed length.
     """
     return jax.default_backend() == "cpu"

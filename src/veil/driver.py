@@ -204,11 +204,17 @@ def _chunk(loss_fn, optimizer, state: LoopState, n_steps, probe, capacity: int, 
         keys = jax.vmap(lambda j: jax.random.fold_in(state.key, first + start + j))(jnp.arange(KEY_BLOCK))
         return jax.lax.fori_loop(0, steps, lambda j, c: body(start + j, keys[j], c), carry)
 
-    # Whole blocks run a loop of fixed length (a GPU then runs it without asking the host
-    # whether to go on at every step); the last, partial block a loop of computed length.
-    full = n_steps // KEY_BLOCK
-    carry = jax.lax.fori_loop(0, full, block, (state, losses, psum, jnp.int32(0), pbuf))
-    state, losses, psum, nfinite, pbuf = block(full, carry, n_steps - full * KEY_BLOCK)
+    carry = (state, losses, psum, jnp.int32(0), pbuf)
+    if branches:  # one loop body, each block's length computed: less to compile
+        carry = jax.lax.fori_loop(
+            0, (n_steps + KEY_BLOCK - 1) // KEY_BLOCK,
+            lambda b, c: block(b, c, jnp.minimum(KEY_BLOCK, n_steps - b * KEY_BLOCK)), carry)
+    else:
+        # Whole blocks run a loop of fixed length (a GPU then runs it without asking the
+        # host whether to go on at every step); the last, partial block one of computed length.
+        full = n_steps // KEY_BLOCK
+        carry = block(full, jax.lax.fori_loop(0, full, block, carry), n_steps - full * KEY_BLOCK)
+    state, losses, psum, nfinite, pbuf = carry
     if not track:
         return state, ChunkOut(losses, state.params, jnp.zeros((0, 0)))
     denom = jnp.maximum(nfinite, 1)
