@@ -62,7 +62,7 @@ from veil.objectives import (
 from veil.pathfinder import PathfinderResult, pathfinder
 from veil.result import LogEvidence, Summary, VIResult
 from veil.target import Target
-from veil import batching, demo, fusion, kernels
+from veil import batching, demo, families, fusion, kernels, particles
 
 __version__ = "0.1.0"
 
@@ -101,6 +101,8 @@ __all__ = [
     "MMD",
     "SumObjective",
     "kernels",
+    "particles",
+    "families",
     "fusion",
     "batching",
     "Estimator",

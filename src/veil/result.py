@@ -318,13 +318,22 @@ class VIResult:
             lines[-1] = "Verdict: do NOT trust this fit as it stands."
         return Summary(names, table, cols, lines, ok, header)
 
+    _loss_label = "−ELBO estimate"
+
+    def _plot_draws(self):
+        """Named columns of the draws the marginal histograms show."""
+        key = jax.random.fold_in(self.diagnostic_key, 2)
+        return _flat_columns(_draw(self.target, self.q, key, _SUMMARY_DRAWS)[0])
+
+    def _plot_quality(self) -> str:
+        return f"k-hat {self.khat:.2f}"
+
     def plot(self, max_marginals: int = 12):
         """A matplotlib figure: the loss trace and up to ``max_marginals`` marginal
         histograms of ``q`` in constrained space."""
         import matplotlib.pyplot as plt
 
-        key = jax.random.fold_in(self.diagnostic_key, 2)
-        names, x = _flat_columns(_draw(self.target, self.q, key, _SUMMARY_DRAWS)[0])
+        names, x = self._plot_draws()
         m = min(max_marginals, len(names))
         ncol = 4
         nrow = 1 + math.ceil(m / ncol)
@@ -332,7 +341,7 @@ class VIResult:
         grid = fig.add_gridspec(nrow, ncol)
         ax = fig.add_subplot(grid[0, :])
         tr = np.asarray(self.trace)
-        ax.plot(tr, lw=0.5, alpha=0.5, label="loss (−ELBO estimate)")
+        ax.plot(tr, lw=0.5, alpha=0.5, label=f"loss ({self._loss_label})")
         if len(tr) > 50:
             w = max(10, len(tr) // 50)
             smooth = np.convolve(np.nan_to_num(tr, nan=np.nanmean(tr)), np.ones(w) / w, "valid")
@@ -341,7 +350,7 @@ class VIResult:
         if hi > lo:
             ax.set_ylim(lo - 0.05 * (hi - lo), hi)
         ax.set_xlabel("step")
-        ax.set_title(f"stop: {self.stop_reason}; k-hat {self.khat:.2f}", fontsize=9)
+        ax.set_title(f"stop: {self.stop_reason}; {self._plot_quality()}", fontsize=9)
         ax.legend(fontsize=8)
         for i in range(m):
             a = fig.add_subplot(grid[1 + i // ncol, i % ncol])
