@@ -62,7 +62,7 @@ from veil.objectives import (
 from veil.pathfinder import PathfinderResult, pathfinder
 from veil.result import LogEvidence, Summary, VIResult
 from veil.target import Target
-from veil import batching, demo, families, fusion, kernels, particles
+from veil import batching, demo, families, fusion, kernels, mirror, particles
 
 __version__ = "0.1.0"
 
@@ -102,6 +102,7 @@ __all__ = [
     "SumObjective",
     "kernels",
     "particles",
+    "mirror",
     "families",
     "fusion",
     "batching",

@@ -41,6 +41,7 @@ from veil.checkpoint import Checkpoint
 from veil.diagnostics import StopRule, kernel_stein_discrepancy
 from veil.families.empirical import Empirical
 from veil.kernels import RBF, Kernel, _sq_dists
+from veil.mirror import MirrorMap
 from veil.result import VIResult, _flat_columns, _finite_rows, _warn_nonfinite, summary_table
 from veil.target import Target
 
@@ -50,6 +51,7 @@ __all__ = [
     "StepInfo",
     "SVGD",
     "CoinSVGD",
+    "MirroredSVGD",
     "ParticleResult",
     "run",
     "svgd_bandwidth",
@@ -150,10 +152,6 @@ def stein_direction(
     return (k @ scores + repulsion) / n
 
 
-def _values_and_scores(target: Target, x):
-    return jax.vmap(jax.value_and_grad(target.log_density))(x)
-
-
 class ParticleMethod(eqx.Module):
     """A rule that moves particles: a direction ``phi`` and an optax transformation that
     turns ``-phi`` (a descent direction, as optax expects) into the move.
@@ -175,13 +173,32 @@ class ParticleMethod(eqx.Module):
 
     default_stop: typing.ClassVar[StopRule | None] = None
 
+    # The method moves particles in its own coordinates ``z`` (the target's own for SVGD, a
+    # mirror map's dual for the mirrored methods); these say how they relate to the target's.
+    def positions(self, z: Float[Array, "n dim"]) -> Float[Array, "n dim"]:
+        """The particles in the target's coordinates, from the method's."""
+        return z
+
+    def coordinates(self, x: Float[Array, "n dim"]) -> Float[Array, "n dim"]:
+        """The method's coordinates of points ``x`` given in the target's."""
+        return x
+
+    def check_init(self, x) -> None:
+        """Raise if the starting points ``x`` (target coordinates) are unusable."""
+
+    def log_density_and_scores(self, target: Target, z):
+        """The log density of the particles in the method's coordinates and its gradient."""
+        return jax.vmap(jax.value_and_grad(target.log_density))(z)
+
     def init(
         self, key: PRNGKeyArray, target: Target, n_particles: int, *, init: Array | None = None
     ) -> ParticleState:
-        """``n_particles`` starting points: ``init`` if given (``[n, dim]``, unconstrained),
-        else standard-normal draws in the target's unconstrained space."""
-        x = _initial_particles(key, target, n_particles, init)
-        return ParticleState(x, self.optimizer.init(x), target)
+        """``n_particles`` starting points: ``init`` if given (``[n, dim]``, in the target's
+        coordinates), else standard-normal draws in the method's coordinates (the target's
+        unconstrained space for SVGD). ``state.particles`` are in the method's coordinates;
+        ``method.positions(state.particles)`` in the target's."""
+        z = _initial_particles(key, self, target, n_particles, init)
+        return ParticleState(z, self.optimizer.init(z), target)
 
     def step(self, key: PRNGKeyArray, state: ParticleState) -> tuple[ParticleState, StepInfo]:
         """One move of every particle. A step whose report or direction is not finite is
@@ -195,8 +212,8 @@ class ParticleMethod(eqx.Module):
         return eqx.combine(new, state), StepInfo(report, ok)
 
 
-def _stein_report_and_direction(kernel, target, x):
-    log_p, scores = _values_and_scores(target, x)
+def _stein_report_and_direction(method, kernel, target, x):
+    log_p, scores = method.log_density_and_scores(target, x)
     return -jnp.mean(log_p), stein_direction(kernel, x, scores)
 
 
@@ -251,7 +268,7 @@ class SVGD(ParticleMethod):
         return self.custom_optimizer if self.custom_optimizer is not None else _adagrad(self.step_size)
 
     def direction(self, target, x, key):
-        return _stein_report_and_direction(self.kernel, target, x)
+        return _stein_report_and_direction(self, self.kernel, target, x)
 
 
 class CoinSVGD(ParticleMethod):
@@ -294,7 +311,99 @@ class CoinSVGD(ParticleMethod):
         return _cocob(float(self.alpha))
 
     def direction(self, target, x, key):
-        return _stein_report_and_direction(self.kernel, target, x)
+        return _stein_report_and_direction(self, self.kernel, target, x)
+
+
+class MirroredSVGD(ParticleMethod):
+    """Mirrored SVGD (Shi, Liu & Mackey 2022, "Sampling with Mirrored Stein Operators") for a
+    target on a constrained set: simplex, positive orthant or box (:mod:`veil.mirror`).
+
+    The target's log density is ``log p(theta)`` on the set itself (Lebesgue measure in its
+    coordinates; for the simplex, the first ``d`` of ``d + 1`` coordinates). The particles
+    move in the mirror map's dual space, ``eta = grad psi(theta)``, along
+
+    ``g(theta_j) = (1/n) sum_i [k(theta_i, theta_j) grad_eta log p_H(eta_i)
+    + hess psi(theta_i)^{-1} grad_{theta_i} k(theta_i, theta_j)]``,
+
+    the kernelised steepest descent of ``KL(q || p)`` under the mirrored Stein operator, with
+    ``p_H(eta) = p(theta) |det hess psi(theta)|^{-1}`` the target's density in the dual space and
+    the RBF kernel on the primal points ``theta`` (median heuristic there). It is SVGD on
+    ``p_H`` with the kernel ``k(grad psi*(eta), grad psi*(eta'))``; every particle stays inside
+    the set because ``theta = grad psi*(eta)`` always is.
+
+    Args:
+        mirror: a :class:`veil.mirror.MirrorMap` (``Simplex()``, ``Positive()``, ``Box(a, b)``).
+        step_size: AdaGrad's step size (as for :class:`SVGD`).
+        bandwidth: a fixed RBF bandwidth on ``theta``; ``None`` for the median heuristic.
+        optimizer: an optax transformation instead of AdaGrad (``optax.contrib.cocob()`` for
+            a coin-betting, step-size-free version); reuse the same object between runs.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, veil
+        >>> alpha = jnp.array([2.0, 3.0, 5.0])   # Dirichlet(2, 3, 5) by its first 2 coordinates
+        >>> def log_p(t):
+        ...     full = jnp.concatenate([t, 1.0 - jnp.sum(t, keepdims=True)])
+        ...     return jnp.sum((alpha - 1.0) * jnp.log(full))
+        >>> t = veil.Target.from_logdensity(log_p, dim=2)
+        >>> res = veil.particles.run(t, veil.particles.MirroredSVGD(veil.mirror.Simplex()),
+        ...                          key=jax.random.key(0), n_particles=100, progress=False)
+        >>> [round(float(m), 1) for m in res.particles.mean(0)]   # alpha / sum(alpha)
+        [0.2, 0.3]
+    """
+
+    mirror: MirrorMap
+    step_size: float = 0.1
+    bandwidth: float | None = None
+    custom_optimizer: optax.GradientTransformation | None = eqx.field(default=None, static=True)
+
+    def __init__(self, mirror: MirrorMap, step_size: float = 0.1, bandwidth: float | None = None, optimizer=None):
+        if not isinstance(mirror, MirrorMap):
+            raise TypeError(
+                f"mirror must be a veil.mirror map (Simplex(), Positive(), Box(low, high)), got {mirror!r}."
+            )
+        _check_positive("step_size", step_size)
+        if bandwidth is not None:
+            _check_positive("bandwidth", bandwidth)
+        if optimizer is not None and not isinstance(optimizer, optax.GradientTransformation):
+            raise TypeError(f"optimizer must be an optax GradientTransformation, got {optimizer!r}.")
+        self.mirror, self.step_size = mirror, float(step_size)
+        self.bandwidth = None if bandwidth is None else float(bandwidth)
+        self.custom_optimizer = optimizer
+
+    @property
+    def optimizer(self):
+        return self.custom_optimizer if self.custom_optimizer is not None else _adagrad(self.step_size)
+
+    def positions(self, z):
+        return self.mirror.primal(z)
+
+    def coordinates(self, x):
+        return self.mirror.dual(x)
+
+    def check_init(self, x):
+        bad = self.mirror.outside(x)
+        if bad.any():
+            raise ValueError(
+                f"{int(bad.sum())} starting particle(s) lie outside {self.mirror.description} "
+                f"(the first is row {int(np.flatnonzero(bad)[0])}): mirrored methods start, and "
+                "stay, strictly inside the set."
+            )
+
+    def log_density_and_scores(self, target, z):
+        def dual_log_density(eta):
+            return target.log_density(self.mirror.primal(eta)) + self.mirror.log_det_jacobian(eta)
+
+        return jax.vmap(jax.value_and_grad(dual_log_density))(z)
+
+    def direction(self, target, z, key):
+        log_p, scores = self.log_density_and_scores(target, z)
+        theta = self.mirror.primal(z)
+        h = svgd_bandwidth(theta) if self.bandwidth is None else self.bandwidth
+        k = jnp.exp(-_sq_dists(theta, theta) / (2.0 * h**2))
+        # sum_i k_ij hess psi(theta_i)^{-1} (theta_j - theta_i) / h^2: the RBF kernel's gradient
+        # in theta_i, carried to eta_i by d theta / d eta = hess psi^{-1}.
+        repulsion = (self.mirror.kernel_pairs(k, theta) - k @ self.mirror.hess_inv_vp(theta, theta)) / h**2
+        return -jnp.mean(log_p), (k @ scores + repulsion) / z.shape[0]
 
 
 def _check_positive(name, value):
@@ -321,10 +430,12 @@ class _ParticleLoss(eqx.Module):
     def batches(self):
         return self.target.batches
 
-    def watch(self, x):
+    def watch(self, z):
         """What the stopping rule watches: each coordinate's particle mean in units of its
-        particle sd, and the log of that sd. A drift of 0.01 in either is a move of the mean
+        particle sd, and the log of that sd, in the target's coordinates (a mirrored method's
+        constrained set, not its dual space). A drift of 0.01 in either is a move of the mean
         by 1% of an sd, or a 1% change of the sd (``drift_atol`` of the default rule)."""
+        x = self.method.positions(z)
         sd = jnp.std(x, axis=0)
         return {"location": jnp.mean(x, axis=0) / sd, "log_scale": jnp.log(sd)}
 
@@ -335,7 +446,9 @@ class _ParticleLoss(eqx.Module):
         return jax.lax.stop_gradient(report - pull) + pull, None
 
 
-def _initial_particles(key, target: Target, n_particles: int, init) -> jax.Array:
+def _initial_particles(key, method: ParticleMethod, target: Target, n_particles: int, init) -> jax.Array:
+    """Starting particles in the method's coordinates (checked: count, shape, finite, apart,
+    inside the method's set)."""
     if isinstance(n_particles, bool) or not isinstance(n_particles, (int, np.integer)) or n_particles < 2:
         raise ValueError(
             f"n_particles must be an integer >= 2 (the kernel needs pairs of particles), got {n_particles!r}."
@@ -346,7 +459,7 @@ def _initial_particles(key, target: Target, n_particles: int, init) -> jax.Array
     if x.shape != (n_particles, target.dim) or not jnp.issubdtype(x.dtype, jnp.floating):
         raise ValueError(
             f"init must be a float array of shape (n_particles, dim) = ({n_particles}, {target.dim}) in "
-            f"the target's unconstrained space, got {x.dtype} {x.shape}."
+            f"the target's coordinates, got {x.dtype} {x.shape}."
         )
     if not bool(jnp.isfinite(x).all()):
         raise ValueError("init holds non-finite values; give finite starting points.")
@@ -355,18 +468,19 @@ def _initial_particles(key, target: Target, n_particles: int, init) -> jax.Array
             "init holds one point repeated: the particles must start apart (the kernel's "
             "bandwidth comes from their distances, and identical particles never separate)."
         )
-    return x
+    method.check_init(np.asarray(x))
+    return method.coordinates(x)
 
 
 @eqx.filter_jit
-def _start_checks(target: Target, x):
-    log_p, scores = _values_and_scores(target, x)
+def _start_checks(method, target: Target, z):
+    log_p, scores = method.log_density_and_scores(target, z)
     return jnp.sum(~jnp.isfinite(log_p)), jnp.sum(~jnp.isfinite(scores).all(axis=1))
 
 
 @eqx.filter_jit
-def _scores(target: Target, x):
-    return _values_and_scores(target, x)[1]
+def _log_density_and_scores(method, target: Target, z):
+    return method.log_density_and_scores(target, z)
 
 
 @eqx.filter_jit
@@ -444,8 +558,8 @@ def run(
     if checkpoint is not None and not isinstance(checkpoint, Checkpoint):
         checkpoint = Checkpoint(checkpoint)
     init_key, run_key, diag_key = jax.random.split(key, 3)
-    x0 = _initial_particles(init_key, target, n_particles, init)
-    bad_value, bad_grad = map(int, jax.device_get(_start_checks(target, x0)))
+    x0 = _initial_particles(init_key, method, target, n_particles, init)
+    bad_value, bad_grad = map(int, jax.device_get(_start_checks(method, target, x0)))
     if bad_value or bad_grad:
         raise ValueError(
             f"At {bad_value} starting particle(s) the log density is not finite and at {bad_grad} "
@@ -461,7 +575,7 @@ def run(
         stop_rule=stop, progress=progress, description=type(method).__name__,
         checkpoint=checkpoint, fingerprint=fingerprint,
     )
-    particles = out.params[0]
+    coords = out.params[0]
     if out.stop_reasons[0] == "nonfinite":
         warnings.warn(
             f"The run stopped early: the particles' log density or its gradient was not finite "
@@ -472,10 +586,10 @@ def run(
             stacklevel=2,
         )
     return ParticleResult(
-        target=target, q=Empirical(particles), trace=out.traces[0], num_steps=int(out.num_steps[0]),
+        target=target, q=Empirical(method.positions(coords)), trace=out.traces[0], num_steps=int(out.num_steps[0]),
         stop_reason=out.stop_reasons[0], num_skipped=int(out.skipped[0]),
         final_loss=float(out.final_loss[0]), wall_time=out.wall_time,
-        restart_losses=out.final_loss, diagnostic_key=diag_key, method=method,
+        restart_losses=out.final_loss, diagnostic_key=diag_key, method=method, coordinates=coords,
     )
 
 
@@ -492,6 +606,7 @@ class ParticleResult(VIResult):
     """
 
     method: Any = None
+    coordinates: Any = None  # the particles in the method's coordinates (see ParticleMethod)
 
     def __repr__(self) -> str:
         return (
@@ -501,7 +616,8 @@ class ParticleResult(VIResult):
 
     @property
     def particles(self) -> Float[Array, "n dim"]:
-        """The particles in the target's unconstrained space."""
+        """The particles in the target's coordinates (its unconstrained space; a mirrored
+        method's constrained set)."""
         return self.q.particles
 
     @property
@@ -525,9 +641,10 @@ class ParticleResult(VIResult):
         """Kernel Stein discrepancy of the particles from the target (IMQ kernel, see
         :func:`veil.diagnostics.kernel_stein_discrepancy`): zero only if they are
         distributed as the target; it needs no draws from it. With a minibatched target it
-        uses the full data."""
-        x = self.particles
-        return float(kernel_stein_discrepancy(x, _scores(self.target, x)))
+        uses the full data. For a mirrored method it is that of the dual particles from the
+        dual density, the space where they move."""
+        z = self.coordinates
+        return float(kernel_stein_discrepancy(z, _log_density_and_scores(self.method, self.target, z)[1]))
 
     def draws(self, n: int | None = None, *, key: jax.Array | None = None) -> dict[str, jax.Array]:
         """The particles mapped to constrained space (``n=None``), or ``n`` of them picked
@@ -552,7 +669,7 @@ class ParticleResult(VIResult):
             import arviz as az
         draws = self.draws(n, key=key)
         x = self.particles if n is None else self.q.sample(key, int(n))
-        log_p = np.asarray(_values_and_scores_jit(self.target, x))
+        log_p = np.asarray(_log_density(self.target, x))
         return az.from_dict(posterior={k: np.asarray(v)[None] for k, v in draws.items()},
                             sample_stats={"lp": log_p[None]})
 
@@ -612,5 +729,5 @@ class ParticleResult(VIResult):
 
 
 @eqx.filter_jit
-def _values_and_scores_jit(target, x):
-    return _values_and_scores(target, x)[0]
+def _log_density(target, x):
+    return jax.vmap(target.log_density)(x)

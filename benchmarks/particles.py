@@ -1,0 +1,298 @@
+"""Particle methods: veil (SVGD, Coin SVGD) against BlackJAX SVGD and NumPyro SteinVI.
+
+    python benchmarks/particles.py [--targets gauss50,german,mixture2d] [--particles 50,200,1000]
+                                   [--out results.jsonl]
+
+Needs ``blackjax`` (``pip install -e '.[bench]'``); German credit also ``inference-gym`` and
+the offline data shim in ``../shared/bench`` (``VEIL_SHARED`` to point elsewhere).
+
+Every tool runs the same algorithm where it can: SVGD with the RBF kernel and the median
+heuristic re-chosen every step, AdaGrad steps, from the same standard-normal start (NumPyro's
+SteinVI starts its particles from its own Uniform(-2, 2) init and chooses its bandwidth with
+its own ``RBFKernel`` rule). Tools:
+
+* ``veil-svgd``: ``veil.particles.run(target, SVGD(step_size=s), stop=None, max_steps=S)``;
+* ``veil-coin``: the same with ``CoinSVGD()`` (no step size);
+* ``veil-coin-auto``: ``CoinSVGD()`` with the default stopping rule (it decides ``S``);
+* ``blackjax``: ``blackjax.svgd`` with ``optax.adagrad(s)`` and ``update_median_heuristic``
+  after every step (as its documentation does), the steps in one jitted ``fori_loop``;
+* ``numpyro``: ``SteinVI(model, AutoDelta(model), Adagrad(s), RBFKernel())``, ``run(key, S,
+  progress_bar=False)``.
+
+Accuracy: for the Gaussian and German credit, the largest over coordinates of
+``max(|mean error| / sd, |sd ratio - 1|)`` against the truth (German credit: Inference Gym's
+ground truth); for the 2-d mixture, the energy distance to 20,000 exact draws. Each
+``(tool, step size, S)`` is called twice and the second call timed (the first compiles);
+``S`` runs over 100, 300, 1000, 3000 and stops growing once a call takes over 60 s.
+Step sizes are tuned at 200 particles (0.01 to 1); the best per tool is then used at the
+other particle counts. Time to accuracy: the least wall time at which a run's error is within
+10% (plus 0.01) of the best error any SVGD run reached at that particle count (all tools share
+the SVGD fixed point, so this measures the time to get there).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+
+STEPS = (100, 300, 1000, 3000)
+STEP_SIZES = (0.01, 0.03, 0.1, 0.3, 1.0)
+CAP_SECONDS = 60.0
+
+
+# ----------------------------------------------------------------------------- targets
+def gauss50():
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(0)
+    d = 50
+    q, _ = np.linalg.qr(rng.normal(size=(d, d)))
+    sd = np.exp(rng.uniform(np.log(0.3), np.log(3.0), d))
+    cov = (q * sd**2) @ q.T
+    mu = rng.normal(size=d)
+    prec = jnp.asarray(np.linalg.inv(cov), jnp.float32)
+    mu_j = jnp.asarray(mu, jnp.float32)
+
+    def log_p(z):
+        r = z - mu_j
+        return -0.5 * r @ prec @ r
+
+    return {"log_p": log_p, "dim": d, "mean": mu, "sd": np.sqrt(np.diag(cov)), "transform": None}
+
+
+def german():
+    sys.path.insert(0, os.path.dirname(__file__))
+    from time_to_accuracy import load_target
+
+    log_p, to_gt, d, gt_mean, gt_sd = load_target("GermanCreditNumericLogisticRegression")
+    return {"log_p": log_p, "dim": d, "mean": np.asarray(gt_mean), "sd": np.asarray(gt_sd), "transform": to_gt}
+
+
+MIX_LOC = np.array([[-2.0, 0.0], [2.0, 0.0], [0.0, 2.5]])
+MIX_W = np.array([0.5, 0.3, 0.2])
+
+
+def mixture2d():
+    import jax
+    import jax.numpy as jnp
+
+    locs, logw = jnp.asarray(MIX_LOC, jnp.float32), jnp.log(jnp.asarray(MIX_W, jnp.float32))
+
+    def log_p(z):
+        return jax.nn.logsumexp(logw - 0.5 * jnp.sum((z - locs) ** 2, axis=1) / 0.6**2)
+
+    rng = np.random.default_rng(1)
+    comp = rng.choice(3, size=20_000, p=MIX_W)
+    exact = MIX_LOC[comp] + 0.6 * rng.normal(size=(20_000, 2))
+    return {"log_p": log_p, "dim": 2, "exact": exact, "transform": None}
+
+
+TARGETS = {"gauss50": gauss50, "german": german, "mixture2d": mixture2d}
+
+
+def energy_distance(x, y, max_y=5000):
+    y = y[:max_y]
+
+    def mean_dist(a, b):
+        return np.mean(np.sqrt(np.maximum(((a[:, None, :] - b[None, :, :]) ** 2).sum(-1), 0.0)))
+
+    return float(2 * mean_dist(x, y) - mean_dist(x, x) - mean_dist(y, y))
+
+
+def error(spec, x):
+    x = np.asarray(x, np.float64)
+    if "exact" in spec:
+        return energy_distance(x, spec["exact"])
+    if spec["transform"] is not None:
+        x = np.asarray(spec["transform"](x), np.float64)
+    if not np.isfinite(x).all():
+        return math.inf
+    mean_err = np.abs(x.mean(0) - spec["mean"]) / spec["sd"]
+    sd_err = np.abs(x.std(0) / spec["sd"] - 1.0)
+    return float(np.maximum(mean_err, sd_err).max())
+
+
+# ----------------------------------------------------------------------------- tools
+class Veil:
+    def __init__(self, spec, method):
+        import veil
+
+        self.veil, self.method_name = veil, method
+        self.target = veil.Target.from_logdensity(spec["log_p"], dim=spec["dim"])
+
+    def method(self, step):
+        p = self.veil.particles
+        return p.CoinSVGD() if self.method_name.startswith("coin") else p.SVGD(step_size=step)
+
+    def __call__(self, x0, step, steps):
+        import jax
+
+        auto = self.method_name == "coin-auto"
+        res = self.veil.particles.run(
+            self.target, self.method(step), key=jax.random.key(0), n_particles=x0.shape[0], init=x0,
+            max_steps=20_000 if auto else steps, stop=self.veil.particles._DEFAULT_STOP if auto else None,
+            progress=False)
+        return jax.block_until_ready(res.particles), res.num_steps
+
+
+class BlackJAX:
+    def __init__(self, spec):
+        import blackjax
+        import jax
+        import optax
+        from blackjax.vi.svgd import rbf_kernel, update_median_heuristic
+
+        self.cache = {}
+        grad = jax.grad(spec["log_p"])
+
+        def build(step):
+            svgd = blackjax.svgd(grad, optax.adagrad(step), rbf_kernel, update_median_heuristic)
+
+            @jax.jit
+            def loop(x0, steps):
+                state = update_median_heuristic(svgd.init(x0))
+
+                def body(_, st):
+                    return update_median_heuristic(svgd.step(st))
+
+                return jax.lax.fori_loop(0, steps, body, state).particles
+
+            return loop
+
+        self.build = build
+
+    def __call__(self, x0, step, steps):
+        import jax
+
+        if step not in self.cache:
+            self.cache[step] = self.build(step)
+        return jax.block_until_ready(self.cache[step](x0, steps)), steps
+
+
+class NumPyro:
+    def __init__(self, spec):
+        import numpyro
+        import numpyro.distributions as dist
+        d, log_p = spec["dim"], spec["log_p"]
+
+        # SteinVI draws from the model to set up, so the latent has a proper (wide) prior whose
+        # density the factor takes back out: the model's density is log_p exactly.
+        wide = dist.Normal(0.0, 10.0).expand([d]).to_event(1)
+
+        def model():
+            z = numpyro.sample("z", wide)
+            numpyro.factor("log_p", log_p(z) - wide.log_prob(z))
+
+        self.model, self.cache = model, {}
+
+    def __call__(self, x0, step, steps):
+        import jax
+        import numpyro
+        from numpyro.contrib.einstein import RBFKernel, SteinVI
+        from numpyro.infer.autoguide import AutoDelta
+
+        key = (step, x0.shape[0])
+        if key not in self.cache:  # one SteinVI object per setting: its compiled step is reused
+            self.cache[key] = SteinVI(self.model, AutoDelta(self.model), numpyro.optim.Adagrad(step),
+                                      RBFKernel(), num_stein_particles=x0.shape[0], num_elbo_particles=1)
+        res = self.cache[key].run(jax.random.key(0), steps, progress_bar=False)
+        return jax.block_until_ready(res.params["z_auto_loc"]), steps
+
+
+def timed(tool, x0, step, steps):
+    tool(x0, step, steps)  # compile (and any per-call set-up)
+    t0 = time.perf_counter()
+    x, done = tool(x0, step, steps)
+    return time.perf_counter() - t0, np.asarray(x), done
+
+
+def sweep(name, tool, spec, x0, step, out, n, target):
+    rows = []
+    grid = (None,) if name == "veil-coin-auto" else STEPS
+    for steps in grid:
+        wall, x, done = timed(tool, x0, step, steps or 0)
+        row = {"target": target, "tool": name, "n": n, "step_size": step, "steps": int(done),
+               "grad_evals": int(done) * n, "wall": wall, "error": error(spec, x)}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+        out.write(json.dumps(row) + "\n")
+        out.flush()
+        if wall > CAP_SECONDS:
+            break
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--targets", default="gauss50,german,mixture2d")
+    ap.add_argument("--particles", default="50,200,1000")
+    ap.add_argument("--tools", default="veil-svgd,veil-coin,veil-coin-auto,blackjax,numpyro")
+    ap.add_argument("--out", default="particles.jsonl")
+    args = ap.parse_args()
+    import jax
+
+    import blackjax
+    import numpyro
+
+    import veil
+
+    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cpus; jax {jax.__version__}, "
+          f"veil {veil.__version__}, blackjax {blackjax.__version__}, numpyro {numpyro.__version__}")
+    tools_wanted = args.tools.split(",")
+    counts = [int(c) for c in args.particles.split(",")]
+    with open(args.out, "a") as out:
+        for target in args.targets.split(","):
+            spec = TARGETS[target]()
+            tools = {
+                "veil-svgd": Veil(spec, "svgd"), "veil-coin": Veil(spec, "coin"),
+                "veil-coin-auto": Veil(spec, "coin-auto"), "blackjax": BlackJAX(spec), "numpyro": NumPyro(spec),
+            }
+            tools = {k: v for k, v in tools.items() if k in tools_wanted}
+            best_step = {}
+            for n in sorted(counts, key=lambda c: c != 200):  # tune at 200 first
+                x0 = np.asarray(jax.random.normal(jax.random.key(42), (n, spec["dim"])), np.float32)
+                rows = []
+                for name, tool in tools.items():
+                    if name.startswith("veil-coin"):
+                        rows += sweep(name, tool, spec, x0, None, out, n, target)
+                        continue
+                    steps = STEP_SIZES if n == 200 or name not in best_step else (best_step[name],)
+                    tried = []
+                    for s in steps:
+                        tried += sweep(name, tool, spec, x0, s, out, n, target)
+                    if n == 200:
+                        finals = {}
+                        for r in tried:
+                            finals[r["step_size"]] = min(finals.get(r["step_size"], math.inf), r["error"])
+                        best_step[name] = min(finals, key=finals.get)
+                    rows += tried
+                report(rows, target, n)
+
+
+def report(rows, target, n):
+    best = min(r["error"] for r in rows if r["tool"] != "numpyro" or True)
+    goal = 1.1 * best + 0.01
+    print(f"\n## {target}, {n} particles: best error {best:.3f}; time to error <= {goal:.3f}")
+    print("| tool | step size | time to accuracy (s) | steps | best error | its wall (s) |")
+    print("|---|---|---|---|---|---|")
+    for tool in dict.fromkeys(r["tool"] for r in rows):
+        mine = [r for r in rows if r["tool"] == tool]
+        hit = [r for r in mine if r["error"] <= goal]
+        top = min(mine, key=lambda r: r["error"])
+        if hit:
+            h = min(hit, key=lambda r: r["wall"])
+            print(f"| {tool} | {h['step_size']} | {h['wall']:.3f} | {h['steps']} | {top['error']:.3f} | {top['wall']:.3f} |")
+        else:
+            print(f"| {tool} | - | not reached | - | {top['error']:.3f} | {top['wall']:.3f} |")
+    print(flush=True)
+
+
+if __name__ == "__main__":
+    main()
