@@ -24,8 +24,8 @@ Accuracy: for the Gaussian and German credit, the largest over coordinates of
 ground truth); for the 2-d mixture, the energy distance to 20,000 exact draws. Each
 ``(tool, step size, S)`` is called twice and the second call timed (the first compiles);
 ``S`` runs over 100, 300, 1000, 3000 and stops growing once a call takes over 60 s.
-Step sizes are tuned at 200 particles (0.01 to 1); the best per tool is then used at the
-other particle counts. Time to accuracy: the least wall time at which a run's error is within
+Step sizes are tuned at the first particle count given (200 by default; 0.01 to 1); the
+best per tool is then used at the other counts. Time to accuracy: the least wall time at which a run's error is within
 10% (plus 0.01) of the best error any SVGD run reached at that particle count (all tools share
 the SVGD fixed point, so this measures the time to get there).
 """
@@ -230,15 +230,24 @@ def sweep(name, tool, spec, x0, step, out, n, target):
 
 
 def main():
+    global STEP_SIZES, STEPS, CAP_SECONDS
     ap = argparse.ArgumentParser()
     ap.add_argument("--targets", default="gauss50,german,mixture2d")
-    ap.add_argument("--particles", default="50,200,1000")
+    ap.add_argument("--particles", default="200,50,1000", help="the first count is where step sizes are tuned")
     ap.add_argument("--tools", default="veil-svgd,veil-coin,veil-coin-auto,blackjax,numpyro")
     ap.add_argument("--out", default="particles.jsonl")
     ap.add_argument("--report", help="print the tables of an existing results file and exit")
+    ap.add_argument("--step-sizes", help="comma-separated SVGD step sizes to try (default 0.01..1)")
+    ap.add_argument("--steps", help="comma-separated step counts (default 100,300,1000,3000)")
+    ap.add_argument("--cap", type=float, default=CAP_SECONDS, help="stop growing S past a call this long (s)")
     args = ap.parse_args()
     if args.report:
         return report_file(args.report)
+    if args.step_sizes:
+        STEP_SIZES = tuple(float(v) for v in args.step_sizes.split(","))
+    if args.steps:
+        STEPS = tuple(int(v) for v in args.steps.split(","))
+    CAP_SECONDS = args.cap
     import jax
 
     import blackjax
@@ -246,7 +255,7 @@ def main():
 
     import veil
 
-    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cpus; jax {jax.__version__}, "
+    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, {jax.devices()[0].device_kind}; jax {jax.__version__}, "
           f"veil {veil.__version__}, blackjax {blackjax.__version__}, numpyro {numpyro.__version__}")
     tools_wanted = args.tools.split(",")
     counts = [int(c) for c in args.particles.split(",")]
@@ -259,18 +268,18 @@ def main():
             }
             tools = {k: v for k, v in tools.items() if k in tools_wanted}
             best_step = {}
-            for n in sorted(counts, key=lambda c: c != 200):  # tune at 200 first
+            for n in sorted(counts, key=lambda c: c != counts[0]):  # tune at the first count
                 x0 = np.asarray(jax.random.normal(jax.random.key(42), (n, spec["dim"])), np.float32)
                 rows = []
                 for name, tool in tools.items():
                     if name.startswith("veil-coin"):
                         rows += sweep(name, tool, spec, x0, None, out, n, target)
                         continue
-                    steps = STEP_SIZES if n == 200 or name not in best_step else (best_step[name],)
+                    steps = STEP_SIZES if n == counts[0] or name not in best_step else (best_step[name],)
                     tried = []
                     for s in steps:
                         tried += sweep(name, tool, spec, x0, s, out, n, target)
-                    if n == 200:
+                    if n == counts[0]:
                         finals = {}
                         for r in tried:
                             finals[r["step_size"]] = min(finals.get(r["step_size"], math.inf), r["error"])

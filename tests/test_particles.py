@@ -331,3 +331,27 @@ def test_gradient_free_bad_input():
         veil.particles.InverseProblem(lambda x: x, jnp.zeros(3), noise_sd=0.0, prior_mean=jnp.zeros(3), prior_sd=1.0)
     with pytest.raises(TypeError, match="InverseProblem"):
         veil.particles.EKI("problem")
+
+
+def test_repulsive_ensemble_finds_a_second_mode_that_restarts_miss():
+    # Two unit-sd modes at -3 and +3 of equal mass; both members start in the +3 basin
+    # (2.5 +- 0.5). Side by side without repulsion both end at +3; the repulsion pushes one
+    # over the barrier, and after the polish (no repulsion) each sits at its mode's centre
+    # (0.05: the fits' own Monte-Carlo noise), weighted 1/2 each (ELBO weights, 512 draws).
+    def log_p(z):
+        return jnp.logaddexp(-0.5 * jnp.sum((z - 3.0) ** 2), -0.5 * jnp.sum((z + 3.0) ** 2))
+
+    t = veil.Target.from_logdensity(log_p, dim=1)
+    q = veil.MeanField(1, init_loc=jnp.array([2.5]))
+    alone = veil.particles.repulsive_ensemble(t, q, 2, key=jax.random.key(0), strength=0.0, radius=0.5, progress=False)
+    apart = veil.particles.repulsive_ensemble(t, q, 2, key=jax.random.key(0), radius=0.5, progress=False)
+    np.testing.assert_allclose(np.asarray(alone.q.components.loc[:, 0]), [3.0, 3.0], atol=0.05)
+    np.testing.assert_allclose(np.sort(np.asarray(apart.q.components.loc[:, 0])), [-3.0, 3.0], atol=0.05)
+    np.testing.assert_allclose(np.asarray(apart.q.weights), [0.5, 0.5], atol=0.05)
+    assert isinstance(apart.q, veil.Mixture) and apart.num_steps > alone.num_steps
+    with pytest.raises(ValueError, match="k must be an integer >= 2"):
+        veil.particles.repulsive_ensemble(t, q, 1, key=jax.random.key(0))
+    with pytest.raises(ValueError, match="strength"):
+        veil.particles.repulsive_ensemble(t, q, 2, key=jax.random.key(0), strength=-1.0)
+    with pytest.raises(TypeError, match="location"):
+        veil.particles.repulsive_ensemble(t, veil.Mixture([q, q]), 2, key=jax.random.key(0))
