@@ -24,6 +24,9 @@ runs, and each compiled call takes its batches as an input array. A piece holds 
 ``source.steps_per_chunk(restarts)`` steps; a longer chunk runs as several pieces whose
 outputs are joined on the host before the stopping rule sees them.
 
+A loss with a ``value_and_grad(params, key, ...) -> ((loss, aux), grads)`` method is not
+differentiated: the driver uses what that method returns (a particle method's negated move).
+
 What the stopping rule's drift test watches is ``loss_fn.watch(params)`` when the loss has
 that method (a pytree of arrays; a flow watches where fixed noise points land rather than its
 unidentifiable network weights), else ``params`` itself.
@@ -38,7 +41,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import equinox as eqx
@@ -145,7 +147,9 @@ def _chunk(loss_fn, optimizer, state: LoopState, n_steps, probe, capacity: int, 
     stopping rule; without it a step does nothing but the update (the benchmarked path).
     ``feed``, for a host-fed batch source, holds the chunk's batches (leading axis: step).
     """
-    grad_fn = eqx.filter_value_and_grad(loss_fn, has_aux=True)
+    # A loss whose step is not a gradient (particle methods, FB-GVI) gives its value and the
+    # negated move itself: nothing to differentiate.
+    grad_fn = getattr(loss_fn, "value_and_grad", None) or eqx.filter_value_and_grad(loss_fn, has_aux=True)
     branches = cheap_branches()
     source = _batches(loss_fn)
 
@@ -296,7 +300,7 @@ class _Host:
 
 
 def run(
-    loss_fn: Callable,
+    loss_fn: Any,
     params,
     optimizer: optax.GradientTransformation,
     *,
@@ -313,7 +317,9 @@ def run(
 
     Args:
         loss_fn: ``(params, key) -> (loss, aux)``; an ``equinox.Module`` or a function whose
-            identity is stable between calls (it keys the compilation cache).
+            identity is stable between calls (it keys the compilation cache). Or a module
+            with a ``value_and_grad`` method, which the driver calls instead of
+            differentiating.
         params: a pytree of arrays with a leading restart axis of size ``k``.
         optimizer: an optax transformation; its updates are scaled by the stop rule's factor.
         key: a JAX key; split into one stream per restart.

@@ -17,8 +17,8 @@ posterior is a fixed point (for any ``h`` below ``2 / L``); for a log-concave on
 proves convergence rates, where stochastic gradient descent on the ELBO has none as sharp.
 
 veil runs it in the same compiled driver as :func:`veil.fit` (stopping rule, iterate
-averaging, non-finite steps skipped, minibatched targets): the driver's loss has the
-negative ELBO estimate as its value and ``-(step)`` as its gradient, applied unchanged.
+averaging, non-finite steps skipped, minibatched targets): the driver's loss hands over the
+negative ELBO estimate as its value and ``-(move)`` as its gradient, applied unchanged.
 """
 
 from __future__ import annotations
@@ -97,13 +97,12 @@ class _FBGVILoss(eqx.Module):
     def batches(self):
         return self.target.batches
 
-    def __call__(self, params, key, *, batch=None):
+    def value_and_grad(self, params, key, *, batch=None):
+        """``((loss, None), -(move))``, taken by the driver as is."""
         target = self.target if batch is None else self.target.on_batch(batch)
-        stopped = jax.lax.stop_gradient(params)
-        loc, cov, loss = fbgvi_step(target, stopped["loc"], stopped["cov"], key, self.step_size, self.num_samples)
-        move = jax.lax.stop_gradient({"loc": loc - stopped["loc"], "cov": cov - stopped["cov"]})
-        pull = -sum(jnp.vdot(move[k], params[k]) for k in ("loc", "cov"))
-        return jax.lax.stop_gradient(loss - pull) + pull, None
+        loc, cov, loss = fbgvi_step(target, params["loc"], params["cov"], key, self.step_size, self.num_samples)
+        return (loss, None), {"loc": params["loc"] - loc, "cov": params["cov"] - cov}
+
 
 
 @eqx.filter_jit

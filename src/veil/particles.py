@@ -13,10 +13,10 @@ Two ways in, sharing one update:
   stopping rule, non-finite steps skipped and counted, checkpoints, minibatched targets)
   and returns a :class:`ParticleResult`.
 
-Inside the driver a method is a loss whose value is reported and whose gradient is
-``-phi``: ``loss = r + <sg(-phi), x> - sg(<-phi, x>)`` with ``sg`` the stop-gradient, so the
-value is ``r`` (what the trace shows) and ``d loss / dx = -phi``; the method's optax
-transformation turns ``-phi`` into the move, exactly as in :meth:`ParticleMethod.step`.
+Inside the driver a method is a loss whose value ``r`` is reported (the trace) and whose
+"gradient" is ``-phi``, handed over as such (the loss's ``value_and_grad``: nothing is
+differentiated); the method's optax transformation turns ``-phi`` into the move, exactly as
+in :meth:`ParticleMethod.step`.
 """
 
 from __future__ import annotations
@@ -632,8 +632,8 @@ def _check_kernel(kernel):
 
 # ------------------------------------------------------------------------------ the driver
 class _ParticleLoss(eqx.Module):
-    """The driver's loss for a particle method: value ``report``, gradient ``-phi`` (see the
-    module docstring). ``params`` are the particles ``[n, dim]``."""
+    """The driver's loss for a particle method: value ``report``, "gradient" ``-phi`` (see
+    the module docstring). ``params`` are the particles ``[n, dim]``."""
 
     method: ParticleMethod
     target: Target
@@ -651,11 +651,13 @@ class _ParticleLoss(eqx.Module):
         sd = jnp.std(x, axis=0)
         return {"location": jnp.mean(x, axis=0) / sd, "log_scale": jnp.log(sd)}
 
-    def __call__(self, x, key, *, batch=None):
+    def value_and_grad(self, x, key, *, batch=None):
+        """``((report, None), -phi)``: the driver takes this as the loss and its gradient
+        without differentiating anything."""
         target = self.target if batch is None else self.target.on_batch(batch)
-        report, phi = self.method.direction(target, jax.lax.stop_gradient(x), key)
-        pull = -jnp.vdot(jax.lax.stop_gradient(phi), x)
-        return jax.lax.stop_gradient(report - pull) + pull, None
+        report, phi = self.method.direction(target, x, key)
+        return (report, None), -phi
+
 
 
 def _initial_particles(key, method: ParticleMethod, target: Target, n_particles: int, init) -> jax.Array:
