@@ -1092,33 +1092,22 @@ class ParticleResult(VIResult):
                 f"{self.q.num_particles} particles of a gradient-free method: no kernel Stein "
                 "discrepancy (it needs the target's gradient) and no k-hat (no density)."
             )
-        if isinstance(self.method, EKI) and self.stop_reason == "max_steps":
+        stop = self.stop_reason
+        if isinstance(self.method, EKI) and stop == "max_steps":
             lines.append(
                 f"Ran EKI's {self.num_steps} tempered steps, prior to posterior: exact for a linear "
                 "forward model as the ensemble grows, a Gaussian-type approximation otherwise."
             )
-        elif not self.method.averageable and self.stop_reason == "max_steps":
+            stop = "fixed"
+        elif not self.method.averageable and stop == "max_steps":
             ok = False
             lines.append(
                 f"Ran a fixed {self.num_steps} steps of {type(self.method).__name__}: its particles are "
                 "draws of a Markov chain, and nothing here checks that the ensemble has reached "
                 "equilibrium; compare with a longer run before trusting them."
             )
-        elif self.stop_reason == "max_steps":
-            ok = False
-            lines.append(
-                f"Not converged: the run hit max_steps={self.num_steps} before the particles "
-                "settled; run longer (max_steps=...) before trusting them."
-            )
-        elif self.stop_reason == "nonfinite":
-            ok = False
-            lines.append("Stopped on non-finite values: the direction kept failing.")
-        else:
-            lines.append(f"Stopped after {self.num_steps} steps: {self.stop_reason}.")
-        if self.num_skipped:
-            lines.append(f"{self.num_skipped} step(s) were skipped for non-finite values.")
-        lines.append("Verdict: OK to use." if ok else "Verdict: do NOT trust these particles as they stand.")
-        return lines, ok
+            stop = "fixed"
+        return self._run_lines(lines, ok, "these particles", stop)
 
     def summary(self, prob: float = 0.9):
         """Mean, sd and central ``prob`` interval of every constrained scalar over the

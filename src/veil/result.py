@@ -276,22 +276,27 @@ class VIResult:
         lines.append(f"PSIS k-hat = {khat:.2f}: {khat_verdict(khat)}")
         if not (math.isfinite(khat) and khat < 0.7):
             ok = False
-        if self.stop_reason == "max_steps":
+        return self._run_lines(lines, ok, "this fit")
+
+    def _run_lines(self, lines: list[str], ok: bool, subject: str, stop: str | None = None) -> tuple[list[str], bool]:
+        """``lines`` with how the run ended (``stop``, default the stop reason; ``"fixed"``
+        for a run whose length was the method's own, already described) and the verdict on
+        ``subject`` appended; the run's end can only turn ``ok`` false."""
+        stop = self.stop_reason if stop is None else stop
+        if stop == "max_steps":
             ok = False
             lines.append(
                 f"Not converged: the run hit max_steps={self.num_steps} before the stopping "
-                "rule was satisfied; run longer (max_steps=...) before trusting it."
+                f"rule was satisfied; run longer (max_steps=...) before trusting {subject}."
             )
-        elif self.stop_reason == "nonfinite":
+        elif stop == "nonfinite":
             ok = False
             lines.append("Stopped on non-finite values: the loss or its gradient kept failing.")
-        else:
+        elif stop != "fixed":
             lines.append(f"Stopped after {self.num_steps} steps: {self.stop_reason}.")
         if self.num_skipped:
             lines.append(f"{self.num_skipped} step(s) were skipped for non-finite loss/gradient.")
-        lines.append(
-            "Verdict: OK to use." if ok else "Verdict: do NOT trust this fit as it stands."
-        )
+        lines.append("Verdict: OK to use." if ok else f"Verdict: do NOT trust {subject} as it stands.")
         return lines, ok
 
     def summary(self, prob: float = 0.9) -> Summary:
