@@ -175,7 +175,6 @@ class ParticleMethod(eqx.Module):
     def optimizer(self) -> optax.GradientTransformation:
         """The optax transformation applied to ``-phi``."""
 
-    default_stop: typing.ClassVar[StopRule | None] = None
     # Whether the method differentiates the target (the start checks and the kernel Stein
     # discrepancy need gradients), and whether its particles may be averaged over a window
     # (a deterministic flow's fixed point, yes; a Markov chain's draws, no: averaging would
@@ -491,10 +490,6 @@ class _GradientFree(ParticleMethod):
     uses_gradients = False
     averageable = False
 
-    def init(self, key, target, n_particles, *, init=None):
-        z = _initial_particles(key, self, target, n_particles, init)
-        return ParticleState(z, self.optimizer.init(z), target)
-
     @property
     def optimizer(self):
         return _IDENTITY  # the direction is the move itself
@@ -744,8 +739,7 @@ def run(
         progress: show a progress bar.
         stop: a :class:`veil.StopRule`, or ``None`` to run ``max_steps`` steps (the only
             choice for :class:`EKI` and :class:`ALDI`, whose particles may not be averaged).
-            The default is the method's own (``method.default_stop``) or else
-            ``StopRule(min_decays=0, max_decays=0, drift_atol=0.01)``: the trace is the particles' mean
+            The default is ``StopRule(min_decays=0, max_decays=0, drift_atol=0.01)``: the trace is the particles' mean
             ``-log p``; the run stops once it has settled and, over the last window, no
             coordinate's particle mean has moved by more than 1% of its particle sd nor its
             sd changed by more than 1%; each particle is averaged over that window.
@@ -784,10 +778,7 @@ def run(
         )
     max_steps = _check_positive_int("max_steps", method.default_max_steps if max_steps is None else max_steps)
     if stop is _MISSING:
-        if not method.averageable:
-            stop = None
-        else:
-            stop = method.default_stop if method.default_stop is not None else _DEFAULT_STOP
+        stop = _DEFAULT_STOP if method.averageable else None
     if stop is not None and not isinstance(stop, StopRule):
         raise TypeError(f"stop must be a veil.StopRule or None, got {stop!r}.")
     if stop is not None and not method.averageable:
