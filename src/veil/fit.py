@@ -319,18 +319,9 @@ def fit(
             RuntimeWarning,
             stacklevel=2,
         )
-    return VIResult(
-        target=target,
-        q=best_q,
-        trace=out.traces[best],
-        num_steps=int(out.num_steps[best]),
-        stop_reason=out.stop_reasons[best],
-        num_skipped=int(out.skipped[best]),
-        final_loss=float(out.final_loss[best]),
-        wall_time=out.wall_time + (base_res.wall_time if base_res is not None else 0.0),
-        restart_losses=out.final_loss,
-        diagnostic_key=diag_key,
-        base_result=base_res,
+    return VIResult.from_run(
+        out, target, best_q, diag_key, restart=best,
+        wall_time=out.wall_time + (base_res.wall_time if base_res is not None else 0.0), base_result=base_res,
     )
 
 

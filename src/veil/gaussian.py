@@ -194,9 +194,4 @@ def fbgvi(
         max_steps=max_steps, stop_rule=stop, progress=progress, description="FB-GVI",
     )
     fitted = gaussian_to_family(FullRank(target.dim), out.params["loc"][0], out.params["cov"][0])
-    return VIResult(
-        target=target, q=fitted, trace=out.traces[0], num_steps=int(out.num_steps[0]),
-        stop_reason=out.stop_reasons[0], num_skipped=int(out.skipped[0]),
-        final_loss=float(out.final_loss[0]), wall_time=out.wall_time,
-        restart_losses=out.final_loss, diagnostic_key=diag_key,
-    )
+    return VIResult.from_run(out, target, fitted, diag_key)

@@ -42,7 +42,7 @@ from veil.diagnostics import StopRule, kernel_stein_discrepancy
 from veil.families.empirical import Empirical
 from veil.kernels import RBF, Kernel, _sq_dists
 from veil.mirror import MirrorMap
-from veil.result import VIResult, _flat_columns, _finite_rows, _warn_nonfinite, summary_table
+from veil.result import VIResult, _flat_columns, _warn_nonfinite
 from veil.target import Target
 
 __all__ = [
@@ -817,12 +817,8 @@ def run(
             RuntimeWarning,
             stacklevel=2,
         )
-    return ParticleResult(
-        target=target, q=Empirical(method.positions(coords)), trace=out.traces[0], num_steps=int(out.num_steps[0]),
-        stop_reason=out.stop_reasons[0], num_skipped=int(out.skipped[0]),
-        final_loss=float(out.final_loss[0]), wall_time=out.wall_time,
-        restart_losses=out.final_loss, diagnostic_key=diag_key, method=method, coordinates=coords,
-    )
+    return ParticleResult.from_run(out, target, Empirical(method.positions(coords)), diag_key,
+                                   method=method, coordinates=coords)
 
 
 # ------------------------------------------------------------------ repulsive ensembles
@@ -981,12 +977,7 @@ def repulsive_ensemble(
     logits = np.where(np.isfinite(elbos), elbos - np.nanmax(elbos), -np.inf) - np.log(_sharing(members))
     fitted = Mixture([jax.tree.map(lambda x: x[i] if eqx.is_array(x) else x, members) for i in range(k)],
                      logits=jnp.asarray(np.maximum(logits, -1e4)))
-    return VIResult(
-        target=target, q=fitted, trace=out.traces[0], num_steps=int(out.num_steps[0]),
-        stop_reason=out.stop_reasons[0], num_skipped=int(out.skipped[0]),
-        final_loss=float(out.final_loss[0]), wall_time=wall,
-        restart_losses=out.final_loss, diagnostic_key=diag_key,
-    )
+    return VIResult.from_run(out, target, fitted, diag_key, wall_time=wall)
 
 
 # ------------------------------------------------------------------------------ the result
@@ -1098,34 +1089,24 @@ class ParticleResult(VIResult):
                 "equilibrium; compare with a longer run before trusting them."
             )
             stop = "fixed"
-        return self._run_lines(lines, ok, "these particles", stop)
+        return self._run_lines(lines, ok, self._subject, stop)
 
-    def summary(self, prob: float = 0.9):
-        """Mean, sd and central ``prob`` interval of every constrained scalar over the
-        particles, with the verdict."""
-        from veil.result import Summary
+    _subject = "these particles"
 
-        if not 0 < prob < 1:
-            raise ValueError(f"prob must lie in (0, 1), got {prob}.")
-        draws = jax.device_get(_constrained(self.target, self.particles))
-        keep = _finite_rows(draws)
-        bad = int((~keep).sum())
-        if bad:
-            draws = jax.tree.map(lambda x: np.asarray(x)[keep], draws)
-        names, table, cols = summary_table(draws, prob)
-        header = (
+    def _summary_draws(self):
+        return jax.device_get(_constrained(self.target, self.particles))
+
+    def _summary_header(self):
+        return (
             f"veil particles: {type(self.method).__name__}, {self.q.num_particles} particles "
             f"(dim={self.q.dim}), {self.num_steps} steps, {self.wall_time:.2f} s"
         )
-        lines, ok = self.verdict()
-        if bad:
-            ok = False
-            lines.insert(-1, f"{bad} particles hold non-finite values (the table leaves them out).")
-            lines[-1] = "Verdict: do NOT trust these particles as they stand."
-        return Summary(names, table, cols, lines, ok, header)
+
+    def _nonfinite_line(self, bad):
+        return f"{bad} particles hold non-finite values (the table leaves them out)."
 
     def _plot_draws(self):
-        return _flat_columns(jax.device_get(_constrained(self.target, self.particles)))
+        return _flat_columns(self._summary_draws())
 
     _loss_label = "mean −log p of the particles"
 

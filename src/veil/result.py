@@ -170,6 +170,18 @@ class VIResult:
     diagnostic_key: jax.Array = dataclasses.field(repr=False)
     base_result: Any = dataclasses.field(default=None, repr=False)
 
+    @classmethod
+    def from_run(cls, out, target, q, diagnostic_key, *, restart: int = 0, wall_time=None, **extra):
+        """The result of restart ``restart`` of a driver run ``out`` (``veil.driver.RunOutput``)
+        whose fitted family is ``q``; ``extra`` are a subclass's own fields."""
+        return cls(
+            target=target, q=q, trace=out.traces[restart], num_steps=int(out.num_steps[restart]),
+            stop_reason=out.stop_reasons[restart], num_skipped=int(out.skipped[restart]),
+            final_loss=float(out.final_loss[restart]),
+            wall_time=out.wall_time if wall_time is None else wall_time,
+            restart_losses=out.final_loss, diagnostic_key=diagnostic_key, **extra,
+        )
+
     def __repr__(self) -> str:
         return (
             f"VIResult({type(self.q).__name__}(dim={self.q.dim}), {self.num_steps} steps, "
@@ -276,7 +288,7 @@ class VIResult:
         lines.append(f"PSIS k-hat = {khat:.2f}: {khat_verdict(khat)}")
         if not (math.isfinite(khat) and khat < 0.7):
             ok = False
-        return self._run_lines(lines, ok, "this fit")
+        return self._run_lines(lines, ok, self._subject)
 
     def _run_lines(self, lines: list[str], ok: bool, subject: str, stop: str | None = None) -> tuple[list[str], bool]:
         """``lines`` with how the run ended (``stop``, default the stop reason; ``"fixed"``
@@ -304,24 +316,34 @@ class VIResult:
         draws, with the k-hat verdict and the stopping reason in plain words."""
         if not 0 < prob < 1:
             raise ValueError(f"prob must lie in (0, 1), got {prob}.")
-        key = jax.random.fold_in(self.diagnostic_key, 1)
-        draws = _draw(self.target, self.q, key, _SUMMARY_DRAWS)[0]
+        draws = self._summary_draws()
         keep = _finite_rows(draws)
         bad = int((~keep).sum())
         if bad:  # the table from the finite draws; the verdict says how many were dropped
             draws = jax.tree.map(lambda x: np.asarray(x)[keep], draws)
         names, table, cols = summary_table(draws, prob)
-        header = (
-            f"veil fit: {type(self.q).__name__}(dim={self.q.dim}), {self.num_steps} steps, "
-            f"{self.wall_time:.2f} s, ELBO {self.elbo:.2f}"
-        )
         lines, ok = self.verdict()
         if bad:
             ok = False
-            lines.insert(-1, f"{bad} of {_SUMMARY_DRAWS} draws hold non-finite values (the table "
-                         "leaves them out): q overflows somewhere it puts mass.")
-            lines[-1] = "Verdict: do NOT trust this fit as it stands."
-        return Summary(names, table, cols, lines, ok, header)
+            lines.insert(-1, self._nonfinite_line(bad))
+            lines[-1] = f"Verdict: do NOT trust {self._subject} as it stands."
+        return Summary(names, table, cols, lines, ok, self._summary_header())
+
+    _subject = "this fit"
+
+    def _summary_draws(self) -> dict:
+        """The constrained draws the summary's table is made of."""
+        return _draw(self.target, self.q, jax.random.fold_in(self.diagnostic_key, 1), _SUMMARY_DRAWS)[0]
+
+    def _summary_header(self) -> str:
+        return (
+            f"veil fit: {type(self.q).__name__}(dim={self.q.dim}), {self.num_steps} steps, "
+            f"{self.wall_time:.2f} s, ELBO {self.elbo:.2f}"
+        )
+
+    def _nonfinite_line(self, bad: int) -> str:
+        return (f"{bad} of {_SUMMARY_DRAWS} draws hold non-finite values (the table leaves them out): "
+                "q overflows somewhere it puts mass.")
 
     _loss_label = "−ELBO estimate"
 
