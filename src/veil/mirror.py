@@ -8,7 +8,8 @@ never leave the set (Shi, Liu & Mackey 2022, "Sampling with Mirrored Stein Opera
 Each map gives ``primal(eta)``, ``dual(theta)``, the log determinant of the Jacobian
 ``d theta / d eta = hess psi(theta)^{-1}`` (for the dual density
 ``p_H(eta) = p(theta) |det d theta / d eta|``), ``hess_inv_vp(theta, v)`` (that Jacobian times
-``v``) and ``kernel_pairs(k, theta)``: ``sum_i k_ij hess psi(theta_i)^{-1} theta_j`` for every
+``v``), ``hess_vp(theta, v)`` (its inverse, ``hess psi(theta) v``, which Stein variational
+mirror descent's kernel needs) and ``kernel_pairs(k, theta)``: ``sum_i k_ij hess psi(theta_i)^{-1} theta_j`` for every
 ``j`` in closed form, which the mirrored repulsion needs and which would otherwise be an
 ``[n, n, d]`` array.
 """
@@ -46,6 +47,10 @@ class MirrorMap(eqx.Module):
         """``hess psi(theta_i)^{-1} v_i`` for each row."""
 
     @abc.abstractmethod
+    def hess_vp(self, theta: Float[Array, "n d"], v: Float[Array, "n d"]) -> Float[Array, "n d"]:
+        """``hess psi(theta_i) v_i`` for each row."""
+
+    @abc.abstractmethod
     def kernel_pairs(self, k: Float[Array, "n n"], theta: Float[Array, "n d"]) -> Float[Array, "n d"]:
         """Row ``j``: ``sum_i k_ij hess psi(theta_i)^{-1} theta_j`` (``k`` symmetric)."""
 
@@ -68,6 +73,9 @@ class _Diagonal(MirrorMap):
 
     def hess_inv_vp(self, theta, v):
         return self._m(theta) * v
+
+    def hess_vp(self, theta, v):
+        return v / self._m(theta)
 
     def kernel_pairs(self, k, theta):
         return theta * (k @ self._m(theta))
@@ -147,8 +155,9 @@ class Simplex(MirrorMap):
     """The probability simplex, by its first ``d`` coordinates ``theta_1..theta_d`` (the last,
     ``theta_{d+1} = 1 - sum theta``, is implied), with the entropic map ``psi(theta) =
     sum_{k <= d+1} theta_k log theta_k``: ``eta_k = log(theta_k / theta_{d+1})``, ``theta =
-    softmax([eta, 0])_{1..d}``, ``hess psi^{-1} = diag(theta) - theta theta^T`` whose
-    determinant is ``prod_{k <= d+1} theta_k``.
+    softmax([eta, 0])_{1..d}``, ``hess psi = diag(1 / theta) + 1 1^T / theta_{d+1}`` and
+    ``hess psi^{-1} = diag(theta) - theta theta^T``, whose determinant is
+    ``prod_{k <= d+1} theta_k``.
 
     Example:
         >>> import jax.numpy as jnp
@@ -168,6 +177,11 @@ class Simplex(MirrorMap):
 
     def hess_inv_vp(self, theta, v):
         return theta * v - theta * jnp.sum(theta * v, axis=-1, keepdims=True)
+
+    def hess_vp(self, theta, v):
+        # hess psi = diag(1 / theta) + 1 1^T / theta_{d+1}
+        last = 1.0 - jnp.sum(theta, axis=-1, keepdims=True)
+        return v / theta + jnp.sum(v, axis=-1, keepdims=True) / last
 
     def kernel_pairs(self, k, theta):
         # sum_i k_ij (theta_i * theta_j - theta_i (theta_i . theta_j))

@@ -52,6 +52,8 @@ __all__ = [
     "SVGD",
     "CoinSVGD",
     "MirroredSVGD",
+    "SVMD",
+    "SVNG",
     "InverseProblem",
     "EKI",
     "ALDI",
@@ -231,6 +233,11 @@ def _stein_report_and_direction(method, kernel, target, x):
 def _adagrad(step_size: float) -> optax.GradientTransformation:
     # One object per step size: the compiled loop is keyed by the optimizer's identity.
     return optax.adagrad(step_size)
+
+
+@functools.lru_cache(maxsize=None)
+def _sgd(step_size: float) -> optax.GradientTransformation:
+    return optax.sgd(step_size)
 
 
 @functools.lru_cache(maxsize=None)
@@ -414,6 +421,247 @@ class MirroredSVGD(ParticleMethod):
         # in theta_i, carried to eta_i by d theta / d eta = hess psi^{-1}.
         repulsion = (self.mirror.kernel_pairs(k, theta) - k @ self.mirror.hess_inv_vp(theta, theta)) / h**2
         return -jnp.mean(log_p), (k @ scores + repulsion) / z.shape[0]
+
+
+def _adaptive_direction(k, h, scores, spread, pairs, metric_vp, threshold):
+    """The Stein direction under the adaptive matrix kernel of Shi, Liu & Mackey (2022),
+
+    ``K_t(x, y) = sum_ij sqrt(mu_i mu_j) u_i(x) u_j(y) Gamma_ij``,
+    ``Gamma_ij = E_q[u_i u_j G]``,
+
+    with ``(mu_i, u_i)`` the eigenpairs of the kernel's integral operator under the particles
+    (the Gram matrix's, extended off the particles by Nystrom) and ``G`` a metric; for one
+    particle it is ``k G``. Every argument is per particle:
+
+    - ``scores``: ``G^{-1} grad log p`` plus the divergence of ``G^{-1}`` (in a mirror map's
+      dual space: the dual scores, which hold both);
+    - ``spread``: ``G_i^{-1} x_i``; ``pairs``: ``sum_i k_ij G_i^{-1} x_j`` (the RBF kernel's
+      gradient carried by ``G^{-1}``, whose sum over the particles is the repulsion);
+    - ``metric_vp(w)``: ``G_i w_i`` for each row.
+
+    With ``k = E L E^T`` (``L`` the eigenvalues kept: the largest, making up ``threshold`` of
+    the trace; the rest would enter through ``1 / sqrt(L)`` and only add noise) the direction
+    ``(1/n) sum_j [K(x_i, x_j) s_j + div_j K(x_i, x_j) G_j^{-1}]`` reduces to
+
+    ``phi = E sqrt(L) E^T G (E c)``,
+    ``c = (1/n) [sqrt(L) E^T (s - spread / h^2) + E^T pairs / (sqrt(L) h^2)]``:
+
+    two ``n x n`` eigenvectors' products, no ``[n, n, d, d]`` kernel. With ``G = I`` and
+    every eigenvalue kept it is :func:`stein_direction` exactly.
+    """
+    n = k.shape[0]
+    lam, vec = jnp.linalg.eigh(k)  # ascending
+    lam = jnp.maximum(lam, 0.0)
+    desc = lam[::-1]
+    before = (jnp.cumsum(desc) - desc) / jnp.sum(desc)
+    # The largest eigenvalues up to and including the one that reaches the threshold, and
+    # none below float32's resolution of the largest (their eigenvectors are noise).
+    keep = (before < threshold)[::-1] & (lam > 1e-5 * lam[-1])
+    safe = jnp.where(keep, lam, 1.0)
+    root = jnp.where(keep, jnp.sqrt(safe), 0.0)[:, None]
+    inv_root = jnp.where(keep, 1.0 / jnp.sqrt(safe), 0.0)[:, None]
+    c = (root * (vec.T @ (scores - spread / h**2)) + inv_root * (vec.T @ pairs) / h**2) / n
+    return vec @ (root * (vec.T @ metric_vp(vec @ c)))
+
+
+def _check_threshold(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
+        raise ValueError(
+            f"eigen_threshold must be in (0, 1] (the share of the Gram matrix's trace whose "
+            f"eigenvalues the adaptive kernel keeps; the paper uses 0.98), got {value!r}."
+        )
+
+
+class SVMD(MirroredSVGD):
+    """Stein variational mirror descent (Shi, Liu & Mackey 2022, "Sampling with Mirrored
+    Stein Operators") for a target on a constrained set: :class:`MirroredSVGD` with a kernel
+    that adapts to the mirror map's geometry.
+
+    MSVGD's kernel is ``k(theta, theta') I``; SVMD's is
+    ``K_t(theta, theta') = sum_ij sqrt(mu_i mu_j) u_i(theta) u_j(theta') Gamma_ij`` with
+    ``Gamma_ij = E_q[u_i u_j hess psi]`` and ``(mu_i, u_i)`` the eigenpairs of ``k``'s
+    integral operator under the particles: roughly ``k^{1/2} hess psi k^{1/2}``, so that for
+    a single particle the move in the dual space is ``hess psi`` times MSVGD's, that is,
+    mirror descent on ``log p`` (up to the entropy's log determinant term). Near the
+    boundary of the set, where ``hess psi`` is large, particles take proportionately larger
+    dual steps instead of crawling. Each step eigendecomposes the ``n x n`` Gram matrix
+    (``O(n^3)``; fine for hundreds of particles) and keeps the eigenvalues that make up
+    ``eigen_threshold`` of its trace (the paper's 0.98). See :func:`_adaptive_direction`
+    for the computation, which never forms the ``[n, n, d, d]`` kernel.
+
+    Args:
+        mirror, bandwidth: as for :class:`MirroredSVGD`.
+        step_size: the step of plain gradient steps in the dual space (mirror descent's):
+            AdaGrad's per-coordinate scaling would undo the kernel's geometry. On
+            Dirichlet(2, 3, 5, 0.7) 0.03 to 0.1 converged in 800 steps at 50 and 200
+            particles; 0.3 diverged at 50.
+        optimizer: an optax transformation instead of ``optax.sgd(step_size)``.
+        eigen_threshold: the share of the Gram matrix's trace kept, in ``(0, 1]``.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, veil
+        >>> alpha = jnp.array([2.0, 3.0, 5.0])   # Dirichlet(2, 3, 5) by its first 2 coordinates
+        >>> def log_p(t):
+        ...     full = jnp.concatenate([t, 1.0 - jnp.sum(t, keepdims=True)])
+        ...     return jnp.sum((alpha - 1.0) * jnp.log(full))
+        >>> t = veil.Target.from_logdensity(log_p, dim=2)
+        >>> res = veil.particles.run(t, veil.particles.SVMD(veil.mirror.Simplex()),
+        ...                          key=jax.random.key(0), n_particles=100, progress=False)
+        >>> [round(float(m), 1) for m in res.particles.mean(0)]   # alpha / sum(alpha)
+        [0.2, 0.3]
+    """
+
+    eigen_threshold: float = 0.98
+
+    def __init__(self, mirror: MirrorMap, step_size: float = 0.1, bandwidth: float | None = None,
+                 optimizer=None, eigen_threshold: float = 0.98):
+        super().__init__(mirror, step_size=step_size, bandwidth=bandwidth, optimizer=optimizer)
+        _check_threshold(eigen_threshold)
+        self.eigen_threshold = float(eigen_threshold)
+
+    @property
+    def optimizer(self):
+        return self.custom_optimizer if self.custom_optimizer is not None else _sgd(self.step_size)
+
+    def direction(self, target, z, key):
+        log_p, scores = self.log_density_and_scores(target, z)
+        theta = self.mirror.primal(z)
+        h = svgd_bandwidth(theta) if self.bandwidth is None else self.bandwidth
+        k = jnp.exp(-_sq_dists(theta, theta) / (2.0 * h**2))
+        # In the dual space the mirrored Stein operator is the ordinary one for p_H, whose
+        # scores already hold the divergence of hess psi^{-1} (through its log determinant).
+        phi = _adaptive_direction(
+            k, h, scores, self.mirror.hess_inv_vp(theta, theta), self.mirror.kernel_pairs(k, theta),
+            lambda w: self.mirror.hess_vp(theta, w), self.eigen_threshold,
+        )
+        return -jnp.mean(log_p), phi
+
+
+class SVNG(ParticleMethod):
+    """Stein variational natural gradient (Shi, Liu & Mackey 2022, "Sampling with Mirrored
+    Stein Operators") for an unconstrained target: SVGD in the geometry of a metric ``G``.
+
+    The particles move by ``x <- x + step G(x)^{-1} g(x)`` with ``g`` the Stein direction of
+    the mirrored operator ``(M g)(x) = g^T G^{-1} grad log p + div(G^{-1} g)`` under the
+    adaptive kernel of :class:`SVMD` built on ``G``. For one particle this is a natural
+    gradient step, ``G^{-1} grad log p`` (plus the divergence of ``G^{-1}``, zero for a
+    constant metric); with ``G = I`` it is SVGD. A good ``G`` is the posterior's Fisher
+    information or its expected curvature: then every direction is equally easy and the
+    step size needs no tuning across coordinates of very different scales. The kernel is the
+    RBF kernel in the metric's geometry, ``exp(-(x - y)^T A (x - y) / 2h^2)`` with ``A`` the
+    metric's mean over the particles (the average-Hessian kernel of Wang, Tang, Bajaj & Liu
+    2019, "Stein Variational Gradient Descent with Matrix-Valued Kernels"), and the median
+    heuristic in those units. Each step eigendecomposes the ``n x n`` Gram matrix and
+    inverts ``n`` metrics (``O(n^3 + n d^3)``).
+
+    Args:
+        metric: the metric, a symmetric positive-definite ``[dim, dim]`` array (constant) or
+            a function ``x -> [dim, dim]`` of one unconstrained point (e.g. the Fisher
+            information of a GLM, ``X^T diag(w(x)) X + prior precision``). A function's
+            ``div G^{-1}`` is computed by forward-mode differentiation (``O(d^3)`` more per
+            particle).
+        step_size: the step of the (plain) gradient step on the natural direction.
+        bandwidth: a fixed RBF bandwidth (in the metric's units); ``None`` for the median
+            heuristic.
+        optimizer: an optax transformation to use instead of ``optax.sgd(step_size)``.
+        eigen_threshold: as for :class:`SVMD`.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, veil
+        >>> prec = jnp.diag(jnp.array([100.0, 0.01]))   # sds 0.1 and 10
+        >>> t = veil.Target.from_logdensity(lambda z: -0.5 * z @ prec @ z, dim=2)
+        >>> res = veil.particles.run(t, veil.particles.SVNG(prec), key=jax.random.key(0),
+        ...                          n_particles=100, progress=False)
+        >>> ratio = res.particles.std(0) / jnp.array([0.1, 10.0])   # both about 0.95
+        >>> bool(jnp.all(jnp.abs(ratio - 1.0) < 0.1))
+        True
+    """
+
+    metric: Any
+    step_size: float = 0.5
+    bandwidth: float | None = None
+    eigen_threshold: float = 0.98
+    custom_optimizer: optax.GradientTransformation | None = eqx.field(default=None, static=True)
+
+    def __init__(self, metric, step_size: float = 0.5, bandwidth: float | None = None, optimizer=None,
+                 eigen_threshold: float = 0.98):
+        if not callable(metric):
+            g = np.asarray(metric)
+            if g.ndim != 2 or g.shape[0] != g.shape[1] or not np.issubdtype(g.dtype, np.floating):
+                raise ValueError(
+                    f"metric must be a square float array [dim, dim] or a function x -> [dim, dim], "
+                    f"got {g.dtype} {g.shape}."
+                )
+            _check_metric(g[None], "the constant metric")
+            metric = jnp.asarray(g)
+        _check_positive("step_size", step_size)
+        if bandwidth is not None:
+            _check_positive("bandwidth", bandwidth)
+        if optimizer is not None and not isinstance(optimizer, optax.GradientTransformation):
+            raise TypeError(f"optimizer must be an optax GradientTransformation, got {optimizer!r}.")
+        _check_threshold(eigen_threshold)
+        self.metric, self.step_size = metric, float(step_size)
+        self.bandwidth = None if bandwidth is None else float(bandwidth)
+        self.eigen_threshold = float(eigen_threshold)
+        self.custom_optimizer = optimizer
+
+    @property
+    def optimizer(self):
+        return self.custom_optimizer if self.custom_optimizer is not None else _sgd(self.step_size)
+
+    def _metrics(self, x):
+        """``G`` and ``G^{-1}`` at every particle (``[n, d, d]``, or ``[d, d]`` if constant),
+        and the divergence of ``G^{-1}``, ``sum_b d_b (G^{-1})_{ab}`` (``[n, d]``)."""
+        if not callable(self.metric):
+            g = self.metric.astype(x.dtype)
+            return g, jnp.linalg.inv(g), jnp.zeros_like(x)
+
+        def inverse(xi):
+            return jnp.linalg.inv(self.metric(xi))
+
+        g = jax.vmap(self.metric)(x)
+        jac = jax.vmap(jax.jacfwd(inverse))(x)  # [n, a, b, derivative]
+        return g, jnp.linalg.inv(g), jnp.einsum("nabb->na", jac)
+
+    def check_init(self, x):
+        if callable(self.metric):
+            _check_metric(np.asarray(jax.vmap(self.metric)(jnp.asarray(x))), "metric(x) at a starting particle")
+
+    def direction(self, target, x, key):
+        log_p, grads = self.log_density_and_scores(target, x)
+        g, g_inv, div = self._metrics(x)
+        # The RBF kernel in the metric's geometry, k = exp(-(x - y)^T A (x - y) / 2h^2) with A
+        # the metric (its mean over the particles if it varies): on a target whose scales
+        # differ by 100x a Euclidean kernel sees only the widest coordinate, and the
+        # truncated eigenbasis then misses the narrow ones (sds 3.9x too wide in a test).
+        a = g if g.ndim == 2 else jax.lax.stop_gradient(jnp.mean(g, axis=0))
+        white = x @ jnp.linalg.cholesky(a)  # |white_i - white_j|^2 = (x_i - x_j)^T A (x_i - x_j)
+        h = svgd_bandwidth(white) if self.bandwidth is None else self.bandwidth
+        k = jnp.exp(-_sq_dists(white, white) / (2.0 * h**2))
+        ax = x @ a  # grad_x k(x, y) = -A (x - y) k / h^2 (A symmetric)
+        if g.ndim == 2:
+            apply, apply_inv = (lambda w: w @ g), (lambda w: w @ g_inv)  # symmetric
+            spread, pairs = x, jnp.sum(k, axis=0)[:, None] * x
+        else:
+            apply = functools.partial(jnp.einsum, "nab,nb->na", g)
+            apply_inv = functools.partial(jnp.einsum, "nab,nb->na", g_inv)
+            spread, pairs = apply_inv(ax), jnp.einsum("lm,lab,mb->ma", k, g_inv, ax)
+        phi = _adaptive_direction(k, h, apply_inv(grads) + div, spread, pairs, apply, self.eigen_threshold)
+        return -jnp.mean(log_p), apply_inv(phi)
+
+
+def _check_metric(g: np.ndarray, what: str):
+    """Raise unless every ``g[i]`` is finite, symmetric and positive definite."""
+    g = np.asarray(g, np.float64)
+    if not np.isfinite(g).all():
+        raise ValueError(f"{what} holds non-finite values; the metric must be finite and positive definite.")
+    if not np.allclose(g, np.swapaxes(g, -1, -2), rtol=1e-5, atol=1e-8 * np.abs(g).max()):
+        raise ValueError(f"{what} is not symmetric; the metric must be a symmetric positive-definite matrix.")
+    if (np.linalg.eigvalsh(g).min(axis=-1) <= 0).any():
+        raise ValueError(
+            f"{what} is not positive definite; use a positive-definite metric (e.g. a Fisher "
+            "information plus the prior's precision)."
+        )
 
 
 # ------------------------------------------------------------------ gradient-free ensembles
@@ -664,9 +912,9 @@ def _initial_particles(key, method: ParticleMethod, target: Target, n_particles:
         )
     if init is None:
         draws = getattr(method, "prior_draws", None)
-        if draws is not None:
-            return draws(key, int(n_particles))
-        return jax.random.normal(key, (int(n_particles), target.dim))
+        z = draws(key, int(n_particles)) if draws is not None else jax.random.normal(key, (int(n_particles), target.dim))
+        method.check_init(np.asarray(method.positions(z)))
+        return z
     x = jnp.asarray(init)
     if x.shape != (n_particles, target.dim) or not jnp.issubdtype(x.dtype, jnp.floating):
         raise ValueError(
