@@ -1,7 +1,8 @@
-"""Particle methods: veil (SVGD, Coin SVGD) against BlackJAX SVGD and NumPyro SteinVI.
+"""Particle methods: veil (SVGD, Coin SVGD, SVNG, Mirrored SVGD, SVMD) against BlackJAX SVGD
+and NumPyro SteinVI.
 
-    python benchmarks/particles.py [--targets gauss50,german,mixture2d] [--particles 50,200,1000]
-                                   [--out results.jsonl]
+    python benchmarks/particles.py [--targets gauss50,german,mixture2d,dirichlet]
+                                   [--particles 50,200,1000] [--tools veil-svgd,...] [--out results.jsonl]
 
 Needs ``blackjax`` (``pip install -e '.[bench]'``); German credit also ``inference-gym`` and
 the offline data shim in ``../shared/bench`` (``VEIL_SHARED`` to point elsewhere).
@@ -14,6 +15,10 @@ its own ``RBFKernel`` rule). Tools:
 * ``veil-svgd``: ``veil.particles.run(target, SVGD(step_size=s), stop=None, max_steps=S)``;
 * ``veil-coin``: the same with ``CoinSVGD()`` (no step size);
 * ``veil-coin-auto``: ``CoinSVGD()`` with the default stopping rule (it decides ``S``);
+* ``veil-svng``: ``SVNG(metric, optimizer=optax.sgd(s))`` with the Laplace precision as a
+  constant metric (see :class:`Veil`);
+* ``veil-msvgd``, ``veil-svmd`` (Dirichlet only): ``MirroredSVGD(Simplex(), step_size=s)``
+  (AdaGrad) and ``SVMD(Simplex(), step_size=s)`` (plain steps) on the simplex itself;
 * ``blackjax``: ``blackjax.svgd`` with ``optax.adagrad(s)`` and ``update_median_heuristic``
   after every step (as its documentation does), the steps in one jitted ``fori_loop``;
 * ``numpyro``: ``SteinVI(model, AutoDelta(model), Adagrad(s), RBFKernel())``, ``run(key, S,
@@ -21,7 +26,7 @@ its own ``RBFKernel`` rule). Tools:
 
 Accuracy: for the Gaussian and German credit, the largest over coordinates of
 ``max(|mean error| / sd, |sd ratio - 1|)`` against the truth (German credit: Inference Gym's
-ground truth); for the 2-d mixture, the energy distance to 20,000 exact draws. Each
+ground truth; Dirichlet: its exact moments, over all five components); for the 2-d mixture, the energy distance to 20,000 exact draws. Each
 ``(tool, step size, S)`` is called twice and the second call timed (the first compiles);
 ``S`` runs over 100, 300, 1000, 3000 and stops growing once a call takes over 60 s.
 Step sizes are tuned at the first particle count given (200 by default; 0.01 to 1); the
@@ -94,7 +99,40 @@ def mixture2d():
     return {"log_p": log_p, "dim": 2, "exact": exact, "transform": None}
 
 
-TARGETS = {"gauss50": gauss50, "german": german, "mixture2d": mixture2d}
+DIRICHLET_ALPHA = np.array([2.0, 3.0, 5.0, 0.7, 1.5])
+
+
+def dirichlet():
+    """Dirichlet(2, 3, 5, 0.7, 1.5): 4 free coordinates. The peers and ``veil-svgd`` see it in
+    the additive log-ratio coordinates ``eta_k = log(theta_k / theta_5)`` (with the change of
+    variables' log determinant): the mirrored methods' dual space for the entropic map,
+    so every tool moves particles in the same space from the same start; the mirrored
+    methods put their kernel on ``theta`` and, for SVMD, their steps in its geometry."""
+    import jax.numpy as jnp
+
+    import veil
+
+    simplex = veil.mirror.Simplex()
+    alpha = jnp.asarray(DIRICHLET_ALPHA, jnp.float32)
+
+    def log_theta(t):
+        full = jnp.concatenate([t, 1.0 - jnp.sum(t, keepdims=True)])
+        return jnp.sum((alpha - 1.0) * jnp.log(full))
+
+    def log_p(eta):
+        return log_theta(simplex.primal(eta)) + simplex.log_det_jacobian(eta)
+
+    def full(eta):
+        t = np.asarray(simplex.primal(jnp.asarray(eta)), np.float64)
+        return np.concatenate([t, 1.0 - t.sum(1, keepdims=True)], 1)
+
+    a0 = DIRICHLET_ALPHA.sum()
+    mean = DIRICHLET_ALPHA / a0
+    return {"log_p": log_p, "dim": len(DIRICHLET_ALPHA) - 1, "mean": mean, "sd": np.sqrt(mean * (1 - mean) / (a0 + 1)),
+            "transform": full, "log_theta": log_theta}
+
+
+TARGETS = {"gauss50": gauss50, "german": german, "mixture2d": mixture2d, "dirichlet": dirichlet}
 
 
 def energy_distance(x, y, max_y=5000):
@@ -121,25 +159,67 @@ def error(spec, x):
 
 # ----------------------------------------------------------------------------- tools
 class Veil:
+    """veil's particle methods. ``svng`` uses a constant metric, the negative Hessian of
+    ``log p`` at its mode (found by 20 Newton steps from the particles' mean), computed inside
+    every timed call: the set-up is part of its time. The mirrored methods (``msvgd``,
+    ``svmd``; Dirichlet only) run on ``theta`` and hand back their dual coordinates, which are
+    the other tools' coordinates."""
+
     def __init__(self, spec, method):
+        import jax
+        import jax.numpy as jnp
+
         import veil
 
         self.veil, self.method_name = veil, method
-        self.target = veil.Target.from_logdensity(spec["log_p"], dim=spec["dim"])
+        self.mirrored = method in ("msvgd", "svmd")
+        if self.mirrored:
+            self.target = veil.Target.from_logdensity(spec["log_theta"], dim=spec["dim"])
+        else:
+            self.target = veil.Target.from_logdensity(spec["log_p"], dim=spec["dim"])
+        grad, hess = jax.grad(spec["log_p"]), jax.hessian(spec["log_p"])
 
-    def method(self, step):
+        @jax.jit
+        def laplace_precision(x0):
+            def newton(_, z):
+                return z - jnp.linalg.solve(hess(z), grad(z))
+
+            mode = jax.lax.fori_loop(0, 20, newton, jnp.mean(x0, axis=0))
+            return -hess(mode)
+
+        self.laplace_precision = laplace_precision
+        self.cache = {}
+
+    def method(self, step, x0):
         p = self.veil.particles
-        return p.CoinSVGD() if self.method_name.startswith("coin") else p.SVGD(step_size=step)
+        if self.method_name.startswith("coin"):
+            return p.CoinSVGD()
+        if self.method_name == "svng":
+            prec = np.asarray(self.laplace_precision(x0), np.float64)
+            return p.SVNG(0.5 * (prec + prec.T), optimizer=self._sgd(step))
+        if self.mirrored:
+            cls = p.MirroredSVGD if self.method_name == "msvgd" else p.SVMD
+            return cls(self.veil.mirror.Simplex(), step_size=step)
+        return p.SVGD(step_size=step)
+
+    def _sgd(self, step):
+        import optax
+
+        return self.cache.setdefault(step, optax.sgd(step))  # one object: the loop compiles once
 
     def __call__(self, x0, step, steps):
         import jax
 
         auto = self.method_name == "coin-auto"
+        init = x0
+        if self.mirrored:
+            init = np.asarray(self.veil.mirror.Simplex().primal(x0))
         res = self.veil.particles.run(
-            self.target, self.method(step), key=jax.random.key(0), n_particles=x0.shape[0], init=x0,
+            self.target, self.method(step, x0), key=jax.random.key(0), n_particles=x0.shape[0], init=init,
             max_steps=20_000 if auto else steps, stop=self.veil.particles._DEFAULT_STOP if auto else None,
             progress=False)
-        return jax.block_until_ready(res.particles), res.num_steps
+        out = res.coordinates if self.mirrored else res.particles
+        return jax.block_until_ready(out), res.num_steps
 
 
 class BlackJAX:
@@ -262,11 +342,15 @@ def main():
     with open(args.out, "a") as out:
         for target in args.targets.split(","):
             spec = TARGETS[target]()
-            tools = {
-                "veil-svgd": Veil(spec, "svgd"), "veil-coin": Veil(spec, "coin"),
-                "veil-coin-auto": Veil(spec, "coin-auto"), "blackjax": BlackJAX(spec), "numpyro": NumPyro(spec),
+            makers = {
+                "veil-svgd": lambda: Veil(spec, "svgd"), "veil-coin": lambda: Veil(spec, "coin"),
+                "veil-coin-auto": lambda: Veil(spec, "coin-auto"), "veil-svng": lambda: Veil(spec, "svng"),
+                "veil-msvgd": lambda: Veil(spec, "msvgd"), "veil-svmd": lambda: Veil(spec, "svmd"),
+                "blackjax": lambda: BlackJAX(spec), "numpyro": lambda: NumPyro(spec),
             }
-            tools = {k: v for k, v in tools.items() if k in tools_wanted}
+            mirrored_only = {"veil-msvgd", "veil-svmd"}
+            tools = {k: make() for k, make in makers.items() if k in tools_wanted
+                     and (target == "dirichlet" or k not in mirrored_only)}
             best_step = {}
             for n in sorted(counts, key=lambda c: c != counts[0]):  # tune at the first count
                 x0 = np.asarray(jax.random.normal(jax.random.key(42), (n, spec["dim"])), np.float32)

@@ -491,11 +491,14 @@ class SVMD(MirroredSVGD):
 
     Args:
         mirror, bandwidth: as for :class:`MirroredSVGD`.
-        step_size: the step of plain gradient steps in the dual space (mirror descent's):
-            AdaGrad's per-coordinate scaling would undo the kernel's geometry. On
-            Dirichlet(2, 3, 5, 0.7) 0.03 to 0.1 converged in 800 steps at 50 and 200
-            particles; 0.3 diverged at 50.
-        optimizer: an optax transformation instead of ``optax.sgd(step_size)``.
+        step_size: AdaGrad's step size. Plain steps (``optimizer=optax.sgd(...)``, mirror
+            descent's own) are unstable here: near the boundary ``hess psi`` is large, and so
+            is the move. On Dirichlet(2, 3, 5, 0.7, 1.5) plain steps of 0.03 to 0.3 reached
+            a good fit and then left it for non-finite points within 300 to 3,000 steps;
+            AdaGrad's moves are bounded by its step, and 0.1 to 1 were all stable. The default
+            step, 0.5, let the default stopping rule stop after 800 to 3,300 steps on
+            Dirichlet(2, 3, 5, 0.7) with 50 and 200 particles; 0.1 had not stopped at 5,000.
+        optimizer: an optax transformation instead of AdaGrad.
         eigen_threshold: the share of the Gram matrix's trace kept, in ``(0, 1]``.
 
     Example:
@@ -513,15 +516,11 @@ class SVMD(MirroredSVGD):
 
     eigen_threshold: float = 0.98
 
-    def __init__(self, mirror: MirrorMap, step_size: float = 0.1, bandwidth: float | None = None,
+    def __init__(self, mirror: MirrorMap, step_size: float = 0.5, bandwidth: float | None = None,
                  optimizer=None, eigen_threshold: float = 0.98):
         super().__init__(mirror, step_size=step_size, bandwidth=bandwidth, optimizer=optimizer)
         _check_threshold(eigen_threshold)
         self.eigen_threshold = float(eigen_threshold)
-
-    @property
-    def optimizer(self):
-        return self.custom_optimizer if self.custom_optimizer is not None else _sgd(self.step_size)
 
     def direction(self, target, z, key):
         log_p, scores = self.log_density_and_scores(target, z)
@@ -560,7 +559,10 @@ class SVNG(ParticleMethod):
             information of a GLM, ``X^T diag(w(x)) X + prior precision``). A function's
             ``div G^{-1}`` is computed by forward-mode differentiation (``O(d^3)`` more per
             particle).
-        step_size: the step of the (plain) gradient step on the natural direction.
+        step_size: the step of the plain gradient step on the natural direction. 1 is a
+            Newton step for one particle on a Gaussian whose precision is the metric;
+            0.5 to 1.5 converged in 800 to 2,800 steps on correlated and badly scaled
+            Gaussians (20 to 400 particles) and 1 to 2 on German credit.
         bandwidth: a fixed RBF bandwidth (in the metric's units); ``None`` for the median
             heuristic.
         optimizer: an optax transformation to use instead of ``optax.sgd(step_size)``.
@@ -578,12 +580,12 @@ class SVNG(ParticleMethod):
     """
 
     metric: Any
-    step_size: float = 0.5
+    step_size: float = 1.0
     bandwidth: float | None = None
     eigen_threshold: float = 0.98
     custom_optimizer: optax.GradientTransformation | None = eqx.field(default=None, static=True)
 
-    def __init__(self, metric, step_size: float = 0.5, bandwidth: float | None = None, optimizer=None,
+    def __init__(self, metric, step_size: float = 1.0, bandwidth: float | None = None, optimizer=None,
                  eigen_threshold: float = 0.98):
         if not callable(metric):
             g = np.asarray(metric)
