@@ -322,7 +322,7 @@ def main():
     ap.add_argument("--cap", type=float, default=CAP_SECONDS, help="stop growing S past a call this long (s)")
     args = ap.parse_args()
     if args.report:
-        return report_file(args.report)
+        return report_file(args.report, args.tools.split(",") if "--tools" in sys.argv else None)
     if args.step_sizes:
         STEP_SIZES = tuple(float(v) for v in args.step_sizes.split(","))
     if args.steps:
@@ -419,8 +419,12 @@ def report(rows, target, n):
     print(flush=True)
 
 
-def report_file(path):
+def report_file(path, tools=None):
+    """The tables of a results file; with ``tools``, of those tools' rows only (the goal is
+    then set by them: e.g. SVGD's own accuracy, without SVNG's better fixed point)."""
     rows = [json.loads(line) for line in open(path) if line.startswith("{")]
+    if tools:
+        rows = [r for r in rows if r["tool"] in tools]
     for key in dict.fromkeys((r["target"], r["n"]) for r in rows):
         report([r for r in rows if (r["target"], r["n"]) == key], *key)
 

@@ -529,15 +529,13 @@ class SVMD(MirroredSVGD):
 
     Example:
         >>> import jax, jax.numpy as jnp, veil
-        >>> alpha = jnp.array([2.0, 3.0, 5.0])   # Dirichlet(2, 3, 5) by its first 2 coordinates
-        >>> def log_p(t):
-        ...     full = jnp.concatenate([t, 1.0 - jnp.sum(t, keepdims=True)])
-        ...     return jnp.sum((alpha - 1.0) * jnp.log(full))
+        >>> def log_p(t):   # two independent Gamma(3, 2): mean 1.5, on the positive orthant
+        ...     return jnp.sum(2.0 * jnp.log(t) - 2.0 * t)
         >>> t = veil.Target.from_logdensity(log_p, dim=2)
-        >>> res = veil.particles.run(t, veil.particles.SVMD(veil.mirror.Simplex()),
+        >>> res = veil.particles.run(t, veil.particles.SVMD(veil.mirror.Positive()),
         ...                          key=jax.random.key(0), n_particles=100, progress=False)
-        >>> [round(float(m), 1) for m in res.particles.mean(0)]   # alpha / sum(alpha)
-        [0.2, 0.3]
+        >>> [round(float(m), 1) for m in res.particles.mean(0)]
+        [1.5, 1.5]
     """
 
     eigen_threshold: float = 0.98
