@@ -1,5 +1,5 @@
 """The median heuristic's cost per SVGD step: bisection in a ``fori_loop`` (rolled), the same
-unrolled, and a sort (``jnp.median``, BlackJAX's way), inside veil's whole SVGD run.
+unrolled, and a sort (as BlackJAX does), inside veil's whole SVGD run.
 
     python benchmarks/bandwidth.py [--particles 200,1000,4000] [--dims 4,50] [--steps 1000]
 
@@ -21,28 +21,14 @@ import time
 import numpy as np
 
 
-def variants(rolled):
-    import jax
-    import jax.numpy as jnp
+def variants():
+    import functools
 
-    def unrolled(d2):
-        m = d2.shape[0]
-        rank = (m * (m - 1) // 2 + 1) // 2
+    import veil.particles as vp
 
-        def halve(_, bounds):
-            lo, hi = bounds
-            mid = 0.5 * (lo + hi)
-            below = (jnp.sum(d2 <= mid) - m) // 2 >= rank
-            return jnp.where(below, lo, mid), jnp.where(below, mid, hi)
-
-        return jax.lax.fori_loop(0, 24, halve, (jnp.zeros((), d2.dtype), jnp.max(d2)), unroll=True)[1]
-
-    def by_sort(d2):
-        m = d2.shape[0]
-        i, j = np.triu_indices(m, 1)
-        return jnp.sort(d2[i, j])[(len(i) + 1) // 2 - 1]
-
-    return {"bisection (rolled)": rolled, "bisection (unrolled)": unrolled, "sort": by_sort}
+    return {"bisection (rolled)": vp._pair_median_bisection,
+            "bisection (unrolled)": functools.partial(vp._pair_median_bisection, unroll=True),
+            "sort": vp._pair_median_sorted}
 
 
 def main():
@@ -70,7 +56,7 @@ def main():
         for n in (int(v) for v in args.particles.split(",")):
             x0 = np.asarray(jax.random.normal(jax.random.key(1), (n, d)), np.float32)
             base = None
-            for name, fn in variants(original).items():
+            for name, fn in variants().items():
                 vp._pair_median = fn
                 # A new optimizer object is a new compiled loop (the driver keys its cache on
                 # it), so each variant is traced with its own median.

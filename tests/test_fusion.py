@@ -55,6 +55,7 @@ def test_product_of_exact_subposteriors_is_the_posterior():
     assert isinstance(q, veil.FullRank)
 
 
+@pytest.mark.slow  # fits every shard (~17 s); the exact-part tests cover the product
 def test_fitted_shards_fuse_to_the_posterior():
     """FullRank fits of the 4 Gaussian sub-posteriors (each on its 500 rows only): the fused
     mean is within 0.01 posterior sd of the exact one and the sds within 1%. A FullRank fit

@@ -167,6 +167,7 @@ def test_one_dimensional_histogram_matches_the_marginal_density():
     assert np.all(np.abs(freq - probs) <= tol), np.c_[freq, probs, tol]
 
 
+@pytest.mark.slow  # a long fit (~15 s); the identities above cover the map and density
 def test_mixflow_improves_on_its_reference():
     """On the Gaussian target the tuned MixFlow's ELBO beats the mismatched reference's
     (-KL(reference || target) = -0.659 in closed form) by more than 3 standard errors of the

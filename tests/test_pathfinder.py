@@ -125,6 +125,7 @@ def test_gradient_counts_match_the_evaluations_made(key):
     assert len(calls) == pf.num_grad_evals + pf.num_logp_evals + iters
 
 
+@pytest.mark.slow  # several paths on a bimodal target (~7 s)
 def test_paths_cover_two_separated_modes(key):
     # Equal mixture of N(+-3, 0.5^2 I) in 2-d; a single path finds one mode, eight paths
     # from uniform(-2, 2) starts find both, and resampling with the mixture density as the
