@@ -401,8 +401,11 @@ def test_adaptive_kernel_bad_input():
         veil.particles.SVNG(jnp.array([[1.0, 0.5], [0.0, 1.0]]))
     with pytest.raises(ValueError, match="square float array"):
         veil.particles.SVNG(jnp.ones(3))
-    # A metric function is checked at the starting particles, before the run compiles.
+    # A metric function is checked at the starting particles, before the run compiles; any
+    # metric against the target's dimension.
     t = veil.Target.from_logdensity(lambda z: -0.5 * jnp.sum(z**2), dim=2)
+    with pytest.raises(ValueError, match="3 x 3 but the target has dim=2"):
+        run(t, veil.particles.SVNG(jnp.eye(3)), key=jax.random.key(0), n_particles=5, progress=False)
     with pytest.raises(ValueError, match="metric\\(x\\) at a starting particle is not positive definite"):
         run(t, veil.particles.SVNG(lambda z: jnp.diag(z)), key=jax.random.key(0), n_particles=5, progress=False)
 

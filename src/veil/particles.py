@@ -666,8 +666,15 @@ class SVNG(ParticleMethod):
         return g, jnp.linalg.inv(g), jnp.einsum("nabb->na", jac)
 
     def check_init(self, x):
+        g = jax.vmap(self.metric)(jnp.asarray(x)) if callable(self.metric) else self.metric[None]
+        d = x.shape[-1]
+        if g.shape[1:] != (d, d):
+            raise ValueError(
+                f"The metric is {g.shape[1]} x {g.shape[2]} but the target has dim={d}: give a "
+                f"[{d}, {d}] metric (in the target's unconstrained coordinates)."
+            )
         if callable(self.metric):
-            _check_metric(np.asarray(jax.vmap(self.metric)(jnp.asarray(x))), "metric(x) at a starting particle")
+            _check_metric(np.asarray(g), "metric(x) at a starting particle")
 
     def direction(self, target, x, key):
         report, grads = _report_and_scores(self, target, x, key)
