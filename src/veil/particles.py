@@ -658,12 +658,14 @@ class SVNG(ParticleMethod):
             g = self.metric.astype(x.dtype)
             return g, jnp.linalg.inv(g), jnp.zeros_like(x)
 
-        def inverse(xi):
-            return jnp.linalg.inv(self.metric(xi))
+        def inverse(xi):  # G^{-1} to differentiate, and (G, G^{-1}) as they are
+            g = self.metric(xi)
+            g_inv = jnp.linalg.inv(g)
+            return g_inv, (g, g_inv)
 
-        g = jax.vmap(self.metric)(x)
-        jac = jax.vmap(jax.jacfwd(inverse))(x)  # [n, a, b, derivative]
-        return g, jnp.linalg.inv(g), jnp.einsum("nabb->na", jac)
+        # One evaluation of the metric and its inverse per particle serves all three.
+        jac, (g, g_inv) = jax.vmap(jax.jacfwd(inverse, has_aux=True))(x)  # jac: [n, a, b, derivative]
+        return g, g_inv, jnp.einsum("nabb->na", jac)
 
     def check_init(self, x):
         g = jax.vmap(self.metric)(jnp.asarray(x)) if callable(self.metric) else self.metric[None]
