@@ -126,10 +126,33 @@ def test_coin_svgd_needs_no_step_size_where_svgd_does():
     assert np.all(np.asarray(svgd.particles).std(0) < 20.0)
 
 
+def test_coin_svgd_is_the_papers_betting_rule():
+    # An identity (float32 round-off only): six steps of CoinSVGD() against Sharrock & Nemeth's
+    # recursion written out in numpy, per coordinate: L = max |phi|, G = sum |phi|,
+    # R = max(R + phi (x - x0), 0), x = x0 + (sum phi) / (L (G + L)) (L + R). The first move
+    # is exactly half a unit along the sign of phi.
+    t, method = _gaussian(), CoinSVGD()
+    state = method.init(jax.random.key(0), t, 9)
+    x0 = np.asarray(state.particles, np.float64)
+    x, big, total, abs_total, reward = x0.copy(), 0.0, 0.0, 0.0, 0.0
+    for i in range(6):
+        key = jax.random.key(i)
+        phi = np.asarray(method.direction(t, jnp.asarray(x, jnp.float32), key)[1], np.float64)
+        big, total, abs_total = np.maximum(big, np.abs(phi)), total + phi, abs_total + np.abs(phi)
+        reward = np.maximum(reward + phi * (x - x0), 0.0)
+        x = x0 + total / (big * (abs_total + big)) * (big + reward)
+        if i == 0:
+            np.testing.assert_allclose(x - x0, 0.5 * np.sign(phi), atol=1e-6)
+        state, _ = method.step(key, state)
+        np.testing.assert_allclose(np.asarray(state.particles), x, atol=2e-5)
+
+
 @pytest.mark.parametrize("method", [SVGD(), CoinSVGD()], ids=["svgd", "coin"])
 def test_step_api_is_the_driver_update(method):
     # The same update in a user's loop and in the driver: deterministic methods give the same
-    # particles (up to float32 round-off in the surrogate gradient).
+    # particles up to float32 round-off in the surrogate gradient (the driver scales it), which
+    # the coin's bets, ratios of running sums, carry to ~2e-5 after 30 steps: hence 5e-5, far
+    # below any real difference of rule (a step is ~0.1-0.5 here).
     t = veil.Target.from_logdensity(lambda z: -0.5 * jnp.sum(z**2), dim=2)
     x0 = jax.random.normal(jax.random.key(5), (20, 2))
     state = method.init(jax.random.key(0), t, 20, init=x0)
@@ -138,7 +161,7 @@ def test_step_api_is_the_driver_update(method):
         state, info = step(jax.random.key(i), state)
     assert bool(info.finite)
     res = run(t, method, key=jax.random.key(0), n_particles=20, init=x0, stop=None, max_steps=30, progress=False)
-    np.testing.assert_allclose(np.asarray(state.particles), np.asarray(res.particles), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(state.particles), np.asarray(res.particles), atol=5e-5)
     assert res.trace.shape == (30,)
 
 
