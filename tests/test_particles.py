@@ -507,3 +507,20 @@ def test_repulsive_ensemble_finds_a_second_mode_that_restarts_miss():
         veil.particles.repulsive_ensemble(t, q, 2, key=jax.random.key(0), strength=-1.0)
     with pytest.raises(TypeError, match="location"):
         veil.particles.repulsive_ensemble(t, veil.Mixture([q, q]), 2, key=jax.random.key(0))
+
+
+def test_watch_shapes_cache_matches_a_fresh_trace():
+    # The driver caches what the drift test watches by the loss's static structure and array
+    # shapes; a cached answer must be the one a fresh trace gives, and losses that differ in
+    # dimension or method must not share an entry.
+    from veil import driver
+    from veil.particles import MirroredSVGD, _ParticleLoss
+
+    for dim in (2, 3):
+        t = veil.Target.from_logdensity(lambda z: -0.5 * jnp.sum(z**2), dim=dim)
+        for method in (SVGD(), MirroredSVGD(veil.mirror.Simplex())):
+            loss, params = _ParticleLoss(method, t), jnp.full((1, 7, dim), 0.1)
+            fresh = jax.eval_shape(jax.vmap(lambda p: driver._watched(loss, p)), params)
+            assert driver._watch_shapes(loss, params) == fresh
+            assert driver._watch_shapes(_ParticleLoss(method, t), params) == fresh  # the cached one
+            assert fresh["location"].shape == (1, dim)
