@@ -112,7 +112,9 @@ def _watch_shapes(loss_fn, params):
     """The shapes of what the drift test watches (all restarts), cached by the loss's static
     structure and its arrays' shapes: ``jax.eval_shape`` traces ``watch`` anew on every call
     (1.2 ms on the CPU machine, a third of a one-step particle run's fixed cost), and the
-    shapes depend on nothing else. The last ``_WATCH_SHAPES_KEPT`` structures are kept."""
+    shapes depend on nothing else. The last ``_WATCH_SHAPES_KEPT`` structures are kept (their
+    static leaves, such as a log density function, stay alive as long: ``filter_jit``'s own
+    cache holds the same objects for the compiled chunk)."""
     dynamic, static = eqx.partition((loss_fn, params), eqx.is_array)
     leaves, structure = jax.tree.flatten(static)
     try:
