@@ -13,7 +13,11 @@ off) and reports:
   directory, primed once before the repeats) already holds the programs;
 * second: wall time of the second call (same shapes, new seed);
 * per-step: median over 5 further calls (2 for the slow Python loops of Pyro and NumPyro
-  with its progress bar) of wall time / steps (steady state).
+  with its progress bar) of wall time / steps (a call's fixed work included);
+* marginal per step (``--marginal``): the cost of one more step, ``(median wall(5 S) -
+  median wall(S)) / 4 S`` over 5 interleaved pairs of calls, which leaves out what a call
+  pays once (argument checks, set-up, the result); not for the Python loops, where it is
+  the per-step figure.
 
 Tools are interleaved within each repeat; the table gives medians over repeats and ratios to
 the hand-written loop (per-step) and to NumPyro's SVI.run (first call).
@@ -202,7 +206,7 @@ MAKERS = {
 }
 
 
-def worker(tool, problem, steps, warm_calls):
+def worker(tool, problem, steps, warm_calls, marginal=False):
     family, d = PROBLEMS[problem]
     run = MAKERS[tool](family, d, steps)
     t0 = time.perf_counter()
@@ -217,7 +221,20 @@ def worker(tool, problem, steps, warm_calls):
         run(2 + s)
         warm.append(time.perf_counter() - t0)
     warm.sort()
-    print(json.dumps({"first": first, "second": second, "per_step": warm[len(warm) // 2] / steps}))
+    out = {}
+    if marginal:  # after the calls above: the first and second calls keep their meaning
+        longer = MAKERS[tool](family, d, 5 * steps)
+        longer(100)
+        short, long = [], []
+        for s in range(5):
+            t0 = time.perf_counter()
+            run(200 + s)
+            t1 = time.perf_counter()
+            longer(300 + s)
+            short.append(t1 - t0)
+            long.append(time.perf_counter() - t1)
+        out["marginal"] = (sorted(long)[2] - sorted(short)[2]) / (4 * steps)
+    print(json.dumps({"first": first, "second": second, "per_step": warm[len(warm) // 2] / steps, **out}))
 
 
 def versions():
@@ -237,10 +254,12 @@ def main():
     ap.add_argument("--tools", default=",".join(TOOLS))
     ap.add_argument("--problems", default=",".join(PROBLEMS))
     ap.add_argument("--worker", nargs=2, metavar=("TOOL", "PROBLEM"))
+    ap.add_argument("--marginal", action="store_true", help="also measure the cost of one more step")
     args = ap.parse_args()
     if args.worker:
         tool, problem = args.worker
-        worker(tool, problem, args.steps, 5 if tool not in ("pyro", "numpyro_bar") else 2)
+        slow = tool in ("pyro", "numpyro_bar")
+        worker(tool, problem, args.steps, 2 if slow else 5, args.marginal and not slow)
         return
     import tempfile
 
@@ -255,7 +274,8 @@ def main():
     for rep in range(args.reps):
         for p in problems:
             for t in tools:
-                cmd = [sys.executable, __file__, "--steps", str(args.steps), "--worker", t, p]
+                cmd = [sys.executable, __file__, "--steps", str(args.steps), "--worker", t, p] + (
+                    ["--marginal"] if args.marginal else [])
                 r = subprocess.run(cmd, capture_output=True, text=True,
                                    env=cache_env if t == "veil_pcache" else env)
                 if r.returncode:
@@ -269,16 +289,18 @@ def main():
     print(f"versions: {json.dumps(versions())}")
     print(f"steps per call: {args.steps}; repeats: {args.reps} (medians shown)\n")
     print(f"| problem | tool | first call (s) | second call (s) | per step (us) | "
-          f"per step / hand | first / numpyro | second / first |")
-    print("|---|---|---|---|---|---|---|---|")
+          f"per step / hand | marginal per step (us) | marginal / hand | first / numpyro | second / first |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for p in problems:
-        med = {t: {k: float(np.median([r[k] for r in results[(t, p)]])) for k in
-                   ("first", "second", "per_step")} for t in tools if results[(t, p)]}
+        med = {t: {k: float(np.median([r.get(k, np.nan) for r in results[(t, p)]])) for k in
+                   ("first", "second", "per_step", "marginal")} for t in tools if results[(t, p)]}
         for t, m in med.items():
             hand = med.get("hand", {}).get("per_step", np.nan)
+            hand_marginal = med.get("hand", {}).get("marginal", np.nan)
             npy = med.get("numpyro", {}).get("first", np.nan)
             print(f"| {p} | {t} | {m['first']:.2f} | {m['second']:.3f} | {1e6 * m['per_step']:.1f} | "
-                  f"{m['per_step'] / hand:.2f} | {m['first'] / npy:.2f} | {m['second'] / m['first']:.2f} |")
+                  f"{m['per_step'] / hand:.2f} | {1e6 * m['marginal']:.1f} | {m['marginal'] / hand_marginal:.2f} | "
+                  f"{m['first'] / npy:.2f} | {m['second'] / m['first']:.2f} |")
 
 
 if __name__ == "__main__":
