@@ -8,6 +8,7 @@ shaped like the driver's (blocks of 128 steps, keys by ``fold_in``), 3,000 steps
 (medians of 3 interleaved calls), at n = 1e5 and 1e6:
 
 * ``nested``: the update alone;
+* ``nested+v-out``: the update and the loss value, summed over the steps (no test);
 * ``nested+ok-out``: also the driver's test ``ok = isfinite(loss + sum(grads))``, counted but
   not used to gate the update;
 * ``nested+where``: the update kept only where ``ok`` (``where`` on each leaf);
@@ -20,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import minibatch as M
 import veil
 from veil.fit import _VILoss
-MODES = ("nested", "nested+ok-out", "nested+where")
+MODES = ("nested", "nested+v-out", "nested+ok-out", "nested+where")
 
 
 def tool(X, y, B, mode):
@@ -44,8 +45,8 @@ def tool(X, y, B, mode):
                     return optax.apply_updates(p, u), s
                 p, s = jax.lax.cond(ok, upd, lambda a: (a[0], a[1]), (p, s, g))
                 return (p, s, bs), v
-            if mode == "nested+ok-out":  # ok computed and kept (no gating): does computing ok cost?
-                ok = jnp.isfinite(v + sum(jnp.sum(x) for x in jax.tree.leaves(g)))
+            if mode in ("nested+ok-out", "nested+v-out"):  # ok (or v alone) computed, not gating
+                ok = jnp.isfinite(v + sum(jnp.sum(x) for x in jax.tree.leaves(g))) if mode == "nested+ok-out" else v
                 u, s = opt.update(g, s, p)
                 return (optax.apply_updates(p, u), s, bs), ok
             if mode == "nested+where":
@@ -65,7 +66,7 @@ def tool(X, y, B, mode):
             def block(b, c):
                 keys = jax.vmap(lambda j: jax.random.fold_in(key, b * 128 + j))(jnp.arange(128))
                 return jax.lax.fori_loop(0, jnp.minimum(128, nsteps - b * 128), lambda j, cc: step(cc, keys[j])[0], c)
-            if mode == "nested+ok-out":
+            if mode in ("nested+ok-out", "nested+v-out"):
                 def block2(b, c):
                     keys = jax.vmap(lambda j: jax.random.fold_in(key, b * 128 + j))(jnp.arange(128))
                     def inner(j, cc):
@@ -73,7 +74,7 @@ def tool(X, y, B, mode):
                         st, ok = step(st, keys[j])
                         return st, cnt + ok
                     return jax.lax.fori_loop(0, jnp.minimum(128, nsteps - b * 128), inner, c)
-                (p, *_), cnt = jax.lax.fori_loop(0, (nsteps + 127) // 128, block2, (init, jnp.int32(0)))
+                (p, *_), cnt = jax.lax.fori_loop(0, (nsteps + 127) // 128, block2, (init, jnp.zeros((), jnp.float32 if mode == 'nested+v-out' else jnp.int32)))
                 return p, cnt
             (p, *_) = jax.lax.fori_loop(0, (nsteps + 127) // 128, block, init)
         return p
