@@ -31,15 +31,23 @@ import optax
 import minibatch as M
 
 
-def scan_tool(X, y, B, piece):
+def veil_loss(X, y, B):
+    """``(loss, params)``: the driver's loss for ``veil.fit`` on the minibatched model (a
+    mean-field q, one reparameterised draw) and the family's starting parameters."""
     import veil
-    from veil.batching import Shuffled
     from veil.fit import _VILoss
 
-    n, d = X.shape
+    d = X.shape[1]
     target = veil.Target.minibatched(M.log_prior, M.log_lik, (X, y), dim=d, batch_size=B)
     params, rest = eqx.partition(veil.MeanField(d), eqx.is_inexact_array)
-    loss = _VILoss(target, veil.ELBO(num_samples=1, estimator=veil.Reparam()), rest)
+    return _VILoss(target, veil.ELBO(num_samples=1, estimator=veil.Reparam()), rest), params
+
+
+def scan_tool(X, y, B, piece):
+    from veil.batching import Shuffled
+
+    n, d = X.shape
+    loss, params = veil_loss(X, y, B)
     opt = optax.adam(M.STEP)
 
     def hand_loss(p, key, batch):

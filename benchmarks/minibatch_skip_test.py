@@ -19,16 +19,12 @@ shaped like the driver's (blocks of 128 steps, keys by ``fold_in``), 3,000 steps
 import os, sys, time, numpy as np, jax, jax.numpy as jnp, optax, equinox as eqx
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import minibatch as M
-import veil
-from veil.fit import _VILoss
+from minibatch_pieces import veil_loss
 MODES = ("nested", "nested+v-out", "nested+ok-out", "nested+where")
 
 
 def tool(X, y, B, mode):
-    n, d = X.shape
-    target = veil.Target.minibatched(M.log_prior, M.log_lik, (X, y), dim=d, batch_size=B)
-    params, rest = eqx.partition(veil.MeanField(d), eqx.is_inexact_array)
-    loss = _VILoss(target, veil.ELBO(num_samples=1, estimator=veil.Reparam()), rest)
+    loss, params = veil_loss(X, y, B)
     opt = optax.adam(M.STEP)
     @eqx.filter_jit
     def train(loss, key, nsteps):
