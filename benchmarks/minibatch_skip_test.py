@@ -75,13 +75,22 @@ def tool(X, y, B, mode):
             (p, *_) = jax.lax.fori_loop(0, (nsteps + 127) // 128, block, init)
         return p
     return lambda seed=0: jax.block_until_ready(train(loss, jax.random.key(seed), jnp.int32(3000)))
-for n in (100_000, 1_000_000):
-    X, y = M.make_data(n, 10)
-    tools = {m: tool(X, y, 4096, m) for m in MODES}
-    tools["veil.fit"] = lambda seed=0, r=M.veil_tool(X, y, 4096): r(3000, seed)
-    for f in tools.values(): f(); f()
-    res = {k: [] for k in tools}
-    for r in range(3):
-        for k, f in tools.items():
-            t0 = time.perf_counter(); f(r); res[k].append(1e3 * (time.perf_counter() - t0) / 3)
-    print(n, {k: round(float(np.median(v)), 1) for k, v in res.items()}, "us/step")
+def main():
+    for n in (100_000, 1_000_000):
+        X, y = M.make_data(n, 10)
+        tools = {m: tool(X, y, 4096, m) for m in MODES}
+        tools["veil.fit"] = lambda seed=0, r=M.veil_tool(X, y, 4096): r(3000, seed)
+        for f in tools.values():
+            f()
+            f()
+        res = {k: [] for k in tools}
+        for r in range(3):
+            for k, f in tools.items():
+                t0 = time.perf_counter()
+                f(r)
+                res[k].append(1e3 * (time.perf_counter() - t0) / 3)
+        print(n, {k: round(float(np.median(v)), 1) for k, v in res.items()}, "us/step")
+
+
+if __name__ == "__main__":
+    main()
