@@ -50,6 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from veil import _blas
 from veil import checkpoint as ckpt
 from veil._config import cheap_branches
 from veil.batching import Feeder
@@ -394,14 +395,16 @@ def run(
     if bar is not None and host.steps:
         bar.update(host.steps)
     try:
-        while host.steps < max_steps and not host.done.all():
-            n = _chunk_len(host, track, max_steps)
-            after = host.steps + n  # where the chunk after this one starts, and its length
-            following = (after, min(_chunk_len(host, track, max_steps, ahead=1, at=after), capacity))
-            state = _one_chunk(loss_fn, optimizer, state, host, probe, track, max_consecutive_skips,
-                               bar, n, capacity, feeds, following if following[1] > 0 else None)
-            if checkpoint is not None and checkpoint.due():
-                _save(checkpoint, fingerprint, state, host)
+        # One LAPACK thread while the loop runs (veil/_blas.py: its pool costs more than it gives).
+        with _blas.loop_threads():
+            while host.steps < max_steps and not host.done.all():
+                n = _chunk_len(host, track, max_steps)
+                after = host.steps + n  # where the chunk after this one starts, and its length
+                following = (after, min(_chunk_len(host, track, max_steps, ahead=1, at=after), capacity))
+                state = _one_chunk(loss_fn, optimizer, state, host, probe, track, max_consecutive_skips,
+                                   bar, n, capacity, feeds, following if following[1] > 0 else None)
+                if checkpoint is not None and checkpoint.due():
+                    _save(checkpoint, fingerprint, state, host)
     finally:
         if bar is not None:
             bar.close()

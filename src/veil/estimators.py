@@ -140,10 +140,14 @@ def _path_draws(noise: Noise, q: Family, key, n: int):
     return q.transform_and_log_prob(noise.normal(key, n, q.noise_dim))
 
 
-def _stopped_q_draws(q: Family, log_density: Callable, z):
-    """``log p(z)`` and ``log q(z)`` at stopped parameters for draws ``z`` that carry the
-    path gradient (the STL / DReG / sigma-point form: no score term)."""
-    return jax.vmap(log_density)(z), stop_gradient(q).log_prob(z)
+def _stopped_path_draws(noise: Noise, q: Family, log_density: Callable, key, n: int):
+    """Draws ``z`` that carry the path gradient, ``log p(z)`` and ``log q(z)`` at stopped
+    parameters (the STL / DReG form: no score term)."""
+    if isinstance(noise, IID):
+        z, log_q = q.sample_with_stopped_log_prob(key, n)
+    else:
+        z, log_q = q.transform_with_stopped_log_prob(noise.normal(key, n, q.noise_dim))
+    return z, jax.vmap(log_density)(z), log_q
 
 
 class Estimator(eqx.Module):
@@ -241,8 +245,7 @@ class STL(Estimator):
         _require_path(self, q)
 
     def estimate(self, f, q, log_density, key, n):
-        z = _path_draws(self.noise, q, key, n)[0]
-        log_p, log_q = _stopped_q_draws(q, log_density, z)
+        z, log_p, log_q = _stopped_path_draws(self.noise, q, log_density, key, n)
         return f(log_p - log_q), _values(z, log_p, log_q)
 
 
@@ -274,8 +277,7 @@ class DReG(Estimator):
         _require_path(self, q)
 
     def estimate(self, f, q, log_density, key, n):
-        z = _path_draws(self.noise, q, key, n)[0]
-        log_p, log_q = _stopped_q_draws(q, log_density, z)
+        z, log_p, log_q = _stopped_path_draws(self.noise, q, log_density, key, n)
         path = log_p - log_q  # gradients flow along the draws only
         lw = jax.lax.stop_gradient(path)
         g, h = _grad_and_diag_hessian(f, lw)
@@ -467,8 +469,8 @@ class Unscented(Estimator):
         w = jnp.concatenate(
             [jnp.full(1, self.kappa / (m + self.kappa)), jnp.full(2 * m, 0.5 / (m + self.kappa))]
         )
-        z = q.transform_and_log_prob(eps)[0]
-        log_p, log_q = _stopped_q_draws(q, log_density, z)
+        z, log_q = q.transform_with_stopped_log_prob(eps)
+        log_p = jax.vmap(log_density)(z)
         return jnp.sum(w * (log_p - log_q)), _values(z, log_p, log_q)
 
 

@@ -57,6 +57,24 @@ class Family(eqx.Module):
             f"{type(self).__name__} is not a transform of standard-normal noise."
         )
 
+    def sample_with_stopped_log_prob(
+        self, key: PRNGKeyArray, n: int
+    ) -> tuple[Float[Array, "n dim"], Float[Array, " n"]]:
+        """``n`` reparameterised draws and ``log q(z)`` at *stopped* parameters: the pair
+        that sticking-the-landing, DReG and sigma-point gradients use (the draws carry the
+        path gradient to the parameters, ``log q`` only its gradient in ``z``). A family that
+        can get that from the noise more cheaply than :meth:`log_prob` overrides this and
+        :meth:`transform_with_stopped_log_prob`."""
+        z = self.sample(key, n)
+        return z, stop_gradient(self).log_prob(z)
+
+    def transform_with_stopped_log_prob(
+        self, eps: Float[Array, "n noise"]
+    ) -> tuple[Float[Array, "n dim"], Float[Array, " n"]]:
+        """As :meth:`sample_with_stopped_log_prob`, from given noise ``eps``."""
+        z = self.transform_and_log_prob(eps)[0]
+        return z, stop_gradient(self).log_prob(z)
+
     def whiten(self, z: Float[Array, "n dim"]) -> Float[Array, "n dim"]:
         """The noise ``eps`` with ``z = T_phi(eps)``: the inverse of
         :meth:`transform_and_log_prob`, for families whose noise has the dimension of ``z``."""

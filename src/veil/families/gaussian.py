@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpyro.distributions as dist
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from veil.families.base import Family
+from veil.families.base import Family, stop_gradient
 from veil.target import _check_dim
 
 __all__ = ["MeanField", "FullRank", "LowRank"]
@@ -172,16 +172,49 @@ class FullRank(Family):
     def sample_and_log_prob(self, key, n):
         return self.transform_and_log_prob(jax.random.normal(key, (n, self.dim)))
 
+    def transform_with_stopped_log_prob(self, eps):
+        """Draws ``z = mu + L eps`` and ``log q(z)`` at stopped parameters, with one
+        triangular solve where :meth:`log_prob` takes two.
+
+        ``log q_s(z) = log N(L_s^{-1}(z - mu_s); 0, I) - sum(log_scale_s)``. At ``z = T(eps)``
+        the whitened point is ``eps`` itself, so the value needs no solve, and the gradient in
+        ``z`` is ``-L^{-T} eps``: one solve with ``L^T``. (Through :meth:`log_prob`, reverse
+        mode solves with ``L`` for the value and again with ``L^T`` for the gradient.) The
+        surrogate ``value + <z - stop(z), -L^{-T} eps>`` has exactly that value and gradient.
+        """
+        z = self.loc + eps @ self.scale_tril.T
+        s = stop_gradient(self)
+        # L^{-T} = diag(1/scale) U^{-T} with U the unit factor; U^T is upper triangular.
+        w = jnp.exp(-s.log_scale) * _unit_solve(s._unit(), eps, transposed=True)
+        value = _std_normal_logpdf(eps) - jnp.sum(s.log_scale)
+        return z, value - jnp.sum((z - jax.lax.stop_gradient(z)) * w, axis=-1)
+
+    def sample_with_stopped_log_prob(self, key, n):
+        return self.transform_with_stopped_log_prob(jax.random.normal(key, (n, self.dim)))
+
     def whiten(self, z):
         # Solve with the unit-diagonal factor after dividing out the row scales.
         r = (z - self.loc) * jnp.exp(-self.log_scale)
-        flat = r.reshape(-1, self.dim)
-        eps = jax.scipy.linalg.solve_triangular(self._unit(), flat.T, lower=True, unit_diagonal=True).T
-        return eps.reshape(r.shape)
+        return _unit_solve(self._unit(), r.reshape(-1, self.dim), transposed=False).reshape(r.shape)
 
     def log_prob(self, z):
         # The diagonal is known in log form, so log|det L| = sum(log_scale) exactly.
         return _std_normal_logpdf(self.whiten(z)) - jnp.sum(self.log_scale)
+
+
+def _unit_solve(unit: Float[Array, "dim dim"], b: Float[Array, "n dim"], *, transposed: bool):
+    """Rows of ``b`` solved against a unit lower-triangular ``U``: ``U^{-1} b_i``, or
+    ``U^{-T} b_i`` when ``transposed``.
+
+    On CPU the solve is LAPACK's trsm, which reads its matrix in column-major order. Handing
+    it ``U^T`` (upper triangular) makes that order a free relayout of the row-major ``U``;
+    passing ``U`` itself makes XLA write a transposed copy first (at dim = 501 the STL step
+    took 1.13-1.16x longer that way; ``benchmarks/fullrank_solve.py``).
+    """
+    x = jax.scipy.linalg.solve_triangular(
+        unit.T, b.T, lower=False, trans=0 if transposed else "T", unit_diagonal=True
+    )
+    return x.T
 
 
 def _spread_basis(dim: int, rank: int) -> jax.Array:
