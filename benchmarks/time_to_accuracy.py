@@ -121,7 +121,13 @@ class VeilTool:
 
 
 class NumPyroTool:
-    def __init__(self, family, log_p, d):
+    """NumPyro's guide under ``SVI.run``; with ``one_blas_thread`` the run holds BLAS to one
+    thread, as ``veil.fit`` does during its loop (``veil/_blas.py``): the full-rank guide's
+    triangular solves are LAPACK calls on the CPU, and this row says what NumPyro gains from
+    the same setting."""
+
+    def __init__(self, family, log_p, d, one_blas_thread=False):
+        self.one_blas_thread = one_blas_thread
         import numpyro
         import numpyro.distributions as dist
         from numpyro.distributions import constraints
@@ -141,9 +147,15 @@ class NumPyroTool:
 
         from veil import psis_khat
 
+        import contextlib
+
+        import threadpoolctl
+
+        limit = threadpoolctl.ThreadpoolController().limit if self.one_blas_thread else None
         t0 = time.perf_counter()
-        r = self.svi.run(jax.random.key(seed), NUMPYRO_STEPS, progress_bar=False)
-        jax.block_until_ready(r.params)
+        with limit(limits=1, user_api="blas") if limit else contextlib.nullcontext():
+            r = self.svi.run(jax.random.key(seed), NUMPYRO_STEPS, progress_bar=False)
+            jax.block_until_ready(r.params)
         wall = time.perf_counter() - t0
         if hasattr(self.guide, "get_posterior"):  # AutoMultivariateNormal
             post = self.guide.get_posterior(r.params)
@@ -168,6 +180,8 @@ def main():
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--families", default="fullrank,meanfield")
     ap.add_argument("--out", default="time_to_accuracy.jsonl")
+    ap.add_argument("--numpyro-one-blas", action="store_true",
+                    help="also run NumPyro's full-rank guide with BLAS held to one thread")
     args = ap.parse_args()
     warnings.simplefilter("ignore")
     for name in args.targets.split(","):
@@ -175,6 +189,8 @@ def main():
         tools = {}
         for fam in args.families.split(","):
             tools[("numpyro", fam)] = NumPyroTool(fam, log_p, d)
+            if fam == "fullrank" and args.numpyro_one_blas:
+                tools[("numpyro-1blas", fam)] = NumPyroTool(fam, log_p, d, one_blas_thread=True)
             tools[("veil", fam)] = VeilTool(fam, log_p, d)
         for seed in range(args.seeds):
             for (tool, fam), t in tools.items():
@@ -195,8 +211,9 @@ def summarize(path):
     keys = sorted({(r["target"], r["family"], r["tool"]) for r in rows},
                   key=lambda k: (TARGETS.index(k[0]) if k[0] in TARGETS else 99, k[1], k[2]))
     print("| target (dim) | family | tool | max err/sd | median err/sd | sd ratio [min, med, max] | "
-          "ELBO | k-hat | grad evals | wall first (s) | wall warm (s) | warm wall / NumPyro |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "ELBO | k-hat | grad evals | wall first (s) | wall warm (s) | warm wall / NumPyro | "
+          "warm wall / NumPyro 1-BLAS |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     warm = {}
     for k in keys:
         rs = sorted([r for r in rows if (r["target"], r["family"], r["tool"]) == k], key=lambda r: r["seed"])
@@ -206,10 +223,11 @@ def summarize(path):
         rs = sorted([r for r in rows if (r["target"], r["family"], r["tool"]) == k], key=lambda r: r["seed"])
         med = lambda f: float(np.median([r[f] for r in rs]))  # noqa: E731
         ratio = warm[k] / warm.get((k[0], k[1], "numpyro"), np.nan)
+        ratio1 = warm[k] / warm.get((k[0], k[1], "numpyro-1blas"), np.nan)
         print(f"| {k[0]} ({rs[0]['dim']}) | {k[1]} | {k[2]} | {med('max_err'):.3f} | "
               f"{med('median_err'):.3f} | [{med('sd_ratio_min'):.2f}, {med('sd_ratio_median'):.2f}, "
               f"{med('sd_ratio_max'):.2f}] | {med('elbo'):.2f} | {med('khat'):.2f} | {med('grad_evals'):.0f} | "
-              f"{rs[0]['wall']:.2f} | {warm[k]:.2f} | {ratio:.2f} |")
+              f"{rs[0]['wall']:.2f} | {warm[k]:.2f} | {ratio:.2f} | {'' if np.isnan(ratio1) else f'{ratio1:.2f}'} |")
 
 
 if __name__ == "__main__":
