@@ -51,7 +51,9 @@ def _split_half(x: np.ndarray, num_batches: int) -> tuple[float, float, float, f
 class StopRule:
     """Noise-robust stopping with step-size decay and iterate averaging.
 
-    The run proceeds in *stages* at a fixed step size. A stage is *stationary* when, over the
+    The run proceeds in *stages* at a fixed step size, each judged once it holds
+    :attr:`min_stage` steps (``veil.fit`` ends its chunks there and every ``min_stage``
+    steps after). A stage is *stationary* when, over the
     window made of its last half (at least ``min_window`` steps), the mean loss of the first
     half of the window exceeds that of the second half by no more than ``z`` standard errors
     (batch means over ``num_batches`` batches) or ``atol``. The loss of a stationary stage is
@@ -123,6 +125,12 @@ class StopRule:
             raise ValueError(f"decay must lie in (0, 1), got {self.decay}.")
         if not 0 <= self.min_decays <= self.max_decays:
             raise ValueError("StopRule needs 0 <= min_decays <= max_decays.")
+
+    @property
+    def min_stage(self) -> int:
+        """Fewest steps of a stage before it is judged: two windows, and at least
+        ``num_batches`` probe batches for the drift test's batch means."""
+        return max(2 * self.min_window, self.num_batches * PROBE_BATCH)
 
     def start(self, groups=None) -> "_Tracker":
         """A fresh host-side tracker for one run; ``groups`` labels the watched coordinates
@@ -198,7 +206,7 @@ class _Tracker:
         self.stage.append(np.asarray(losses, dtype=np.float64))
         self.probes.append(np.asarray(probe_means, dtype=np.float64))
         self.stage_len += len(losses)
-        if self.stage_len < 2 * r.min_window:
+        if self.stage_len < r.min_stage:
             return Decision("continue")
         x = self._window()
         if x.size < r.min_window // 2:  # mostly skipped steps: nothing to judge yet

@@ -56,15 +56,15 @@ from veil._config import cheap_branches
 from veil.batching import Feeder
 from veil.diagnostics import PROBE_BATCH, StopRule
 
-__all__ = ["run", "RunOutput", "CHUNK_CAPACITY", "CHUNK_SCHEDULE", "PLAIN_CAPACITY"]
+__all__ = ["run", "RunOutput", "CHUNK_CAPACITY", "PLAIN_CAPACITY", "chunk_schedule"]
 
 # Steps one compiled chunk can hold (a static size: the loss buffer); chunks that run fewer
-# steps reuse the same program. With a stopping rule: short first chunks so the progress bar
-# and the rule see early progress, then CHUNK_CAPACITY steps per chunk. A fixed schedule (not
-# one timed on the host): the rule decides at chunk boundaries, so a fit stays a pure
-# function of its key on every machine.
+# steps reuse the same program. With a stopping rule the chunk lengths follow
+# chunk_schedule: a fixed schedule (not one timed on the host), because the rule decides at
+# chunk boundaries and a fit must stay a pure function of its key on every machine.
 CHUNK_CAPACITY = 500
-CHUNK_SCHEDULE = (100, 200, CHUNK_CAPACITY)
+# No chunk of the rule's schedule is shorter (a chunk costs ~1 ms of host and runtime work).
+CHUNK_MIN = 100
 # Without a stopping rule nothing is decided between chunks, and each step's key is
 # fold_in(key, step) whatever the chunking, so chunk lengths are chosen on the host: about
 # PLAIN_SECONDS of work each (at most 8x the previous, between 100 and PLAIN_CAPACITY steps).
@@ -415,13 +415,35 @@ def run(
     return _finish(state, host, track, time.perf_counter() - t0)
 
 
+def chunk_schedule(index: int, min_stage: int) -> int:
+    """Length of chunk ``index`` (from 0) of a run with a stopping rule whose stages are
+    judged once they hold ``min_stage`` steps (:attr:`StopRule.min_stage`).
+
+    A short first chunk shows early progress; the second ends at step ``min_stage``, where
+    the rule can first decide; later chunks hold ``min_stage`` steps. Every stage starts at a
+    chunk boundary (a decay happens there), so with the boundaries on multiples of
+    ``min_stage`` each stage is judged as soon as it is long enough. (With the earlier fixed
+    100, 200, 500 schedule, stages of the default rule were judged at 500 steps where 400 were
+    enough, and the first at step 800 where 400 were.) Chunks are at least ``CHUNK_MIN`` and at
+    most ``CHUNK_CAPACITY`` steps.
+
+    Example:
+        >>> [chunk_schedule(i, 400) for i in range(4)]   # the default StopRule
+        [100, 300, 400, 400]
+        >>> [chunk_schedule(i, 250) for i in range(4)]   # min_window=100
+        [100, 150, 250, 250]
+    """
+    n = CHUNK_MIN if index == 0 else min_stage - CHUNK_MIN if index == 1 else min_stage
+    return int(min(max(n, CHUNK_MIN), CHUNK_CAPACITY))
+
+
 def _chunk_len(host: _Host, track: bool, max_steps: int, ahead: int = 0, at: int | None = None) -> int:
     """Steps of the next chunk (``ahead=1``: of the one after it, which starts at step
     ``at``): the stopping rule's fixed schedule, or the length of a plain run (host-timed,
     except for a fed source, whose plain chunks hold the feed's capacity); at most the steps
     left."""
     index = host.chunk_index + ahead
-    n = CHUNK_SCHEDULE[min(index, len(CHUNK_SCHEDULE) - 1)] if track else host.plain_next
+    n = chunk_schedule(index, host.rules[0].rule.min_stage) if track else host.plain_next
     return int(max(0, min(n, max_steps - (host.steps if at is None else at))))
 
 
