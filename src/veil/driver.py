@@ -430,8 +430,8 @@ def chunk_schedule(index: int, min_stage: int) -> int:
     Example:
         >>> [chunk_schedule(i, 400) for i in range(4)]   # the default StopRule
         [100, 300, 400, 400]
-        >>> [chunk_schedule(i, 250) for i in range(4)]   # min_window=100
-        [100, 150, 250, 250]
+        >>> [chunk_schedule(i, 300) for i in range(4)]   # particles' min_window=150
+        [100, 200, 300, 300]
     """
     n = CHUNK_MIN if index == 0 else min_stage - CHUNK_MIN if index == 1 else min_stage
     return int(min(max(n, CHUNK_MIN), CHUNK_CAPACITY))

@@ -1014,11 +1014,13 @@ def _constrained(target: Target, x):
 
 # Particle methods are deterministic given their batches: no step-size decay (a coin method
 # has no step to decay), and drift judged against a tolerance (1% of a particle sd, see
-# _ParticleLoss.watch) rather than against noise. A window of 100 steps, not the noisy
-# ELBO's 200, lets a run stop at step 300 rather than 800: measured on 12 rows of
-# benchmarks/particles.py (BENCHMARKS.md section 24), every stop was still within the
-# time-to-accuracy goal, and five of them came 2.7x sooner.
-_DEFAULT_STOP = StopRule(min_window=100, min_decays=0, max_decays=0, drift_atol=0.01)
+# _ParticleLoss.watch) rather than against noise. A window of 150 steps, not the noisy
+# ELBO's 200, makes the stage judged at 300 steps (StopRule.min_stage; the driver's chunks
+# end there and every 300 steps after), so a run can stop at step 300 rather than 400 or 800:
+# measured on 12 rows of benchmarks/particles.py (BENCHMARKS.md sections 24 and 25), every
+# stop was within the time-to-accuracy goal; a window of 100 (stages judged at 250) stopped
+# four rows later, at 500-750 steps, where 150 stops them at 300.
+_DEFAULT_STOP = StopRule(min_window=150, min_decays=0, max_decays=0, drift_atol=0.01)
 _MISSING = object()
 
 
@@ -1051,7 +1053,7 @@ def run(
         progress: show a progress bar.
         stop: a :class:`veil.StopRule`, or ``None`` to run ``max_steps`` steps (the only
             choice for :class:`EKI` and :class:`ALDI`, whose particles may not be averaged).
-            The default is ``StopRule(min_window=100, min_decays=0, max_decays=0, drift_atol=0.01)``: the trace is the mean
+            The default is ``StopRule(min_window=150, min_decays=0, max_decays=0, drift_atol=0.01)``: the trace is the mean
             ``-log p`` of 16 particles drawn at random each step; the run stops once it has settled and, over the last window, no
             coordinate's particle mean has moved by more than 1% of its particle sd nor its
             sd changed by more than 1%; each particle is averaged over that window.
