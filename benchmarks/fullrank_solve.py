@@ -25,6 +25,7 @@ Variants are interleaved within each repeat; medians over repeats.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import platform
 import time
 
@@ -100,7 +101,7 @@ def main():
         for rep in range(args.reps):
             for name, f in fns.items():
                 for threads in ("default", "one"):
-                    ctx = controller.limit(limits=1, user_api="blas") if threads == "one" else _null()
+                    ctx = controller.limit(limits=1, user_api="blas") if threads == "one" else contextlib.nullcontext()
                     with ctx:
                         t0 = time.perf_counter()
                         jax.block_until_ready(f(q, jax.random.key(rep + 1)))
@@ -109,14 +110,6 @@ def main():
         for name in fns:
             a, b = np.median(times[name, "default"]), np.median(times[name, "one"])
             print(f"| {d} | {name} | {a:.0f} | {b:.0f} | {base / a:.2f}x / {base / b:.2f}x faster |")
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 if __name__ == "__main__":
