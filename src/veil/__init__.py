@@ -62,7 +62,7 @@ from veil.objectives import (
 from veil.pathfinder import PathfinderResult, pathfinder
 from veil.result import LogEvidence, Summary, VIResult
 from veil.target import Target
-from veil import batching, demo, families, fusion, gaussian, kernels, mirror, particles
+from veil import batching, demo, families, fusion, gaussian, kernels, mirror, optim, particles
 
 __version__ = "0.1.0"
 
@@ -103,6 +103,7 @@ __all__ = [
     "kernels",
     "particles",
     "mirror",
+    "optim",
     "gaussian",
     "families",
     "fusion",

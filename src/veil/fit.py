@@ -24,6 +24,7 @@ from veil.families.mixflows import MixFlow
 from veil.families.semi_implicit import SemiImplicit
 from veil.estimators import Reparam, ScoreFunction, Stratified
 from veil.objectives import ELBO, FunctionObjective, Objective
+from veil.optim import clip_outliers
 from veil.result import VIResult
 from veil.target import Target, _row_sharding, log_density_rows
 
@@ -32,7 +33,7 @@ __all__ = ["fit", "default_optimizer", "DEFAULT_STEP_SIZE"]
 DEFAULT_STEP_SIZE = 0.05
 # One object, created once: optax transformations are closures, and the compiled loop is keyed
 # by the optimizer's identity, so a fresh `optax.adam(...)` per call would recompile.
-_DEFAULT_OPTIMIZER = optax.adam(DEFAULT_STEP_SIZE)
+_DEFAULT_OPTIMIZER = optax.chain(clip_outliers(), optax.adam(DEFAULT_STEP_SIZE))
 _DEFAULT_OBJECTIVE = ELBO()
 # For families whose draws have no reparameterisation path (e.g. VonMises).
 _DEFAULT_SCORE_OBJECTIVE = ELBO(num_samples=8, estimator=ScoreFunction())
@@ -59,7 +60,8 @@ _MISSING = object()
 
 
 def default_optimizer() -> optax.GradientTransformation:
-    """Adam with step size 0.05, the optimizer ``veil.fit`` uses when given none.
+    """Adam with step size 0.05 behind outlier clipping, the optimizer ``veil.fit`` uses when
+    given none: ``optax.chain(veil.optim.clip_outliers(), optax.adam(0.05))``.
 
     Why this choice: Adam's per-coordinate normalisation makes a step move each parameter by
     about the step size whatever the scale of the log density, so one value serves targets
@@ -67,7 +69,12 @@ def default_optimizer() -> optax.GradientTransformation:
     changes a scale by about 5%. 0.05 is large enough to cross unconstrained space in a few
     hundred steps; the stopping rule then halves it (at most twice) once the loss stops
     improving, and averages the final iterates, so the large initial step does not cost
-    final accuracy.
+    final accuracy. Each gradient coordinate is first clipped at 5 times its running root
+    mean square (:func:`veil.optim.clip_outliers`): one draw deep in the tail of an early,
+    wide ``q`` can give a gradient thousands of times the usual size, and Adam's second
+    moment then needs ~10,000 steps to forget it, during which the fit crawls (stochastic
+    volatility, BENCHMARKS.md section 26: 2 of 7 seeds ran to the step cap without it, none
+    with it). Ordinary gradient noise passes untouched.
     """
     return _DEFAULT_OPTIMIZER
 
@@ -172,7 +179,8 @@ def fit(
             ``(q, target, key) -> loss``. For a ``veil.Mixture``: ``ELBO(estimator=
             veil.Stratified())`` (4 draws from every component; a mixture of flows takes the
             flow settings with ``Stratified(inner=Reparam())``).
-        optimizer: an optax transformation; default :func:`default_optimizer` (Adam, 0.05),
+        optimizer: an optax transformation; default :func:`default_optimizer` (Adam, 0.05, behind
+            outlier clipping),
             for a flow Adam with step 0.01. Reuse the same object between fits: a new one
             recompiles the loop.
         max_steps: cap on optimisation steps.
