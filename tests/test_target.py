@@ -116,9 +116,11 @@ def test_large_closed_over_arrays_become_program_inputs():
     logp, loglik, X = _closure_target()
     t = veil.Target.from_logdensity(logp, dim=20, log_likelihood=loglik)
     z = jnp.linspace(-0.5, 0.5, 20)
-    # The same computation, exactly: the jaxpr is evaluated with the arrays as inputs.
+    # The same computation: the jaxpr is evaluated with the arrays as inputs. The value is
+    # equal exactly; the gradient to a few ulps (X as a program input rather than a constant
+    # may be reduced in another order: 1 ulp on one entry at XLA's optimisation level 0).
     np.testing.assert_array_equal(t.log_density(z), logp(z))
-    np.testing.assert_array_equal(jax.grad(t.log_density)(z), jax.grad(logp)(z))
+    np.testing.assert_allclose(jax.grad(t.log_density)(z), jax.grad(logp)(z), rtol=1e-6)
     np.testing.assert_array_equal(t.log_likelihood(z), loglik(z))
     zs = jnp.stack([z, -z, 2 * z])
     np.testing.assert_allclose(jax.vmap(t.log_density)(zs), jax.vmap(logp)(zs), rtol=1e-6)
