@@ -19,6 +19,9 @@ its own ``RBFKernel`` rule). Tools:
   constant metric (see :class:`Veil`);
 * ``veil-msvgd``, ``veil-svmd`` (Dirichlet only): ``MirroredSVGD(Simplex(), step_size=s)``
   (AdaGrad) and ``SVMD(Simplex(), step_size=s)`` (plain steps) on the simplex itself;
+* ``veil-svgd-step``, ``veil-coin-step``: the same methods through their ``init``/``step``
+  API in a jitted ``fori_loop`` of the caller's, as BlackJAX is run (no driver, checks of the
+  start's gradient, trace, stopping rule or result);
 * ``blackjax``: ``blackjax.svgd`` with ``optax.adagrad(s)`` and ``update_median_heuristic``
   after every step (as its documentation does), the steps in one jitted ``fori_loop``;
 * ``numpyro``: ``SteinVI(model, AutoDelta(model), Adagrad(s), RBFKernel())``, ``run(key, S,
@@ -222,6 +225,36 @@ class Veil:
         return jax.block_until_ready(out), res.num_steps
 
 
+class VeilStep(Veil):
+    """veil's own step API run the way BlackJAX's is run here: ``state = method.init(key,
+    target, n, init=x0)`` (host-side checks of the start), then ``method.step`` in the
+    caller's jitted ``fori_loop``. No driver: no start-gradient check, no chunks, trace,
+    stopping rule or result object, so it shows what those cost on a short run."""
+
+    def __call__(self, x0, step, steps):
+        import equinox as eqx
+        import jax
+
+        if ("step", step) not in self.cache:
+            method = self.method(step, x0)
+            static = []
+
+            @jax.jit
+            def loop(arrays, key, steps):
+                def body(i, state):
+                    return method.step(jax.random.fold_in(key, i), state)[0]
+
+                state = eqx.combine(arrays, static[0])
+                return jax.lax.fori_loop(0, steps, body, state).particles
+
+            self.cache[("step", step)] = method, loop, static
+        method, loop, static = self.cache[("step", step)]
+        key = jax.random.key(0)
+        arrays, rest = eqx.partition(method.init(key, self.target, x0.shape[0], init=x0), eqx.is_array)
+        static[:] = [rest]  # the same target and method on every call: one compiled loop
+        return jax.block_until_ready(loop(arrays, key, steps)), steps
+
+
 class BlackJAX:
     def __init__(self, spec):
         import blackjax
@@ -354,6 +387,7 @@ def main():
                 "veil-svgd": lambda: Veil(spec, "svgd"), "veil-coin": lambda: Veil(spec, "coin"),
                 "veil-coin-auto": lambda: Veil(spec, "coin-auto"), "veil-svng": lambda: Veil(spec, "svng"),
                 "veil-msvgd": lambda: Veil(spec, "msvgd"), "veil-svmd": lambda: Veil(spec, "svmd"),
+                "veil-svgd-step": lambda: VeilStep(spec, "svgd"), "veil-coin-step": lambda: VeilStep(spec, "coin"),
                 "blackjax": lambda: BlackJAX(spec), "numpyro": lambda: NumPyro(spec),
             }
             mirrored_only = {"veil-msvgd", "veil-svmd"}

@@ -511,7 +511,7 @@ def test_repulsive_ensemble_finds_a_second_mode_that_restarts_miss():
         veil.particles.repulsive_ensemble(t, veil.Mixture([q, q]), 2, key=jax.random.key(0))
 
 
-def test_watch_shapes_cache_matches_a_fresh_trace():
+def test_watch_plan_cache_matches_a_fresh_trace():
     # The driver caches what the drift test watches by the loss's static structure and array
     # shapes; a cached answer must be the one a fresh trace gives, and losses that differ in
     # dimension or method must not share an entry.
@@ -523,6 +523,10 @@ def test_watch_shapes_cache_matches_a_fresh_trace():
         for method in (SVGD(), MirroredSVGD(veil.mirror.Simplex())):
             loss, params = _ParticleLoss(method, t), jnp.full((1, 7, dim), 0.1)
             fresh = jax.eval_shape(jax.vmap(lambda p: driver._watched(loss, p)), params)
-            assert driver._watch_shapes(loss, params) == fresh
-            assert driver._watch_shapes(_ParticleLoss(method, t), params) == fresh  # the cached one
+            shapes, probe, groups = driver._watch_plan(loss, params)
+            assert shapes == fresh
+            assert driver._watch_plan(_ParticleLoss(method, t), params)[0] == fresh  # the cached one
+            want_probe, want_groups = driver.probe_indices(fresh)
+            np.testing.assert_array_equal(probe, want_probe)
+            np.testing.assert_array_equal(groups, want_groups)
             assert fresh["location"].shape == (1, dim)

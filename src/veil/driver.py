@@ -105,17 +105,20 @@ def _watched(loss_fn, params):
     return params if watch is None else watch(params)
 
 
-_WATCH_SHAPES: collections.OrderedDict = collections.OrderedDict()
-_WATCH_SHAPES_KEPT = 64
+_WATCH_PLANS: collections.OrderedDict = collections.OrderedDict()
+_WATCH_PLANS_KEPT = 64
 
 
-def _watch_shapes(loss_fn, params):
-    """The shapes of what the drift test watches (all restarts), cached by the loss's static
-    structure and its arrays' shapes: ``jax.eval_shape`` traces ``watch`` anew on every call
-    (1.2 ms on the CPU machine, a third of a one-step particle run's fixed cost), and the
-    shapes depend on nothing else. The last ``_WATCH_SHAPES_KEPT`` structures are kept (their
-    static leaves, such as a log density function, stay alive as long: ``filter_jit``'s own
-    cache holds the same objects for the compiled chunk)."""
+def _watch_plan(loss_fn, params):
+    """``(shapes, probe, groups)``: the shapes of what the drift test watches (all restarts),
+    the watched coordinates (on the device) and their leaves (:func:`probe_indices`).
+
+    Cached by the loss's static structure and its arrays' shapes, on which alone they depend:
+    ``jax.eval_shape`` traces ``watch`` anew on every call (1.2 ms on the CPU machine, a third
+    of a one-step particle run's fixed cost), and the probe's indices and their transfer cost
+    another 0.3-0.5 ms on a GPU (BENCHMARKS.md section 27). The last ``_WATCH_PLANS_KEPT``
+    structures are kept (their static leaves, such as a log density function, stay alive as
+    long: ``filter_jit``'s own cache holds the same objects for the compiled chunk)."""
     dynamic, static = eqx.partition((loss_fn, params), eqx.is_array)
     leaves, structure = jax.tree.flatten(static)
     try:
@@ -123,15 +126,17 @@ def _watch_shapes(loss_fn, params):
         hash(key)
     except TypeError:  # an unhashable static leaf: no cache, trace as before
         key = None
-    if key is not None and key in _WATCH_SHAPES:
-        _WATCH_SHAPES.move_to_end(key)
-        return _WATCH_SHAPES[key]
+    if key is not None and key in _WATCH_PLANS:
+        _WATCH_PLANS.move_to_end(key)
+        return _WATCH_PLANS[key]
     shapes = jax.eval_shape(jax.vmap(lambda p: _watched(loss_fn, p)), params)
+    probe, groups = probe_indices(shapes)
+    plan = (shapes, jnp.asarray(probe), groups)
     if key is not None:
-        _WATCH_SHAPES[key] = shapes
-        while len(_WATCH_SHAPES) > _WATCH_SHAPES_KEPT:
-            _WATCH_SHAPES.popitem(last=False)
-    return shapes
+        _WATCH_PLANS[key] = plan
+        while len(_WATCH_PLANS) > _WATCH_PLANS_KEPT:
+            _WATCH_PLANS.popitem(last=False)
+    return plan
 
 
 def _batches(loss_fn):
@@ -328,6 +333,7 @@ class _Host:
     scales: np.ndarray
     applied: np.ndarray
     rules: list | None
+    skipped: np.ndarray | None = None  # per restart, as of the last chunk (not saved: re-read)
 
 
 def run(
@@ -366,8 +372,7 @@ def run(
     k = jax.tree.leaves(params)[0].shape[0]
     state = _init_state(optimizer, params, key, loss_fn)
     track = stop_rule is not None
-    probe, groups = probe_indices(_watch_shapes(loss_fn, params))
-    probe = jnp.asarray(probe)
+    _, probe, groups = _watch_plan(loss_fn, params)
     host = _Host(
         steps=0, chunk_index=0, plain_next=PLAIN_FIRST, traces=[[] for _ in range(k)], history=[],
         done=np.zeros(k, bool), num_steps=np.zeros(k, np.int64), reasons=["max_steps"] * k,
@@ -486,8 +491,8 @@ def _one_chunk(loss_fn, optimizer, state, host: _Host, probe, track, max_consecu
         state, out = _run_chunk(loss_fn, optimizer, state, np.int32(m), probe, capacity, track, feed)
         pieces.append((m, out))
     # The one host sync of the chunk: every host-side quantity in a single transfer.
-    got, consecutive = jax.device_get(
-        ([(o.losses, o.probe_means if track else None) for _, o in pieces], state.consecutive)
+    got, consecutive, host.skipped = jax.device_get(
+        ([(o.losses, o.probe_means if track else None) for _, o in pieces], state.consecutive, state.skipped)
     )
     got = [(l[:, :m], p[:, : -(-m // PROBE_BATCH)] if track else None) for (m, _), (l, p) in zip(pieces, got)]
     if not track and feeds is None:  # the next plain chunk: about PLAIN_SECONDS of work
@@ -570,7 +575,8 @@ def _finish(state, host: _Host, track: bool, wall: float) -> RunOutput:
         traces=traces,
         num_steps=host.num_steps,
         stop_reasons=host.reasons,
-        skipped=np.asarray(state.skipped),
+        # (read with the last chunk's losses: another device read here cost 0.3-0.6 ms on a GPU)
+        skipped=np.asarray(state.skipped) if host.skipped is None else host.skipped,
         final_loss=final_loss,
         wall_time=wall,
     )

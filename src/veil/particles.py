@@ -965,15 +965,30 @@ class _ParticleLoss(eqx.Module):
 def _initial_particles(key, method: ParticleMethod, target: Target, n_particles: int, init) -> jax.Array:
     """Starting particles in the method's coordinates (checked: count, shape, finite, apart,
     inside the method's set)."""
+    _check_count(n_particles)
+    if init is None:
+        z = _draw_start(key, method, target, int(n_particles))
+        method.check_init(np.asarray(method.positions(z)))
+        return z
+    return method.coordinates(jnp.asarray(_checked_init(method, target, n_particles, init)))
+
+
+def _check_count(n_particles) -> None:
     if isinstance(n_particles, bool) or not isinstance(n_particles, (int, np.integer)) or n_particles < 2:
         raise ValueError(
             f"n_particles must be an integer >= 2 (the kernel needs pairs of particles), got {n_particles!r}."
         )
-    if init is None:
-        draws = getattr(method, "prior_draws", None)
-        z = draws(key, int(n_particles)) if draws is not None else jax.random.normal(key, (int(n_particles), target.dim))
-        method.check_init(np.asarray(method.positions(z)))
-        return z
+
+
+def _draw_start(key, method: ParticleMethod, target: Target, n: int) -> jax.Array:
+    """``n`` starting particles drawn in the method's coordinates: its prior's draws (the
+    gradient-free methods) or standard normal ones."""
+    draws = getattr(method, "prior_draws", None)
+    return draws(key, n) if draws is not None else jax.random.normal(key, (n, target.dim))
+
+
+def _checked_init(method: ParticleMethod, target: Target, n_particles: int, init) -> np.ndarray:
+    """A host copy of the caller's starting points (target coordinates), checked."""
     # The checks run on one host copy: a device round trip per check and a row sort for
     # "all rows equal" cost 0.4-0.9 ms of a one-step run's ~4 ms on CPU (BENCHMARKS §24).
     host = np.asarray(init)
@@ -990,16 +1005,30 @@ def _initial_particles(key, method: ParticleMethod, target: Target, n_particles:
             "bandwidth comes from their distances, and identical particles never separate)."
         )
     method.check_init(host)
-    return method.coordinates(jnp.asarray(init))
+    return host
 
 
-@eqx.filter_jit
-def _start_checks(method, target: Target, z):
+def _start_counts(method, target: Target, z):
+    """How many starting particles have a non-finite log density, and a non-finite gradient."""
     if not method.uses_gradients:
         log_p = jax.vmap(target.log_density)(method.positions(z))
         return jnp.sum(~jnp.isfinite(log_p)), jnp.int32(0)
     log_p, scores = method.log_density_and_scores(target, z)
     return jnp.sum(~jnp.isfinite(log_p)), jnp.sum(~jnp.isfinite(scores).all(axis=1))
+
+
+@eqx.filter_jit
+def _start(method, target: Target, key, n: int, init):
+    """A run's start in one compiled call: its keys (init, run, diagnostics: ``split(key,
+    3)``), the starting particles in the method's coordinates with a leading restart axis
+    (``init``, checked on the host, or drawn), :func:`_start_counts`, and the drawn start in
+    the target's coordinates (``None`` for a given ``init``). Each eager
+    operation it replaces (the split, the transfer, the added axis) is a kernel launch on a
+    GPU, where they cost 0.3-0.8 ms of a one-step run's ~5 ms (BENCHMARKS.md section 27)."""
+    init_key, run_key, diag_key = jax.random.split(key, 3)
+    z = _draw_start(init_key, method, target, n) if init is None else method.coordinates(jnp.asarray(init))
+    drawn = method.positions(z) if init is None else None  # for the method's own check
+    return jnp.expand_dims(z, 0), run_key, diag_key, _start_counts(method, target, z), drawn
 
 
 @eqx.filter_jit
@@ -1103,9 +1132,15 @@ def run(
         )
     if checkpoint is not None and not isinstance(checkpoint, Checkpoint):
         checkpoint = Checkpoint(checkpoint)
-    init_key, run_key, diag_key = jax.random.split(key, 3)
-    x0 = _initial_particles(init_key, method, target, n_particles, init)
-    bad_value, bad_grad = map(int, jax.device_get(_start_checks(method, target, x0)))
+    _check_count(n_particles)
+    host_init = None if init is None else _checked_init(method, target, n_particles, init)
+    # (a device array goes in as it is: the host copy was for the checks)
+    x0, run_key, diag_key, counts, drawn = _start(
+        method, target, key, int(n_particles), init if isinstance(init, jax.Array) else host_init)
+    counts, drawn = jax.device_get((counts, drawn))  # one device read
+    if init is None:
+        method.check_init(drawn)
+    bad_value, bad_grad = map(int, counts)
     if bad_value or bad_grad:
         raise ValueError(
             f"At {bad_value} starting particle(s) the log density is not finite and at {bad_grad} "
@@ -1117,7 +1152,7 @@ def run(
         fingerprint = {"method": repr(method), "n_particles": int(n_particles), "stop": repr(stop),
                        "key": np.asarray(jax.random.key_data(key)).tolist(), "target": target.kind}
     out = driver.run(
-        _ParticleLoss(method, target), jnp.expand_dims(x0, 0), method.optimizer, key=run_key, max_steps=max_steps,
+        _ParticleLoss(method, target), x0, method.optimizer, key=run_key, max_steps=max_steps,
         stop_rule=stop, progress=progress, description=type(method).__name__,
         checkpoint=checkpoint, fingerprint=fingerprint,
     )
