@@ -1092,6 +1092,11 @@ def run(
         ValueError / TypeError: bad arguments, or a log density or gradient that is not
             finite at a starting particle, before any compilation of the loop.
 
+    A call costs 2-3 ms besides its steps (start checks, the driver, the result; BENCHMARKS.md
+    section 27): for runs of a few milliseconds, or many small ones inside your own program,
+    ``state = method.init(key, target, n, init=x0)`` and ``method.step`` in your own jitted
+    loop skip it.
+
     Example:
         >>> import jax, jax.numpy as jnp, veil
         >>> t = veil.Target.from_logdensity(lambda z: -0.5 * jnp.sum(z**2), dim=3)
