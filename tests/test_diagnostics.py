@@ -69,3 +69,31 @@ def test_gradient_variance_needs_two_keys():
     with pytest.raises(ValueError, match="n must be"):
         gradient_variance(veil.ELBO(), veil.MeanField(1), lambda z: -jnp.sum(z**2),
                           jax.random.key(0), 1)
+
+
+def test_decay_waits_for_settled_iterates_only_when_asked():
+    # A flat loss (constant: the loss test passes exactly) while five watched coordinates
+    # travel 4 units across the chunk, against batch-mean noise of sd 0.1. The test looks at
+    # the last 10 probe rows: halves 1.33 apart, the trend itself inflating the within-half
+    # spread, so t^2 ~ 1.78 / 0.076 ~ 23 per coordinate. The default rule halves the step on
+    # the loss alone; with
+    # decay_max_drift it keeps the step until a chunk whose iterates only fluctuate (statistic
+    # F(1, 8)-like, median ~0.5: far below 4 for this seed), then halves it.
+    from veil.diagnostics import PROBE_BATCH
+
+    rule = veil.StopRule()
+    n = rule.min_stage
+    rows = n // PROBE_BATCH
+    rng = np.random.default_rng(3)
+    losses = np.zeros(n)
+    travelling = np.linspace(0, 4, rows)[:, None] + 0.1 * rng.standard_normal((rows, 5))
+    settled = 4 + 0.1 * rng.standard_normal((rows, 5))
+
+    assert rule.start().update(losses, travelling).action == "decay"
+    gated = veil.StopRule(decay_max_drift=4.0).start()
+    first = gated.update(losses, travelling)
+    assert first.action == "continue" and gated.last_drift > 10
+    second = gated.update(losses, settled)
+    assert second.action == "decay" and gated.last_drift < 4.0
+    with pytest.raises(ValueError, match="decay_max_drift"):
+        veil.StopRule(decay_max_drift=0.0)
