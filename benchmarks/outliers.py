@@ -1,6 +1,6 @@
 """Gradient outliers and Adam: what ``veil.optim.clip_outliers`` changes, target by target.
 
-    python benchmarks/outliers.py [--targets A,B] [--seeds 7] [--variants adam,clip]
+    python benchmarks/outliers.py [--targets A,B] [--seeds 7] [--variants adam,clip] [--gate G]
 
 For each Inference Gym target (same unconstrained log density as ``time_to_accuracy.py``) and
 seed, a default ``veil.fit`` with ``FullRank`` (ELBO, 4 STL draws, the stopping rule) under
@@ -12,7 +12,11 @@ each optimizer variant:
 * ``white-loc``: ``clip`` plus Adam on the location's gradient in q's whitened coordinates
   (``L^T g`` in, ``L u`` out; an experiment written here, not part of veil);
 * ``natural-loc``: ``clip`` plus the location's natural gradient ``L L^T g`` before Adam (also
-  an experiment here).
+  an experiment here);
+* ``white-iso``: ``clip`` for everything but the location, whose step is taken in q's
+  whitened coordinates (``u = L^T g``) with Adam's moments but one second moment for all its
+  coordinates (the mean of ``u^2``), so the step keeps the whitened gradient's direction, and
+  mapped back with ``L`` (an experiment here).
 
 It prints per variant the steps by seed, their median, max |mean error| / ground-truth sd by
 seed, and the median ELBO (20,000 draws); and, for ``adam``, the largest loss of the first 400
@@ -46,6 +50,37 @@ def _loc_transform(kind: str):
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
+def _white_iso(lr=0.05, b1=0.9, b2=0.999, eps=1e-8, threshold=5.0):
+    """The location moved along ``L`` times Adam's first moment of ``u = L^T g`` over one
+    shared root mean square of ``u``; every other parameter by ``veil.default_optimizer()``."""
+    import equinox as eqx
+    import jax.numpy as jnp
+    import optax
+
+    import veil
+
+    inner = veil.default_optimizer()
+
+    def init(params):
+        return inner.init(params), jnp.zeros_like(params.loc), jnp.zeros(()), jnp.zeros((), jnp.int32)
+
+    def update(g, state, params):
+        inner_state, m, v, t = state
+        L = params.scale_tril
+        u = L.T @ g.loc
+        bound = threshold * jnp.sqrt(v / jnp.maximum(1 - b2 ** t.astype(jnp.float32), 1e-30))
+        u = jnp.where(t > 0, jnp.clip(u, -bound, bound), u)  # outliers, as clip_outliers
+        t = t + 1
+        m = b1 * m + (1 - b1) * u
+        v = b2 * v + (1 - b2) * jnp.mean(u**2)
+        tf = t.astype(jnp.float32)
+        step = -lr * (m / (1 - b1**tf)) / (jnp.sqrt(v / (1 - b2**tf)) + eps)
+        updates, inner_state = inner.update(g, inner_state, params)
+        return eqx.tree_at(lambda q: q.loc, updates, L @ step), (inner_state, m, v, t)
+
+    return optax.GradientTransformation(init, update)
+
+
 def make_optimizer(variant: str):
     import optax
 
@@ -60,6 +95,8 @@ def make_optimizer(variant: str):
         return optax.chain(clip_outliers(3.0), optax.adam(0.05))
     if variant == "white-loc":
         return optax.chain(clip_outliers(), _loc_transform("whiten"), optax.adam(0.05), _loc_transform("unwhiten"))
+    if variant == "white-iso":
+        return _white_iso()
     if variant == "natural-loc":
         return optax.chain(clip_outliers(), _loc_transform("natural"), optax.adam(0.05))
     raise ValueError(f"unknown variant {variant!r}")
@@ -70,6 +107,7 @@ def main():
     ap.add_argument("--targets", default="VectorizedStochasticVolatilityLogSP500Small,RadonContextualEffectsIndiana")
     ap.add_argument("--seeds", type=int, default=7)
     ap.add_argument("--variants", default="adam,clip")
+    ap.add_argument("--gate", type=float, default=None, help="fit with StopRule(decay_max_drift=GATE)")
     args = ap.parse_args()
 
     import jax
@@ -89,7 +127,9 @@ def main():
             opt = make_optimizer(variant)
             steps, errs, elbos = [], [], []
             for seed in range(args.seeds):
-                res = veil.fit(target, veil.FullRank(d), key=jax.random.key(seed), optimizer=opt, progress=False)
+                stop = veil.StopRule() if args.gate is None else veil.StopRule(decay_max_drift=args.gate)
+                res = veil.fit(target, veil.FullRank(d), key=jax.random.key(seed), optimizer=opt, progress=False,
+                               stop=stop)
                 z, log_q = res.q.sample_and_log_prob(jax.random.key(10_000 + seed), 20_000)
                 y = to_gt(z)
                 errs.append(float(np.max(np.abs(np.asarray(y.mean(0) - gt_mean)) / np.asarray(gt_sd))))
