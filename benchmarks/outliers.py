@@ -1,13 +1,16 @@
 """Gradient outliers and Adam: what ``veil.optim.clip_outliers`` changes, target by target.
 
     python benchmarks/outliers.py [--targets A,B] [--seeds 7] [--variants adam,clip] [--gate G]
+                                  [--family fullrank|meanfield]
 
 For each Inference Gym target (same unconstrained log density as ``time_to_accuracy.py``) and
 seed, a default ``veil.fit`` with ``FullRank`` (ELBO, 4 STL draws, the stopping rule) under
 each optimizer variant:
 
 * ``adam``: ``optax.adam(0.05)``, veil's default before the clip;
-* ``clip``: ``veil.default_optimizer()`` (``clip_outliers()`` chained before Adam 0.05);
+* ``clip``: ``clip_outliers()`` chained before Adam 0.05 (veil's default from section 26 to 28);
+* ``default``: ``veil.default_optimizer()`` (since section 29: ``clip`` plus
+  ``veil.optim.whitened_location``, the ``white-iso`` step below added to Adam's);
 * ``clip3``: the same with ``threshold=3``;
 * ``white-loc``: ``clip`` plus Adam on the location's gradient in q's whitened coordinates
   (``L^T g`` in, ``L u`` out; an experiment written here, not part of veil);
@@ -52,14 +55,14 @@ def _loc_transform(kind: str):
 
 def _white_iso(lr=0.05, b1=0.9, b2=0.999, eps=1e-8, threshold=5.0):
     """The location moved along ``L`` times Adam's first moment of ``u = L^T g`` over one
-    shared root mean square of ``u``; every other parameter by ``veil.default_optimizer()``."""
+    shared root mean square of ``u``; every other parameter by ``clip``."""
     import equinox as eqx
     import jax.numpy as jnp
     import optax
 
-    import veil
+    from veil.optim import clip_outliers
 
-    inner = veil.default_optimizer()
+    inner = optax.chain(clip_outliers(), optax.adam(0.05))
 
     def init(params):
         return inner.init(params), jnp.zeros_like(params.loc), jnp.zeros(()), jnp.zeros((), jnp.int32)
@@ -90,6 +93,8 @@ def make_optimizer(variant: str):
     if variant == "adam":
         return optax.adam(0.05)
     if variant == "clip":
+        return optax.chain(clip_outliers(), optax.adam(0.05))
+    if variant == "default":
         return veil.default_optimizer()
     if variant == "clip3":
         return optax.chain(clip_outliers(3.0), optax.adam(0.05))
@@ -106,6 +111,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--targets", default="VectorizedStochasticVolatilityLogSP500Small,RadonContextualEffectsIndiana")
     ap.add_argument("--seeds", type=int, default=7)
+    ap.add_argument("--family", default="fullrank", choices=["fullrank", "meanfield"],
+                    help="the family fitted (the white-*/natural-* experiments need fullrank)")
     ap.add_argument("--variants", default="adam,clip")
     ap.add_argument("--gate", type=float, default=None, help="fit with StopRule(decay_max_drift=GATE)")
     args = ap.parse_args()
@@ -116,6 +123,7 @@ def main():
     import veil
     from time_to_accuracy import load_target
 
+    family = veil.FullRank if args.family == "fullrank" else veil.MeanField
     for name in args.targets.split(","):
         log_p, to_gt, d, gt_mean, gt_sd = load_target(name)
         target = veil.Target.from_logdensity(log_p, dim=d)
@@ -128,7 +136,7 @@ def main():
             steps, errs, elbos = [], [], []
             for seed in range(args.seeds):
                 stop = veil.StopRule() if args.gate is None else veil.StopRule(decay_max_drift=args.gate)
-                res = veil.fit(target, veil.FullRank(d), key=jax.random.key(seed), optimizer=opt, progress=False,
+                res = veil.fit(target, family(d), key=jax.random.key(seed), optimizer=opt, progress=False,
                                stop=stop)
                 z, log_q = res.q.sample_and_log_prob(jax.random.key(10_000 + seed), 20_000)
                 y = to_gt(z)
@@ -136,7 +144,7 @@ def main():
                 elbos.append(float(np.mean(np.asarray(jax.vmap(log_p)(z)) - np.asarray(log_q))))
                 steps.append(res.num_steps)
                 if variant == "adam":
-                    early = veil.fit(target, veil.FullRank(d), key=jax.random.key(seed), optimizer=opt,
+                    early = veil.fit(target, family(d), key=jax.random.key(seed), optimizer=opt,
                                      progress=False, stop=None, max_steps=600)
                     tr = np.asarray(early.trace)
                     spikes.append((seed, int(np.argmax(tr[:400])), float(np.max(tr[:400])), float(np.median(tr[400:600]))))

@@ -90,6 +90,18 @@ def test_stopped_log_prob_draws_match_the_generic_form(family, key):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(np.max(np.abs(b))))
 
 
+def test_scale_operators_are_the_draws_jacobian_and_its_transpose(family, key):
+    # z = loc + A eps is linear in eps, so A is exactly the Jacobian of the draw in the noise
+    # (jax.jacobian, any eps), scale_matvec(u) = A u and scale_rmatvec(g) = A^T g. Same float32
+    # quantities along different paths: tolerance 1e-5 relative.
+    eps0 = jax.random.normal(key, (family.noise_dim,))
+    A = jax.jacobian(lambda e: family.transform_and_log_prob(e[None])[0][0])(eps0)
+    u = jax.random.normal(jax.random.fold_in(key, 1), (family.noise_dim,))
+    g = jax.random.normal(jax.random.fold_in(key, 2), (D,))
+    np.testing.assert_allclose(family.scale_matvec(u), A @ u, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(family.scale_rmatvec(g), A.T @ g, rtol=1e-5, atol=1e-6)
+
+
 def test_log_prob_gradient_matches_finite_differences(family, key):
     # Central differences with Richardson extrapolation (steps h and h/2): truncation error
     # O(h^4) ~ 1e-7 relative, float32 round-off O(eps |f| / h) ~ 2e-4; tolerance 2e-3.

@@ -110,3 +110,107 @@ def test_default_optimizer_clips():
 def test_bad_settings_are_refused(kw):
     with pytest.raises(ValueError, match="threshold|decay"):
         clip_outliers(**kw)
+
+
+# ----------------------------------------------------------------------------- whitened_location
+def _whitened_reference(gs, A, lr, b1, b2, threshold, eps=1e-8):
+    """The whitened location step written out in NumPy (float64): u = A^T g clipped at
+    threshold x the running RMS, Adam's first moment over one shared second moment, mapped
+    back with A."""
+    m = np.zeros(A.shape[1])
+    v = 0.0
+    out = []
+    for t, g in enumerate(gs, start=1):
+        u = A.T @ g
+        if t > 1:
+            bound = threshold * np.sqrt(v / (1 - b2 ** (t - 1)))
+            u = np.clip(u, -bound, bound)
+        m = b1 * m + (1 - b1) * u
+        v = b2 * v + (1 - b2) * np.mean(u**2)
+        out.append(-lr * A @ ((m / (1 - b1**t)) / (np.sqrt(v / (1 - b2**t)) + eps)))
+    return np.stack(out)
+
+
+@pytest.mark.parametrize("make", [lambda: veil.MeanField(3), lambda: veil.FullRank(3), lambda: veil.LowRank(3, 2)],
+                         ids=["MeanField", "FullRank", "LowRank"])
+def test_whitened_location_matches_the_rule_step_by_step(make, key):
+    # A generic family (every parameter moved off its start), heavy-tailed location
+    # gradients so that some steps are clipped, and a fast b2 so the bias correction matters.
+    # The inner optimizer (SGD 0.1) gives the location its own step and every other
+    # parameter its whole update; both must come through exactly.
+    import equinox as eqx
+
+    from veil.optim import whitened_location
+
+    leaves, tree = jax.tree.flatten(make())
+    q = jax.tree.unflatten(tree, [x + 0.3 * jax.random.normal(jax.random.fold_in(key, i), x.shape)
+                                  for i, x in enumerate(leaves)])
+    A = np.asarray(jax.jacobian(lambda e: q.transform_and_log_prob(e[None])[0][0])(jnp.zeros(q.noise_dim)), np.float64)
+    rng = np.random.default_rng(1)
+    gs = rng.standard_t(1.5, size=(40, 3))
+    tx = whitened_location(optax.sgd(0.1), 0.05, b1=0.8, b2=0.9, threshold=2.0)
+    state = tx.init(q)
+    got = []
+    for i, g in enumerate(gs):
+        grads = eqx.tree_at(lambda m: m.loc, jax.tree.map(lambda x: jnp.full_like(x, i), q), jnp.asarray(g, jnp.float32))
+        u, state = tx.update(grads, state, q)
+        got.append(np.asarray(u.loc) + 0.1 * g)  # the whitened part alone
+        # Every other parameter: SGD's update, -0.1 x its gradient, exactly.
+        others = eqx.tree_at(lambda m: m.loc, u, jnp.zeros(3))
+        want_others = eqx.tree_at(lambda m: m.loc, jax.tree.map(lambda x: -0.1 * x, grads), jnp.zeros(3))
+        assert jax.tree.all(jax.tree.map(lambda x, y: bool(jnp.allclose(x, y, rtol=1e-6)), others, want_others))
+    want = _whitened_reference(gs, A, 0.05, 0.8, 0.9, 2.0)
+    # float32 against float64 over 40 steps: round-off ~1e-6 relative; tolerance 1e-4.
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-5)
+
+
+def test_whitened_location_points_at_a_gaussian_target_mean():
+    # When q's covariance A A^T equals the target's, the whitened step of a quadratic log
+    # density's gradient g = P (m - mu) is -lr (m - mu) / rms(u): exactly along mu - m,
+    # however strongly correlated the target (here 0.99), where Adam's step alone is not.
+    import equinox as eqx
+
+    from veil.optim import whitened_location
+
+    S = np.array([[1.0, 0.99], [0.99, 1.0]])
+    L = np.linalg.cholesky(S)
+    q = veil.FullRank(2)
+    q = eqx.tree_at(lambda m: (m.log_scale, m.unit_tril), q,
+                    (jnp.log(jnp.asarray(np.diag(L), jnp.float32)),
+                     jnp.asarray(np.sqrt(2) * (L / np.diag(L)[:, None] - np.eye(2)), jnp.float32)))
+    np.testing.assert_allclose(np.asarray(q.cov), S, rtol=1e-5)
+    m_minus_mu = np.array([1.0, 1.2])  # mostly along the long axis: the gradient points across it
+    g = np.linalg.solve(S, m_minus_mu)   # the loss's gradient in the location
+    grads = eqx.tree_at(lambda m: m.loc, jax.tree.map(jnp.zeros_like, q), jnp.asarray(g, jnp.float32))
+    tx = whitened_location(optax.sgd(0.0), 0.05)
+    step, _ = tx.update(grads, tx.init(q), q)
+    step = np.asarray(step.loc, np.float64)
+    cos = step @ -m_minus_mu / np.linalg.norm(step) / np.linalg.norm(m_minus_mu)
+    assert cos > 1 - 1e-5
+    adam, _ = optax.adam(0.05).update(grads, optax.adam(0.05).init(q), q)
+    a = np.asarray(adam.loc, np.float64)
+    assert a @ -m_minus_mu / np.linalg.norm(a) / np.linalg.norm(m_minus_mu) < 0.2  # Adam: nearly orthogonal
+
+
+def test_whitened_location_leaves_other_families_to_the_inner_optimizer(key):
+    # A flow (no location-scale form) and plain arrays get the inner update bit for bit.
+    from veil.optim import whitened_location
+
+    inner = optax.chain(clip_outliers(), optax.adam(0.05))
+    tx = whitened_location(inner)
+    import equinox as eqx
+
+    flow = eqx.filter(veil.flows.planar(2, key=key), eqx.is_inexact_array)
+    for params in (jnp.zeros(3), flow):
+        grads = jax.tree.map(lambda x: jnp.ones_like(x) * 0.3, params)
+        a, _ = tx.update(grads, tx.init(params), params)
+        b, _ = inner.update(grads, inner.init(params), params)
+        assert jax.tree.all(jax.tree.map(lambda x, y: bool(jnp.array_equal(x, y)), a, b))
+
+
+@pytest.mark.parametrize("kw", [{"learning_rate": 0.0}, {"b1": 1.0}, {"b2": -0.1}, {"threshold": 0.0}])
+def test_whitened_location_refuses_bad_settings(kw):
+    from veil.optim import whitened_location
+
+    with pytest.raises(ValueError, match="learning_rate|b1|threshold"):
+        whitened_location(optax.adam(0.05), **kw)

@@ -1279,7 +1279,7 @@ def repulsive_ensemble(
     """
     from veil.families.base import Family
     from veil.families.mixture import Mixture
-    from veil.fit import _DEFAULT_OBJECTIVE, _DEFAULT_OPTIMIZER, _check_key, _check_positive_int
+    from veil.fit import _ADAM_OPTIMIZER, _DEFAULT_OBJECTIVE, _check_key, _check_positive_int
     from veil.objectives import Objective
 
     if not isinstance(target, Target):
@@ -1298,7 +1298,7 @@ def repulsive_ensemble(
     if not isinstance(objective, Objective):
         raise TypeError(f"objective must be a veil objective such as veil.ELBO(), got {objective!r}.")
     objective.check_family(q)
-    optimizer = _DEFAULT_OPTIMIZER if optimizer is None else optimizer
+    optimizer = _ADAM_OPTIMIZER if optimizer is None else optimizer  # the components are stacked: no single location
     if stop is _MISSING:
         stop = StopRule()
     if stop is not None and not isinstance(stop, StopRule):

@@ -123,6 +123,16 @@ class MeanField(Family):
     def whiten(self, z):
         return (z - self.loc) * jnp.exp(-self.log_scale)
 
+    def scale_matvec(self, u):
+        """``A u`` for the scale ``A = diag(sigma)`` of ``z = mu + A eps`` (see
+        :meth:`FullRank.scale_matvec`)."""
+        return self.scale * u
+
+    def scale_rmatvec(self, g):
+        """``A^T g``: the gradient in the noise ``eps`` of a function whose gradient in ``z``
+        is ``g``."""
+        return self.scale * g
+
     def log_prob(self, z):
         return self.distribution.log_prob(z)
 
@@ -212,6 +222,18 @@ class FullRank(Family):
         # Solve with the unit-diagonal factor after dividing out the row scales.
         r = (z - self.loc) * jnp.exp(-self.log_scale)
         return _unit_solve(self._unit(), r.reshape(-1, self.dim), transposed=False).reshape(r.shape)
+
+    def scale_matvec(self, u):
+        """``A u`` for the scale ``A = L`` of the draws ``z = mu + A eps``: the move in ``z``
+        of a move ``u`` of the noise. With :meth:`scale_rmatvec` it lets an optimizer step in
+        ``q``'s whitened coordinates (:func:`veil.optim.whitened_location`). Families whose
+        draws are ``mu + A eps`` (MeanField, FullRank, LowRank) have both."""
+        return self.scale_tril @ u
+
+    def scale_rmatvec(self, g):
+        """``A^T g``: the gradient in the noise ``eps`` of a function whose gradient in ``z``
+        is ``g`` (chain rule through ``z = mu + A eps``)."""
+        return self.scale_tril.T @ g
 
     def log_prob(self, z):
         # The diagonal is known in log form, so log|det L| = sum(log_scale) exactly.
@@ -315,3 +337,12 @@ class LowRank(Family):
 
     def log_prob(self, z):
         return self.distribution.log_prob(z)
+
+    def scale_matvec(self, u):
+        """``A u`` for the scale ``A = [diag(d), W]`` (``dim x (dim + rank)``) of the draws
+        ``z = mu + A eps`` (see :meth:`FullRank.scale_matvec`)."""
+        return jnp.exp(self.log_diag) * u[: self.dim] + self.cov_factor @ u[self.dim :]
+
+    def scale_rmatvec(self, g):
+        """``A^T g``, of length ``dim + rank``: the gradient in the noise."""
+        return jnp.concatenate([jnp.exp(self.log_diag) * g, self.cov_factor.T @ g])
