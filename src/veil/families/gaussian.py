@@ -228,12 +228,14 @@ class FullRank(Family):
         of a move ``u`` of the noise. With :meth:`scale_rmatvec` it lets an optimizer step in
         ``q``'s whitened coordinates (:func:`veil.optim.whitened_location`). Families whose
         draws are ``mu + A eps`` (MeanField, FullRank, LowRank) have both."""
-        return self.scale_tril @ u
+        # diag(s) (I + T / sqrt(d)) u without forming L: an optimizer calls this every step.
+        return jnp.exp(self.log_scale) * (u + jnp.tril(self.unit_tril, -1) @ u / math.sqrt(self.dim))
 
     def scale_rmatvec(self, g):
         """``A^T g``: the gradient in the noise ``eps`` of a function whose gradient in ``z``
         is ``g`` (chain rule through ``z = mu + A eps``)."""
-        return self.scale_tril.T @ g
+        sg = jnp.exp(self.log_scale) * g
+        return sg + jnp.tril(self.unit_tril, -1).T @ sg / math.sqrt(self.dim)
 
     def log_prob(self, z):
         # The diagonal is known in log form, so log|det L| = sum(log_scale) exactly.
