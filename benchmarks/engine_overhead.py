@@ -288,8 +288,8 @@ def main():
 
     print(f"versions: {json.dumps(versions())}")
     print(f"steps per call: {args.steps}; repeats: {args.reps} (medians shown)\n")
-    print(f"| problem | tool | first call (s) | second call (s) | per step (us) | "
-          f"per step / hand | marginal per step (us) | marginal / hand | first / numpyro | second / first |")
+    print("| problem | tool | first call (s) | second call (s) | per step (us) | "
+          "per step / hand | marginal per step (us) | marginal / hand | first / numpyro | second / first |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for p in problems:
         med = {t: {k: float(np.median([r.get(k, np.nan) for r in results[(t, p)]])) for k in

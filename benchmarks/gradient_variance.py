@@ -24,7 +24,6 @@ plain Cholesky entries), and the slope of log variance against log d.
 from __future__ import annotations
 
 import argparse
-import math
 import time
 
 import jax

@@ -214,3 +214,22 @@ def test_whitened_location_refuses_bad_settings(kw):
 
     with pytest.raises(ValueError, match="learning_rate|b1|threshold"):
         whitened_location(optax.adam(0.05), **kw)
+
+
+def test_whitened_location_starts_its_scale_after_zero_gradients():
+    # Location gradients exactly zero for the first steps (a symmetric start) leave the
+    # running scale at zero; the first non-zero gradient must then pass unclipped (a zero
+    # bound would clip it, and every later one, to nothing), as clip_outliers does.
+    import equinox as eqx
+
+    from veil.optim import whitened_location
+
+    q = veil.FullRank(2)
+    tx = whitened_location(optax.sgd(0.0), 0.05)
+    state = tx.init(q)
+    zero = jax.tree.map(jnp.zeros_like, q)
+    for _ in range(3):
+        step, state = tx.update(zero, state, q)
+        assert float(jnp.abs(step.loc).max()) == 0.0
+    step, state = tx.update(eqx.tree_at(lambda m: m.loc, zero, jnp.array([1.0, 0.0])), state, q)
+    assert float(step.loc[0]) < -1e-3

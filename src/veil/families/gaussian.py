@@ -235,7 +235,9 @@ class FullRank(Family):
         """``A^T g``: the gradient in the noise ``eps`` of a function whose gradient in ``z``
         is ``g`` (chain rule through ``z = mu + A eps``)."""
         sg = jnp.exp(self.log_scale) * g
-        return sg + jnp.tril(self.unit_tril, -1).T @ sg / math.sqrt(self.dim)
+        # A vector-matrix product rather than T^T @ sg, which XLA on the CPU may transpose
+        # first (both products 2.5x faster this way at dim 501, timed on their own).
+        return sg + (sg @ jnp.tril(self.unit_tril, -1)) / math.sqrt(self.dim)
 
     def log_prob(self, z):
         # The diagonal is known in log form, so log|det L| = sum(log_scale) exactly.
@@ -347,4 +349,4 @@ class LowRank(Family):
 
     def scale_rmatvec(self, g):
         """``A^T g``, of length ``dim + rank``: the gradient in the noise."""
-        return jnp.concatenate([jnp.exp(self.log_diag) * g, self.cov_factor.T @ g])
+        return jnp.concatenate([jnp.exp(self.log_diag) * g, g @ self.cov_factor])
