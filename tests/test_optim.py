@@ -1,6 +1,7 @@
 """``veil.optim.clip_outliers``: the exact rule, its clipping rate under Gaussian noise, and
 what it protects Adam from."""
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,7 +10,7 @@ import pytest
 from scipy import stats
 
 import veil
-from veil.optim import clip_outliers
+from veil.optim import clip_outliers, whitened_location
 
 
 def _reference(grads: np.ndarray, threshold: float, decay: float) -> np.ndarray:
@@ -138,10 +139,6 @@ def test_whitened_location_matches_the_rule_step_by_step(make, key):
     # gradients so that some steps are clipped, and a fast b2 so the bias correction matters.
     # The inner optimizer (SGD 0.1) gives the location its own step and every other
     # parameter its whole update; both must come through exactly.
-    import equinox as eqx
-
-    from veil.optim import whitened_location
-
     leaves, tree = jax.tree.flatten(make())
     q = jax.tree.unflatten(tree, [x + 0.3 * jax.random.normal(jax.random.fold_in(key, i), x.shape)
                                   for i, x in enumerate(leaves)])
@@ -168,10 +165,6 @@ def test_whitened_location_points_at_a_gaussian_target_mean():
     # When q's covariance A A^T equals the target's, the whitened step of a quadratic log
     # density's gradient g = P (m - mu) is -lr (m - mu) / rms(u): exactly along mu - m,
     # however strongly correlated the target (here 0.99), where Adam's step alone is not.
-    import equinox as eqx
-
-    from veil.optim import whitened_location
-
     S = np.array([[1.0, 0.99], [0.99, 1.0]])
     L = np.linalg.cholesky(S)
     q = veil.FullRank(2)
@@ -194,12 +187,8 @@ def test_whitened_location_points_at_a_gaussian_target_mean():
 
 def test_whitened_location_leaves_other_families_to_the_inner_optimizer(key):
     # A flow (no location-scale form) and plain arrays get the inner update bit for bit.
-    from veil.optim import whitened_location
-
     inner = optax.chain(clip_outliers(), optax.adam(0.05))
     tx = whitened_location(inner)
-    import equinox as eqx
-
     flow = eqx.filter(veil.flows.planar(2, key=key), eqx.is_inexact_array)
     for params in (jnp.zeros(3), flow):
         grads = jax.tree.map(lambda x: jnp.ones_like(x) * 0.3, params)
@@ -210,8 +199,6 @@ def test_whitened_location_leaves_other_families_to_the_inner_optimizer(key):
 
 @pytest.mark.parametrize("kw", [{"learning_rate": 0.0}, {"b1": 1.0}, {"b2": -0.1}, {"threshold": 0.0}])
 def test_whitened_location_refuses_bad_settings(kw):
-    from veil.optim import whitened_location
-
     with pytest.raises(ValueError, match="learning_rate|b1|threshold"):
         whitened_location(optax.adam(0.05), **kw)
 
@@ -220,10 +207,6 @@ def test_whitened_location_starts_its_scale_after_zero_gradients():
     # Location gradients exactly zero for the first steps (a symmetric start) leave the
     # running scale at zero; the first non-zero gradient must then pass unclipped (a zero
     # bound would clip it, and every later one, to nothing), as clip_outliers does.
-    import equinox as eqx
-
-    from veil.optim import whitened_location
-
     q = veil.FullRank(2)
     tx = whitened_location(optax.sgd(0.0), 0.05)
     state = tx.init(q)

@@ -209,10 +209,7 @@ def whitened_location(
         direction = (first / (1 - b1**t)) / (jnp.sqrt(second / (1 - b2**t)) + eps)
         loc = inner_updates.loc - learning_rate * params.scale_matvec(direction)
         new = WhitenedLocationState(inner_state, count, first, second)
-        return _with_loc(inner_updates, loc), new
+        return eqx.tree_at(lambda m: m.loc, inner_updates, loc), new
 
     return optax.GradientTransformation(init_fn, update_fn)
 
-
-def _with_loc(tree, loc):
-    return eqx.tree_at(lambda m: m.loc, tree, loc)
