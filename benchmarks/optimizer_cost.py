@@ -1,12 +1,14 @@
-"""What the default optimizer's whitened location step costs per step of a whole fit.
+"""What the default optimizer's whitened steps cost per step of a whole fit.
 
     python benchmarks/optimizer_cost.py [--targets A,B] [--steps 2000] [--rounds 8]
 
 For each Inference Gym target (``time_to_accuracy.load_target``), a default ``veil.fit`` with
 ``FullRank`` and ``stop=None`` for ``--steps`` steps under ``veil.default_optimizer()`` and
 under the clipped Adam alone (``optax.chain(clip_outliers(), optax.adam(0.05))``, the default
-before section 29), interleaved, the first round (compilation) dropped; prints the median and
-smallest microseconds per step and their ratio (BENCHMARKS.md section 29).
+before section 29) and with the whitened location step alone (``whitened_location`` around it,
+the default of section 29), interleaved, the first round (compilation) dropped; prints the
+median and smallest microseconds per step and their ratio to the clipped Adam's (BENCHMARKS.md
+sections 29 and 30).
 """
 
 from __future__ import annotations
@@ -32,10 +34,12 @@ def main():
 
     import veil
     from time_to_accuracy import load_target
-    from veil.optim import clip_outliers
+    from veil.optim import clip_outliers, whitened_location
 
-    optimizers = {"default": veil.default_optimizer(), "clipped Adam": optax.chain(clip_outliers(), optax.adam(0.05))}
-    print("| target (dim) | optimizer | us/step, median | smallest | default / clipped Adam (medians) |")
+    clipped = optax.chain(clip_outliers(), optax.adam(0.05))
+    optimizers = {"default": veil.default_optimizer(), "location step only": whitened_location(clipped, 0.05),
+                  "clipped Adam": clipped}
+    print("| target (dim) | optimizer | us/step, median | smallest | / clipped Adam (medians) |")
     print("|---|---|---|---|---|")
     for name in args.targets.split(","):
         log_p, _, d, _, _ = load_target(name)
@@ -51,7 +55,7 @@ def main():
                     times[k].append((time.perf_counter() - t0) / args.steps * 1e6)
         med = {k: float(np.median(v)) for k, v in times.items()}
         for k, v in times.items():
-            ratio = f"{med['default'] / med['clipped Adam']:.2f}" if k == "default" else ""
+            ratio = f"{med[k] / med['clipped Adam']:.2f}" if k != "clipped Adam" else ""
             print(f"| {name} ({d}) | {k} | {med[k]:.1f} | {min(v):.1f} | {ratio} |", flush=True)
 
 

@@ -10,7 +10,8 @@ each optimizer variant:
 * ``adam``: ``optax.adam(0.05)``, veil's default before the clip;
 * ``clip``: ``clip_outliers()`` chained before Adam 0.05 (veil's default from section 26 to 28);
 * ``default``: ``veil.default_optimizer()`` (since section 29: ``clip`` plus
-  ``veil.optim.whitened_location``, the ``white-iso`` step below added to Adam's);
+  ``veil.optim.whitened_location``, the ``white-iso`` step below added to Adam's; since
+  section 30 also ``veil.optim.whitened_factor``);
 * ``clip3``: the same with ``threshold=3``;
 * ``white-loc``: ``clip`` plus Adam on the location's gradient in q's whitened coordinates
   (``L^T g`` in, ``L u`` out; an experiment written here, not part of veil);

@@ -107,13 +107,26 @@ def test_does_not_stop_early_on_ill_conditioned_100d_gaussian():
 
 
 def test_reports_non_convergence_instead_of_stopping_early():
-    # Condition number 1e4 is beyond what Adam resolves in 20,000 steps: the run must say so.
-    t, mu, S = gaussian_target(100, cond=1e4, seed=1)
+    # Condition number 1e6 is beyond what the default optimizer resolves in 20,000 steps
+    # (KL 15 nats there): the run must say so rather than stop on a flat-looking loss.
+    t, mu, S = gaussian_target(100, cond=1e6, seed=1)
     res = veil.fit(t, veil.FullRank(100), key=jax.random.key(0), max_steps=20_000, progress=False)
     assert res.stop_reason == "max_steps" and not res.converged
     assert kl_to_gaussian(res.q, mu, S) > 0.1
     lines, ok = res.verdict()
     assert not ok and any("max_steps" in line for line in lines)
+
+
+def test_ill_conditioned_gaussian_converges_to_the_target():
+    # Condition number 1e4 in 100-d: clipped Adam alone ran to the 20,000-step cap here (KL
+    # > 0.1, the test above before section 30); the whitened factor step resolves it, and
+    # the rule must then stop near the target, not early. Measured: 4,400 steps, KL 0.084.
+    # Bound 0.3 nats: the averaged iterates of 5,150 parameters keep ~0.1 nats of noise;
+    # stopping early leaves more (about 1.9 nats on Inference Gym's version, BENCHMARKS.md 29).
+    t, mu, S = gaussian_target(100, cond=1e4, seed=1)
+    res = veil.fit(t, veil.FullRank(100), key=jax.random.key(0), max_steps=20_000, progress=False)
+    assert res.converged and res.num_steps < 20_000
+    assert kl_to_gaussian(res.q, mu, S) < 0.3
 
 
 def test_second_fit_does_not_retrace():

@@ -10,7 +10,8 @@ import pytest
 from scipy import stats
 
 import veil
-from veil.optim import clip_outliers, whitened_location
+import veil.optim
+from veil.optim import clip_outliers, factor_step_interval, whitened_factor, whitened_location
 
 
 def _reference(grads: np.ndarray, threshold: float, decay: float) -> np.ndarray:
@@ -216,3 +217,164 @@ def test_whitened_location_starts_its_scale_after_zero_gradients():
         assert float(jnp.abs(step.loc).max()) == 0.0
     step, state = tx.update(eqx.tree_at(lambda m: m.loc, zero, jnp.array([1.0, 0.0])), state, q)
     assert float(step.loc[0]) < -1e-3
+
+
+def _moved(q, key, size=0.3):
+    """``q`` with every parameter moved off its start (a generic point)."""
+    leaves, tree = jax.tree.flatten(q)
+    return jax.tree.unflatten(tree, [x + size * jax.random.normal(jax.random.fold_in(key, i), x.shape)
+                                     for i, x in enumerate(leaves)])
+
+
+def _factor_params(q, M):
+    """FullRank's (log_scale, unit_tril) for the factor L (I + tril(M)), written generically:
+    the decomposition L' = diag(s') U' with U' unit lower triangular, T' = sqrt(d) (U' - I)."""
+    Lp = q.scale_tril @ (jnp.eye(q.dim) + jnp.tril(M))
+    dg = jnp.diagonal(Lp)
+    return jnp.log(dg), np.sqrt(q.dim) * jnp.tril(Lp / dg[:, None], -1)
+
+
+def test_factor_operators_are_the_jacobian_and_its_adjoint(key):
+    # factor_matvec(M) is the derivative of M -> params(L (I + M)) at M = 0 and
+    # factor_rmatvec its adjoint: both checked against jax.jvp / jax.vjp of the generic
+    # decomposition above (float32, different paths: 1e-5 relative).
+    q = _moved(veil.FullRank(5), key)
+    M = jnp.tril(jax.random.normal(jax.random.fold_in(key, 7), (5, 5)))
+    _, (dls, dut) = jax.jvp(lambda m: _factor_params(q, m), (jnp.zeros((5, 5)),), (M,))
+    step = q.factor_matvec(M)
+    np.testing.assert_allclose(step.log_scale, dls, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(step.unit_tril, dut, rtol=1e-5, atol=1e-5)
+    assert float(jnp.abs(step.loc).max()) == 0.0
+    g = eqx.tree_at(lambda m: (m.log_scale, m.unit_tril), jax.tree.map(jnp.zeros_like, q),
+                    (jax.random.normal(jax.random.fold_in(key, 8), (5,)),
+                     jax.random.normal(jax.random.fold_in(key, 9), (5, 5))))
+    _, vjp = jax.vjp(lambda m: _factor_params(q, m), jnp.zeros((5, 5)))
+    np.testing.assert_allclose(q.factor_rmatvec(g), jnp.tril(vjp((g.log_scale, jnp.tril(g.unit_tril, -1)))[0]),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_whitened_factor_keeps_a_scaled_posteriors_correlations():
+    # q's covariance c^2 times a strongly correlated Gaussian target's: the KL's gradient in
+    # the whitened factor move M is tril(L^T P L - I) = (c^2 - 1) I exactly, so the factor
+    # step rescales L as a whole and leaves the correlations (unit_tril) where they are;
+    # Adam's step, per parameter, changes them.
+    S = np.array([[1.0, 0.95, 0.5], [0.95, 1.0, 0.6], [0.5, 0.6, 1.0]])
+    c = 0.5
+    L = c * np.linalg.cholesky(S)
+    q = eqx.tree_at(lambda m: (m.log_scale, m.unit_tril), veil.FullRank(3),
+                    (jnp.log(jnp.asarray(np.diag(L), jnp.float32)),
+                     jnp.asarray(np.sqrt(3) * (L / np.diag(L)[:, None] - np.eye(3)), jnp.float32)))
+    P = jnp.asarray(np.linalg.inv(S), jnp.float32)
+
+    def kl(q):  # KL(q || N(0, S)) up to a constant
+        C = q.cov
+        return 0.5 * (jnp.trace(P @ C) + q.loc @ P @ q.loc) - jnp.sum(q.log_scale)
+
+    grads = jax.grad(kl)(q)
+    np.testing.assert_allclose(q.factor_rmatvec(grads), (c**2 - 1) * np.eye(3), atol=2e-5)
+    tx = whitened_factor(optax.sgd(0.0), 0.1, every=1)
+    step, _ = tx.update(grads, tx.init(q), q)
+    assert float(jnp.abs(step.unit_tril).max()) < 1e-6
+    np.testing.assert_allclose(step.log_scale, step.log_scale[0], rtol=1e-6)
+    assert float(step.log_scale[0]) > 0  # q is too narrow (c < 1): it widens
+    adam, _ = optax.adam(0.05).update(grads, optax.adam(0.05).init(q), q)
+    assert float(jnp.abs(adam.unit_tril).max()) > 1e-3
+
+
+def _factor_reference(q, gs_ls, gs_ut, lr, every, b1, b2, eps, threshold):
+    """The factor step written out in NumPy (float64), from the family's operators as
+    matrices: column j of J is the parameter change of M = E_j (the jvp above)."""
+    d = q.dim
+    idx = [(i, j) for i in range(d) for j in range(i + 1)]
+
+    def J(M):
+        _, (a, b) = jax.jvp(lambda m: _factor_params(q, m), (jnp.zeros((d, d)),), (jnp.asarray(M, jnp.float32),))
+        return np.concatenate([np.asarray(a, np.float64), np.asarray(b, np.float64).ravel()])
+
+    cols = []
+    for i, j in idx:
+        E = np.zeros((d, d))
+        E[i, j] = 1.0
+        cols.append(J(E))
+    Jm = np.stack(cols, 1)  # (d + d*d) x (number of lower entries)
+    m = np.zeros(len(idx))
+    v = 0.0
+    acc = np.zeros(Jm.shape[0])
+    out = []
+    for t, (a, b) in enumerate(zip(gs_ls, gs_ut), start=1):
+        acc = acc + np.concatenate([a, np.tril(b, -1).ravel()])
+        if t % every:
+            out.append(np.zeros(Jm.shape[0]))
+            continue
+        k = t // every
+        u = Jm.T @ (acc / every)
+        acc = np.zeros_like(acc)
+        if k > 1:
+            bound = threshold * np.sqrt(v / (1 - b2 ** (k - 1)))
+            u = np.clip(u, -bound, bound)
+        m = b1 * m + (1 - b1) * u
+        v = b2 * v + (1 - b2) * np.mean(u**2)
+        D = (m / (1 - b1**k)) / (np.sqrt(v / (1 - b2**k)) + eps)
+        out.append(Jm @ (-lr / np.sqrt(d) * D))
+    return np.stack(out)
+
+
+@pytest.mark.parametrize("cheap", [True, False], ids=["cond", "select"])
+def test_whitened_factor_matches_the_rule_step_by_step(key, cheap, monkeypatch):
+    # A generic FullRank, heavy-tailed factor gradients (some steps clipped), a fast b2, a
+    # factor step every 3 steps from the mean gradient in between; the location gets SGD's
+    # step alone. Both ways of waiting for the factor step (a branch on CPU, a selection on
+    # GPUs) must give the same numbers.
+    monkeypatch.setattr(veil.optim, "cheap_branches", lambda: cheap)
+    q = _moved(veil.FullRank(3), key)
+    rng = np.random.default_rng(2)
+    gs_ls = rng.standard_t(1.5, size=(30, 3))
+    gs_ut = np.tril(rng.standard_t(1.5, size=(30, 3, 3)), -1)
+    gs_loc = rng.normal(size=(30, 3))
+    tx = whitened_factor(optax.sgd(0.1), 0.1, every=3, b1=0.8, b2=0.9, threshold=2.0)
+    state = tx.init(q)
+    got = []
+    for a, b, c in zip(gs_ls, gs_ut, gs_loc):
+        grads = eqx.tree_at(lambda m: (m.loc, m.log_scale, m.unit_tril), q,
+                            tuple(jnp.asarray(x, jnp.float32) for x in (c, a, b)))
+        u, state = tx.update(grads, state, q)
+        np.testing.assert_allclose(u.loc, -0.1 * c, rtol=1e-6)
+        # the factor part alone: SGD's share (-0.1 g) taken out
+        got.append(np.concatenate([np.asarray(u.log_scale) + 0.1 * a, (np.asarray(u.unit_tril) + 0.1 * b).ravel()]))
+    want = _factor_reference(q, gs_ls, gs_ut, 0.1, 3, 0.8, 0.9, 1e-8, 2.0)
+    assert np.abs(want).max() > 1e-2 and np.all(want[0::3] == 0) and np.all(want[1::3] == 0)
+    # float32 against float64 over 10 factor steps; tolerance 1e-4 relative.
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=2e-5)
+
+
+def test_whitened_factor_leaves_other_families_to_the_inner_optimizer(key):
+    inner = optax.chain(clip_outliers(), optax.adam(0.05))
+    tx = whitened_factor(inner)
+    flow = eqx.filter(veil.flows.planar(2, key=key), eqx.is_inexact_array)
+    for params in (jnp.zeros(3), flow, veil.MeanField(3), veil.LowRank(3, 1)):
+        grads = jax.tree.map(lambda x: jnp.ones_like(x) * 0.3, params)
+        a, _ = tx.update(grads, tx.init(params), params)
+        b, _ = inner.update(grads, inner.init(params), params)
+        assert jax.tree.all(jax.tree.map(lambda x, y: bool(jnp.array_equal(x, y)), a, b))
+
+
+@pytest.mark.parametrize("kw", [{"learning_rate": 0.0}, {"every": 0}, {"b1": 1.0},
+                                {"threshold": -1.0}])
+def test_whitened_factor_refuses_bad_settings(kw):
+    with pytest.raises(ValueError, match="learning_rate|every|b1|threshold"):
+        whitened_factor(optax.adam(0.05), **kw)
+
+
+def test_factor_step_interval():
+    assert [factor_step_interval(d) for d in (2, 10, 25, 97, 501)] == [1, 1, 2, 7, 32]
+
+
+def test_whitened_factor_leaves_large_factors_alone_by_default():
+    # Above max_dim (128 by default) a FullRank gets the inner update bit for bit.
+    inner = optax.sgd(0.1)
+    q = veil.FullRank(129)
+    grads = jax.tree.map(lambda x: jnp.ones_like(x) * 0.3, q)
+    for tx, same in ((whitened_factor(inner, every=1), True), (whitened_factor(inner, every=1, max_dim=None), False)):
+        a, _ = tx.update(grads, tx.init(q), q)
+        b, _ = inner.update(grads, inner.init(q), q)
+        assert jax.tree.all(jax.tree.map(lambda x, y: bool(jnp.array_equal(x, y)), a, b)) is same

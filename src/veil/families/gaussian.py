@@ -238,6 +238,41 @@ class FullRank(Family):
         # A vector-matrix product rather than T^T @ sg, so no transposed copy is asked for.
         return sg + (sg @ jnp.tril(self.unit_tril, -1)) / math.sqrt(self.dim)
 
+    def factor_rmatvec(self, grads: "FullRank") -> Float[Array, "dim dim"]:
+        r"""The gradient of the factor's parameters, seen in ``q``'s whitened coordinates.
+
+        A move of the factor ``L -> L (I + M)``, ``M`` lower triangular, changes the
+        covariance relative to its own scale whatever ``q``'s conditioning (it is a change
+        of the whitened noise). This is the gradient in ``M`` at ``M = 0`` (lower
+        triangular), from the gradients in ``log_scale`` and ``unit_tril`` in ``grads``: with
+        ``G = sqrt(d) tril(grads.unit_tril, -1)`` and ``U`` the unit factor,
+
+        .. math::
+
+            \partial/\partial M = \operatorname{tril}(U^\top G)
+                + \operatorname{diag}\big(g_{\log s} - \textstyle\sum_j G_{ij} U_{ij}\big),
+
+        the adjoint of :meth:`factor_matvec` (one ``d x d x d`` product). Used by
+        :func:`veil.optim.whitened_factor`.
+        """
+        G = math.sqrt(self.dim) * jnp.tril(grads.unit_tril, -1)
+        U = self._unit()
+        return jnp.tril(U.T @ G) + jnp.diag(grads.log_scale - jnp.sum(G * U, axis=1))
+
+    def factor_matvec(self, M: Float[Array, "dim dim"]) -> "FullRank":
+        r"""The parameter change (a ``FullRank``-shaped update, zero location) that moves
+        the factor ``L -> L (I + M)`` to first order, ``M`` lower triangular.
+
+        ``L (I + M) = diag(s (1 + m_ii)) U'`` with ``U' = diag(1 + m_ii)^{-1} U (I + M)``
+        unit lower triangular, so to first order ``d log_scale = diag(M)`` and
+        ``d unit_tril = sqrt(d) tril(U M - diag(M) U, -1)`` (one ``d x d x d`` product).
+        """
+        M = jnp.tril(M)
+        U = self._unit()
+        m = jnp.diagonal(M)
+        d_unit = math.sqrt(self.dim) * jnp.tril(U @ M - m[:, None] * U, -1)
+        return eqx.tree_at(lambda q: (q.loc, q.log_scale, q.unit_tril), self, (jnp.zeros_like(self.loc), m, d_unit))
+
     def log_prob(self, z):
         # The diagonal is known in log form, so log|det L| = sum(log_scale) exactly.
         return _std_normal_logpdf(self.whiten(z)) - jnp.sum(self.log_scale)
