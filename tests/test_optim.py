@@ -322,8 +322,8 @@ def _factor_reference(q, gs_ls, gs_ut, lr, every, b1, b2, eps, threshold):
 @pytest.mark.parametrize("cheap", [True, False], ids=["cond", "select"])
 def test_whitened_factor_matches_the_rule_step_by_step(key, cheap, monkeypatch):
     # A generic FullRank, heavy-tailed factor gradients (some steps clipped), a fast b2, a
-    # factor step every 3 steps from the mean gradient in between; the location gets SGD's
-    # step alone. Both ways of waiting for the factor step (a branch on CPU, a selection on
+    # factor step every 3 steps from the mean gradient of those steps; the location gets
+    # SGD's step alone. Both ways of waiting for the factor step (a branch on CPU, a selection on
     # GPUs) must give the same numbers.
     monkeypatch.setattr(veil.optim, "cheap_branches", lambda: cheap)
     q = _moved(veil.FullRank(3), key)
