@@ -9,6 +9,7 @@ each optimizer variant:
 * ``before``: ``whitened_location(clip + Adam 0.05, 0.05)``, veil's default of section 29;
 * ``default``: ``veil.default_optimizer()`` (since section 30: ``before`` wrapped in
   ``whitened_factor(..., 0.1)``: a factor step every ``1 + dim // 16`` steps, dims <= 128);
+* ``nolimit``: the default's factor step without its 128-dimension limit;
 * ``every1``: the factor step at every step;
 * ``every8``: every 8 steps, no dimension limit;
 * ``small``: every ``1 + dim // 16`` steps, 4x smaller (0.025), no dimension limit;
@@ -40,6 +41,7 @@ def make_optimizer(variant: str, dim: int):
     return {
         "before": lambda: before,
         "default": veil.default_optimizer,
+        "nolimit": lambda: whitened_factor(before, 0.1, max_dim=None),
         "every1": lambda: whitened_factor(before, 0.1, every=1, max_dim=None),
         "every8": lambda: whitened_factor(before, 0.1, every=8, max_dim=None),
         "small": lambda: whitened_factor(before, 0.025, max_dim=None),
