@@ -127,6 +127,30 @@ def _location_scale(params) -> bool:
     return hasattr(params, "loc") and hasattr(params, "scale_matvec") and hasattr(params, "scale_rmatvec")
 
 
+def _check_settings(learning_rate, b1, b2, threshold) -> None:
+    """The checks every whitened step's settings share."""
+    if not learning_rate > 0:
+        raise ValueError(f"learning_rate must be positive, got {learning_rate!r}.")
+    if not (0 <= b1 < 1 and 0 <= b2 < 1):
+        raise ValueError(f"b1 and b2 must lie in [0, 1), got {b1!r} and {b2!r}.")
+    if not threshold > 0:
+        raise ValueError(f"threshold must be positive, got {threshold!r}.")
+
+
+def _shared_scale_step(u, first, second, t, *, b1, b2, eps, threshold, mean_square):
+    """Adam's moments of ``u`` with one second moment, fed by ``mean_square(u)``; ``u`` is
+    first clipped at ``threshold`` running root mean squares (not while no scale is known:
+    the first update, or only zero gradients so far). ``t`` counts the updates, this one
+    included. Returns the new moments and the bias-corrected direction."""
+    seen = 1.0 - b2 ** (t - 1).astype(u.dtype)
+    bound = threshold * jnp.sqrt(second / jnp.maximum(seen, 1e-30))
+    u = jnp.where(bound > 0, jnp.clip(u, -bound, bound), u)
+    first = b1 * first + (1 - b1) * u
+    second = b2 * second + (1 - b2) * mean_square(u)
+    t = t.astype(u.dtype)
+    return first, second, (first / (1 - b1**t)) / (jnp.sqrt(second / (1 - b2**t)) + eps)
+
+
 def whitened_location(
     inner: optax.GradientTransformation,
     learning_rate: float = 0.05,
@@ -187,12 +211,7 @@ def whitened_location(
         >>> [round(float(x), 5) + 0.0 for x in step.loc]   # -0.1 L u / rms(u), u = L^T g = (0.1, 0)
         [-0.01414, 0.0]
     """
-    if not learning_rate > 0:
-        raise ValueError(f"learning_rate must be positive, got {learning_rate!r}.")
-    if not (0 <= b1 < 1 and 0 <= b2 < 1):
-        raise ValueError(f"b1 and b2 must lie in [0, 1), got {b1!r} and {b2!r}.")
-    if not threshold > 0:
-        raise ValueError(f"threshold must be positive, got {threshold!r}.")
+    _check_settings(learning_rate, b1, b2, threshold)
 
     def init_fn(params):
         state = inner.init(params)
@@ -208,16 +227,10 @@ def whitened_location(
             return inner_updates, state._replace(inner=inner_state)
         if params is None:
             raise ValueError("whitened_location needs the parameters: call update(grads, state, params).")
-        u = params.scale_rmatvec(updates.loc)
         count = state.count + 1
-        seen = 1.0 - b2 ** (count - 1).astype(u.dtype)
-        bound = threshold * jnp.sqrt(state.second / jnp.maximum(seen, 1e-30))
-        # No scale known yet (the first step, or only zero gradients so far): nothing clipped.
-        u = jnp.where(bound > 0, jnp.clip(u, -bound, bound), u)
-        first = b1 * state.first + (1 - b1) * u
-        second = b2 * state.second + (1 - b2) * jnp.mean(jnp.square(u))
-        t = count.astype(u.dtype)
-        direction = (first / (1 - b1**t)) / (jnp.sqrt(second / (1 - b2**t)) + eps)
+        first, second, direction = _shared_scale_step(
+            params.scale_rmatvec(updates.loc), state.first, state.second, count,
+            b1=b1, b2=b2, eps=eps, threshold=threshold, mean_square=lambda u: jnp.mean(jnp.square(u)))
         loc = inner_updates.loc - learning_rate * params.scale_matvec(direction)
         new = WhitenedLocationState(inner_state, count, first, second)
         return eqx.tree_at(lambda m: m.loc, inner_updates, loc), new
@@ -332,16 +345,11 @@ def whitened_factor(
         >>> [round(float(x), 4) + 0.0 for x in step.log_scale]  # u = diag(1, 0): rms 1/sqrt(3)
         [-0.1225, 0.0]
     """
-    if not learning_rate > 0:
-        raise ValueError(f"learning_rate must be positive, got {learning_rate!r}.")
+    _check_settings(learning_rate, b1, b2, threshold)
     if every is not None and not (isinstance(every, int) and every >= 1):
         raise ValueError(f"every must be a positive integer or None, got {every!r}.")
     if max_dim is not None and not max_dim >= 1:
         raise ValueError(f"max_dim must be a positive integer or None, got {max_dim!r}.")
-    if not (0 <= b1 < 1 and 0 <= b2 < 1):
-        raise ValueError(f"b1 and b2 must lie in [0, 1), got {b1!r} and {b2!r}.")
-    if not threshold > 0:
-        raise ValueError(f"threshold must be positive, got {threshold!r}.")
 
     def init_fn(params):
         state = inner.init(params)
@@ -366,15 +374,9 @@ def whitened_factor(
         def factor_step(operands):
             (p_log_scale, p_unit), first, second = operands
             grads = eqx.tree_at(lambda q: (q.log_scale, q.unit_tril), updates, (p_log_scale / k, p_unit / k))
-            u = params.factor_rmatvec(grads)
-            j = count // k
-            seen = 1.0 - b2 ** (j - 1).astype(u.dtype)
-            bound = threshold * jnp.sqrt(second / jnp.maximum(seen, 1e-30))
-            u = jnp.where(bound > 0, jnp.clip(u, -bound, bound), u)  # no scale yet: no clip
-            first = b1 * first + (1 - b1) * u
-            second = b2 * second + (1 - b2) * jnp.sum(jnp.square(u)) / nlow
-            t = j.astype(u.dtype)
-            direction = (first / (1 - b1**t)) / (jnp.sqrt(second / (1 - b2**t)) + eps)
+            first, second, direction = _shared_scale_step(
+                params.factor_rmatvec(grads), first, second, count // k,
+                b1=b1, b2=b2, eps=eps, threshold=threshold, mean_square=lambda u: jnp.sum(jnp.square(u)) / nlow)
             step = params.factor_matvec(-learning_rate / math.sqrt(params.dim) * direction)
             return first, second, step.log_scale, step.unit_tril
 
