@@ -390,9 +390,8 @@ def whitened_factor(
             pending = jax.tree.map(jnp.zeros_like, pending)
         else:
             due = count % k == 0
-            # The branch returns only new arrays and the state is selected outside it (a
-            # branch passing the moments through cost more). On a GPU a branch costs a round
-            # trip to the host: compute at every step, then select.
+            # The branch returns only new arrays and the state is selected outside it. On a
+            # GPU a branch costs a round trip to the host: compute at every step, then select.
             out = jax.lax.cond(due, factor_step, wait, operands) if cheap_branches() else factor_step(operands)
             first, second = (jnp.where(due, a, b) for a, b in zip(out[:2], operands[1:]))
             d_log_scale, d_unit = (jnp.where(due, a, 0.0) for a in out[2:])
