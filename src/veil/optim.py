@@ -262,8 +262,8 @@ def factor_step_interval(dim: int) -> int:
 
     A factor step costs two ``dim x dim x dim`` products; one every ``1 + dim // 16`` steps
     keeps their cost, spread over the steps, at about ``32 dim^2`` multiply-adds a step, a
-    few matrix-vector products: 1 step at dim 10, 7 at dim 97 (about 10 us of a 190 us step
-    on radon), 32 at dim 501."""
+    few matrix-vector products: 1 step at dim 10, 7 at dim 97 (about 13 us of a 190-240 us
+    step on radon; BENCHMARKS.md section 30), 32 at dim 501."""
     return 1 + int(dim) // 16
 
 
