@@ -16,9 +16,8 @@ the parameters' norm, which for a location at zero is no scale at all. Hence thi
 
 from __future__ import annotations
 
-import typing
-
 import math
+import typing
 
 import equinox as eqx
 import jax
@@ -236,7 +235,6 @@ def whitened_location(
         return eqx.tree_at(lambda m: m.loc, inner_updates, loc), new
 
     return optax.GradientTransformation(init_fn, update_fn)
-
 
 
 class WhitenedFactorState(typing.NamedTuple):
