@@ -53,6 +53,7 @@ import optax
 from veil import _blas
 from veil import checkpoint as ckpt
 from veil._config import cheap_branches
+from veil._rng import unrolled
 from veil.batching import Feeder
 from veil.diagnostics import PROBE_BATCH, StopRule
 
@@ -236,12 +237,16 @@ def _chunk(loss_fn, optimizer, state: LoopState, n_steps, probe, capacity: int, 
     pbuf = jnp.zeros((-(-capacity // PROBE_BATCH), probe.shape[0])) if track else None
     # Step j's key is fold_in(key, j), a function of the step's number alone, so chunk
     # lengths do not change a fit. The keys are made KEY_BLOCK at a time, vectorised (one
-    # fold_in inside the step cost 1.3 us of a 6.5 us step; BENCHMARKS.md section 14).
+    # fold_in inside the step cost 1.3 us of a 6.5 us step; BENCHMARKS.md section 14), and
+    # on CPU handed to the loss as keys of the same generator with its rounds unrolled: the
+    # same draws without the rolled loop JAX's CPU lowering gives every draw (veil._rng; a
+    # GPU's lowering is already unrolled).
     first = state.step
 
     def block(b, carry, steps=KEY_BLOCK):
         start = b * KEY_BLOCK
         keys = jax.vmap(lambda j: jax.random.fold_in(state.key, first + start + j))(jnp.arange(KEY_BLOCK))
+        keys = unrolled(keys) if branches else keys
         return jax.lax.fori_loop(0, steps, lambda j, c: body(start + j, keys[j], c), carry)
 
     carry = (state, losses, psum, jnp.int32(0), pbuf)
