@@ -370,32 +370,30 @@ def whitened_factor(
         nlow = params.dim * (params.dim + 1) / 2
 
         def factor_step(operands):
-            (p_log_scale, p_unit), first, second = operands
+            (p_log_scale, p_unit), first, second, log_scale, unit_tril = operands
             grads = eqx.tree_at(lambda q: (q.log_scale, q.unit_tril), updates, (p_log_scale / k, p_unit / k))
             first, second, direction = _shared_scale_step(
                 params.factor_rmatvec(grads), first, second, count // k,
                 b1=b1, b2=b2, eps=eps, threshold=threshold, mean_square=lambda u: jnp.sum(jnp.square(u)) / nlow)
             step = params.factor_matvec(-learning_rate / math.sqrt(params.dim) * direction)
-            return first, second, step.log_scale, step.unit_tril
+            restart = (jnp.zeros_like(p_log_scale), jnp.zeros_like(p_unit))
+            return restart, first, second, log_scale + step.log_scale, unit_tril + step.unit_tril
 
-        def wait(operands):
-            _, first, second = operands
-            return jnp.zeros_like(first), jnp.zeros_like(second), jnp.zeros_like(params.log_scale), jnp.zeros_like(first)
-
-        operands = (pending, state.first, state.second)
+        operands = (pending, state.first, state.second, inner_updates.log_scale, inner_updates.unit_tril)
+        due = count % k == 0
         if k == 1:
-            first, second, d_log_scale, d_unit = factor_step(operands)
-            pending = jax.tree.map(jnp.zeros_like, pending)
+            out = factor_step(operands)
+        elif cheap_branches():
+            # All the factor step changes goes through the branch and the waiting branch hands
+            # its operands back, so between factor steps nothing is selected or zeroed (whole
+            # default fits on radon 1.00-1.10x faster than selecting each output after the
+            # branch, in four measurements; BENCHMARKS.md section 31).
+            out = jax.lax.cond(due, factor_step, lambda operands: operands, operands)
         else:
-            due = count % k == 0
-            # The branch returns only new arrays and the state is selected outside it. On a
-            # GPU a branch costs a round trip to the host: compute at every step, then select.
-            out = jax.lax.cond(due, factor_step, wait, operands) if cheap_branches() else factor_step(operands)
-            first, second = (jnp.where(due, a, b) for a, b in zip(out[:2], operands[1:]))
-            d_log_scale, d_unit = (jnp.where(due, a, 0.0) for a in out[2:])
-            pending = jax.tree.map(lambda p: jnp.where(due, 0.0, p), pending)
+            # On a GPU a branch costs a round trip to the host: compute at every step, then select.
+            out = jax.tree.map(lambda a, b: jnp.where(due, a, b), factor_step(operands), operands)
+        pending, first, second, log_scale, unit_tril = out
         new = WhitenedFactorState(inner_state, count, pending, first, second)
-        return eqx.tree_at(lambda q: (q.log_scale, q.unit_tril), inner_updates,
-                           (inner_updates.log_scale + d_log_scale, inner_updates.unit_tril + d_unit)), new
+        return eqx.tree_at(lambda q: (q.log_scale, q.unit_tril), inner_updates, (log_scale, unit_tril)), new
 
     return optax.GradientTransformation(init_fn, update_fn)
