@@ -76,6 +76,8 @@ def test_vmapped_keys_equal_jax_default():
 def test_other_keys_pass_unchanged():
     rbg = jax.random.key(0, impl="rbg")
     assert unrolled(rbg) is rbg
+    raw = jax.random.PRNGKey(0)  # a loss given raw keys may treat them as numbers
+    assert unrolled(raw) is raw
     key = jax.random.key(0)
     previous = jax.config.jax_threefry_partitionable
     try:  # JAX counts differently with the flag off: the same draws would then not hold

@@ -132,8 +132,8 @@ UNROLLED_THREEFRY = jax.extend.random.define_prng_impl(
 def unrolled(keys: jax.Array) -> jax.Array:
     """``keys`` (typed JAX keys of the default threefry implementation) re-wrapped with
     :data:`UNROLLED_THREEFRY`: the same draws, without the rolled loop on CPU. Keys of any
-    other implementation, and every key while ``jax_threefry_partitionable`` is off, come
-    back unchanged.
+    other implementation, raw ``uint32`` keys (``jax.random.PRNGKey``), and every key while
+    ``jax_threefry_partitionable`` is off, come back unchanged.
 
     Example:
         >>> import jax
@@ -142,6 +142,7 @@ def unrolled(keys: jax.Array) -> jax.Array:
         >>> bool((jax.random.normal(unrolled(key), (5,)) == jax.random.normal(key, (5,))).all())
         True
     """
-    if jax.random.key_impl(keys) != "threefry2x32" or not jax.config.jax_threefry_partitionable:
-        return keys
+    typed = jax.dtypes.issubdtype(keys.dtype, jax.dtypes.prng_key)
+    if not typed or jax.random.key_impl(keys) != "threefry2x32" or not jax.config.jax_threefry_partitionable:
+        return keys  # raw uint32 keys stay raw: a loss may read them as numbers
     return jax.random.wrap_key_data(jax.random.key_data(keys), impl=UNROLLED_THREEFRY)
