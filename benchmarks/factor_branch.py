@@ -31,16 +31,10 @@ def selected_after_branch(inner, learning_rate=0.1, *, b1=0.9, b2=0.999, eps=1e-
     import jax.numpy as jnp
     import optax
 
-    from veil.optim import WhitenedFactorState, _has_factor, _shared_scale_step, factor_step_interval
+    import veil.optim as vo
+    from veil.optim import WhitenedFactorState, _shared_scale_step, factor_step_interval
 
-    def init_fn(params):
-        state = inner.init(params)
-        count = jnp.zeros([], jnp.int32)
-        if not _has_factor(params) or params.dim > max_dim:
-            return WhitenedFactorState(state, count, None, None, None)
-        pending = (jnp.zeros_like(params.log_scale), jnp.zeros_like(params.unit_tril))
-        u = jnp.zeros((params.dim, params.dim), params.loc.dtype)
-        return WhitenedFactorState(state, count, pending, u, jnp.zeros([], u.dtype))
+    init_fn = vo.whitened_factor(inner, learning_rate, max_dim=max_dim).init  # the state is the same
 
     def update_fn(updates, state, params=None):
         inner_updates, inner_state = inner.update(updates, state.inner, params)
