@@ -384,10 +384,10 @@ def whitened_factor(
         if k == 1:
             out = factor_step(operands)
         elif cheap_branches():
-            # All the factor step changes goes through the branch and the waiting branch hands
-            # its operands back, so between factor steps nothing is selected or zeroed (whole
-            # default fits on radon 1.00-1.10x faster than selecting each output after the
-            # branch, in four measurements; BENCHMARKS.md section 31).
+            # Everything the factor step changes goes through the branch, and the waiting
+            # branch hands its operands back, so between factor steps nothing is selected or
+            # zeroed (whole default fits on radon 1.00-1.10x faster than selecting each output
+            # after the branch, in four measurements; BENCHMARKS.md section 31).
             out = jax.lax.cond(due, factor_step, lambda operands: operands, operands)
         else:
             # On a GPU a branch costs a round trip to the host: compute at every step, then select.
