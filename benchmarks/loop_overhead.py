@@ -25,6 +25,11 @@ paired ratios):
    makes ``c``'s update a fusion of its own; when that fusion holds a single operation
    (``c + b``, ``c * b``) the CPU backend emits it as a "wrapped" operation, and when it
    holds two (``c * 1.0001 + b``) as an ordinary loop fusion. The table gives us per step.
+3. **What one more operation costs a step** (with the second table): a ``lax.scan`` of
+   20,000 steps carrying ``K`` independent scalars, each updated by its own ``c * 1.0001 +
+   x (i + 1)``, so the compiled step holds ``K`` fusions that XLA's CPU runtime dispatches
+   one by one. Small loops (a few fusions) are compiled whole and cost almost nothing a step;
+   past that, each fusion costs a fixed dispatch time whatever its size.
 """
 
 from __future__ import annotations
@@ -114,6 +119,37 @@ def single_op(rounds):
         print(f"| `{k}` | {kinds[k]} | {np.median(v):.2f} |")
 
 
+def dispatch_cost(rounds):
+    import jax
+    import jax.numpy as jnp
+
+    steps = 20_000
+
+    def loop(k):
+        @jax.jit
+        def run(c0):
+            def body(c, x):
+                return tuple(ci * 1.0001 + x * (i + 1) for i, ci in enumerate(c)), None
+
+            return jax.lax.scan(body, c0, jnp.linspace(0.0, 1.0, steps))[0]
+
+        return run
+
+    print("| scalars K | fusions in the program | us per step | us per fusion |")
+    print("|---|---|---|---|")
+    for k in (10, 50, 100, 200):
+        f, c0 = loop(k), tuple(jnp.float32(i) for i in range(k))
+        jax.block_until_ready(f(c0))
+        fusions = sum(1 for line in f.lower(c0).compile().as_text().splitlines() if " fusion(" in line)
+        times = []
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            jax.block_until_ready(f(c0))
+            times.append((time.perf_counter() - t0) / steps * 1e6)
+        t = float(np.median(times))
+        print(f"| {k} | {fusions} | {t:.2f} | {t / k:.3f} |")
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--targets", default="RadonContextualEffectsIndiana,IllConditionedGaussian")
@@ -129,6 +165,8 @@ def main():
         print()
     if not args.skip_single_op:
         single_op(args.rounds)
+        print()
+        dispatch_cost(args.rounds)
 
 
 if __name__ == "__main__":
