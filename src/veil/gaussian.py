@@ -46,7 +46,7 @@ _IDENTITY = optax.sgd(1.0)
 # fired on a 50-d Gaussian in 20,000 steps (BENCHMARKS.md section 21). It watches the mean in
 # units of the sd and the log sd (``_FBGVILoss.watch``), and a coordinate whose half-window
 # means differ by less than 0.01 of those (1% of an sd) counts as settled.
-_DEFAULT_STOP = StopRule(drift_atol=0.01)
+_DEFAULT_STOP = StopRule(drift_atol=0.01, max_drift=2.0)  # 2: as measured in section 21
 _MISSING = object()
 
 
@@ -153,7 +153,7 @@ def fbgvi(
             antithetic pairs (see :func:`fbgvi_step`).
         max_steps: cap on the steps.
         progress: show a progress bar.
-        stop: a :class:`veil.StopRule` (default ``StopRule(drift_atol=0.01)``: as for
+        stop: a :class:`veil.StopRule` (default ``StopRule(drift_atol=0.01, max_drift=2.0)``: as for
             :func:`veil.fit`, its step-size decay damps each move, ``x + s (FB(x) - x)``, which
             keeps the fixed point and shrinks the noise; it watches each mean in units of its
             sd and the log sd, and a drift under 1% of an sd counts as settled, since on a
