@@ -26,7 +26,9 @@ run). Error: max |mean - reference mean| / reference sd, and sd ratios to the re
 Per-step time is ``(t(S2) - t(S1)) / (S2 - S1)``: the difference of two warm runs, so compile
 time and a fit's fixed costs cancel. S2 - S1 covers at least one full epoch (n / B steps), so
 the amortised cost of the per-epoch permutation is in the figure. Medians over ``--repeats``;
-the tools run interleaved in one process.
+the tools run interleaved in one process, in reversed order on every other repeat.
+``veil_over_<tool>`` is the ratio of the medians, ``veil_over_<tool>_paired`` the median of
+the ratios within each repeat (the steadier of the two on a shared machine).
 """
 
 from __future__ import annotations
@@ -254,8 +256,10 @@ def main():
                      **{f"fused-{o}": (lambda X, y, B, o=o: fused_tool(X, y, B, o)) for o in ("feistel", "randint", "perm")}}
             runs = {k: tools[k](X, y, B) for k in args.tools.split(",")}
             times = {k: [] for k in runs}
-            for _ in range(args.repeats):
-                for name, run in runs.items():
+            for rep in range(args.repeats):
+                # Alternate the tools' order between repeats, so that neither gains from
+                # going first (a warm cache, a quiet stretch of the shared machine).
+                for name, run in (list(runs.items()) if rep % 2 == 0 else list(runs.items())[::-1]):
                     if name == "fused-perm" and n > 10**6:
                         continue  # one 1e7 permutation takes ~12 s here: minutes per row
                     if name == "numpyro":  # NumPyro draws its subsample at each step: no epochs
@@ -272,6 +276,9 @@ def main():
             for f in ("fused-feistel", "fused-randint", "fused-perm"):
                 if "veil" in times and f in times:
                     row[f"veil_over_{f}"] = round(float(np.median(times["veil"]) / np.median(times[f])), 3)
+                    # The same ratio within each repeat (the two ran back to back), then the
+                    # median: less exposed to the machine's slow stretches than a ratio of medians.
+                    row[f"veil_over_{f}_paired"] = round(float(np.median(np.divide(times["veil"], times[f]))), 3)
             if "veil" in times and "numpyro" in times:
                 row["numpyro_over_veil"] = round(float(np.median(times["numpyro"]) / np.median(times["veil"])), 1)
             print(json.dumps(row), flush=True)
