@@ -59,6 +59,7 @@ from veil.objectives import (
     estimate,
     log_mean_exp,
 )
+from veil.newton import NewtonResult, variational_newton
 from veil.pathfinder import PathfinderResult, pathfinder
 from veil.result import LogEvidence, Summary, VIResult
 from veil.target import Target
@@ -125,6 +126,8 @@ __all__ = [
     "fit",
     "pathfinder",
     "PathfinderResult",
+    "variational_newton",
+    "NewtonResult",
     "default_optimizer",
     "VIResult",
     "Summary",

@@ -1,0 +1,280 @@
+"""Variational Newton: the KL-optimal Gaussian by its fixed-point equations.
+
+A Gaussian ``q = N(mu, Sigma)`` maximises the ELBO exactly when (Opper & Archambeau 2009,
+"The variational Gaussian approximation revisited")
+
+    E_q[grad log p(z)] = 0        and        Sigma^{-1} = -E_q[hess log p(z)].
+
+Iterating ``P <- -E_q[hess log p]``, ``mu <- mu + P^{-1} E_q[grad log p]`` is Newton's method
+on the ELBO in ``(mu, Sigma)``; with a step ``rho`` in place of 1 it is the natural-gradient
+step of the Bayesian learning rule for Gaussians (Khan & Rue 2023, "The Bayesian learning
+rule", variational online Newton; IVON is its diagonal, large-scale relative). On a Gaussian
+target one step is exact from any start. What makes it cheap here is how the expectations
+are estimated with gradients alone:
+
+- *Expected Hessian from gradients* (Stein's lemma): for ``z = mu + L eps``,
+  ``E[grad log p(z) eps^T] = E[hess log p(z)] L``, so the regression of the gradients on the
+  noise gives the expected Hessian without second derivatives.
+- *Orthogonal antithetic points* (a stochastic spherical-radial rule, Genz & Monahan 1998):
+  each iteration uses ``2 dim`` points ``eps = +-r_i Q e_i``, ``Q`` a uniformly random rotation
+  and ``r_i`` chi-distributed with ``dim`` degrees of freedom, so every point is exactly
+  ``N(0, I)``, the pairs cancel odd terms, and the directions span the space: for a quadratic
+  ``log p`` both expectations come out exact, and near-Gaussian posteriors are estimated with
+  little noise. ``2 dim`` gradient evaluations per iteration.
+
+Schedule. Full Newton steps (``rho = 1``) while they contract (the step's size, the KL
+divergence from the old Gaussian to the new one, at least halves each iteration); once it
+stops halving, the estimates' noise is what moves the iterate, and ``average`` more
+iterations run with ``rho = 1 / (k + 1)``, which averages the precision estimates and damps
+the mean's steps. A step smaller than ``tol`` nats ends the run at once. A step whose precision is not positive definite is halved until it is
+(counted); an iteration with a non-finite gradient is skipped (counted).
+
+It starts from :func:`veil.pathfinder`'s Gaussian by default (whose gradient evaluations are
+counted in the result). On German credit it reached FullRank ADVI's accuracy with 15-25x
+fewer gradient evaluations (BENCHMARKS.md section 36). Its cost per iteration is ``2 dim``
+gradients plus ``O(dim^3)`` host linear algebra, so it suits targets of up to a few hundred
+dimensions with a full-data gradient; where ``log p`` is far from quadratic over ``q`` (a
+funnel, heavy tails) the Hessian estimate can be noisy or indefinite, and the ELBO-driven
+``veil.fit`` is the safer tool.
+
+Example:
+    >>> import jax, jax.numpy as jnp, veil
+    >>> cov = jnp.array([[2.0, 0.6], [0.6, 0.5]])
+    >>> t = veil.Target.from_logdensity(
+    ...     lambda z: -0.5 * (z - 1.0) @ jnp.linalg.solve(cov, z - 1.0), dim=2)
+    >>> res = veil.variational_newton(t, key=jax.random.key(0), init=veil.FullRank(2))
+    >>> bool(jnp.allclose(res.q.mean, 1.0, atol=1e-4)), bool(jnp.allclose(res.q.cov, cov, atol=1e-4))
+    (True, True)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+import warnings
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from veil.families.gaussian import FullRank
+from veil.target import Target
+
+__all__ = ["variational_newton", "NewtonResult"]
+
+# Fewest consecutive skipped iterations (non-finite gradients) before the run gives up.
+_MAX_SKIPS = 3
+# Halvings of rho tried when a step's precision is not positive definite.
+_MAX_HALVINGS = 30
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class NewtonResult:
+    """What :func:`variational_newton` returns.
+
+    Attributes:
+        q: the fitted Gaussian as a :class:`veil.FullRank`.
+        num_grad_evals: gradient evaluations in all, the starting Pathfinder's included.
+        init_grad_evals: those spent by the starting Pathfinder (0 for a given ``init``).
+        kl_steps: per iteration, ``KL(old q || new q)``: the size of the step.
+        step_sizes: per iteration, the ``rho`` taken (NaN for a skipped iteration).
+        num_halvings: steps halved because their precision was not positive definite.
+        num_skipped: iterations skipped for a non-finite gradient.
+        converged: whether the full steps stopped contracting (and the averaging phase ran)
+            before ``max_iters``.
+        wall: seconds spent, the starting Pathfinder's included.
+    """
+
+    q: FullRank
+    num_grad_evals: int
+    init_grad_evals: int
+    kl_steps: np.ndarray
+    step_sizes: np.ndarray
+    num_halvings: int
+    num_skipped: int
+    converged: bool
+    wall: float
+
+    @property
+    def num_iters(self) -> int:
+        return len(self.step_sizes)
+
+    def __repr__(self) -> str:
+        return (f"NewtonResult(dim={self.q.dim}, iters={self.num_iters}, num_grad_evals={self.num_grad_evals}, "
+                f"converged={self.converged}, num_skipped={self.num_skipped}, num_halvings={self.num_halvings})")
+
+
+@eqx.filter_jit
+def _estimate(target, mu, chol, key):
+    """Gradient mean and expected-Hessian estimate at ``N(mu, chol chol^T)`` from ``2 dim``
+    orthogonal antithetic points; also whether every gradient was finite."""
+    d = mu.shape[0]
+    k_rot, k_rad = jax.random.split(key)
+    q, r = jnp.linalg.qr(jax.random.normal(k_rot, (d, d)))
+    q = q * jnp.sign(jnp.diagonal(r))  # Haar-distributed rotation (sign fix of the QR)
+    radii = jnp.sqrt(jax.random.chisquare(k_rad, d, (d,)))
+    half = (q * radii).T  # rows r_i Q e_i: each exactly N(0, I)
+    eps = jnp.concatenate([half, -half])
+    grads = jax.vmap(jax.grad(target.log_density))(mu + eps @ chol.T)
+    finite = jnp.all(jnp.isfinite(grads))
+    g_mean = jnp.mean(grads, axis=0)
+    # E[g eps^T] = E[hess] L E[eps eps^T]: solve with the points' own second moment, which
+    # for these points is Q diag(r^2 / d) Q^T, not exactly I.
+    cross = grads.T @ eps / eps.shape[0]
+    second = eps.T @ eps / eps.shape[0]
+    return g_mean, cross, second, finite
+
+
+def _gaussian_kl(mu0, cov0, mu1, prec1, logdet1) -> float:
+    """KL(N(mu0, cov0) || N(mu1, prec1^{-1})), ``logdet1 = log |cov1|``."""
+    d = mu0.shape[0]
+    diff = mu1 - mu0
+    _, logdet0 = np.linalg.slogdet(cov0)
+    return 0.5 * float(np.sum(prec1 * cov0) - d + diff @ prec1 @ diff + logdet1 - logdet0)
+
+
+def _start(target, init, key):
+    """``(mu, cov, grad_evals)`` of the starting Gaussian."""
+    from veil.pathfinder import PathfinderResult, pathfinder
+
+    if init is None:
+        init = pathfinder(target, key=key)
+    if isinstance(init, PathfinderResult):
+        return np.asarray(init.q.mean, np.float64), np.asarray(init.q.cov, np.float64), int(init.num_grad_evals)
+    if not (hasattr(init, "mean") and hasattr(init, "cov")):
+        raise TypeError(
+            "init must be a Gaussian family (veil.FullRank, veil.MeanField, veil.LowRank), a "
+            f"veil.pathfinder result, or None, got {type(init).__name__}."
+        )
+    mu, cov = np.asarray(init.mean, np.float64), np.asarray(init.cov, np.float64)
+    if mu.shape != (target.dim,):
+        raise ValueError(f"init has dimension {mu.shape[-1] if mu.ndim else 0}, the target {target.dim}.")
+    return mu, cov, 0
+
+
+def variational_newton(
+    target: Target,
+    *,
+    key: jax.Array,
+    init=None,
+    max_iters: int = 50,
+    average: int = 4,
+    tol: float = 1e-4,
+) -> NewtonResult:
+    """Fit a full-rank Gaussian by Newton's method on the ELBO, with gradients only.
+
+    See the module docstring for the method (Opper & Archambeau 2009; Khan & Rue 2023;
+    Genz & Monahan 1998): ``2 dim`` gradient evaluations per iteration, full Newton steps
+    while they contract, then ``average`` damped iterations.
+
+    Args:
+        target: a :class:`veil.Target` with a full-data log density (not minibatched).
+        key: a JAX PRNG key (the starting Pathfinder's and every iteration's points).
+        init: the starting Gaussian: a ``veil.FullRank`` / ``MeanField`` / ``LowRank``, a
+            :func:`veil.pathfinder` result, or ``None`` (default) to run Pathfinder first.
+        max_iters: cap on iterations (each ``2 dim`` gradients).
+        average: damped iterations after the full steps stop contracting.
+        tol: the run ends, converged, at a step smaller than this (KL from the old Gaussian
+            to the new one, in nats): on a Gaussian target that is the second iteration.
+
+    Returns:
+        :class:`NewtonResult`; ``converged=False`` (and a warning) when ``max_iters`` ran out
+        first.
+
+    Raises:
+        ValueError: for a minibatched target, bad arguments, or a start where the gradient is
+            not finite at any point (before any iteration).
+    """
+    from veil.fit import _check_key, _check_positive_int
+
+    _check_key(key)
+    if not isinstance(target, Target):
+        raise TypeError(f"target must be a veil.Target, got {type(target).__name__}.")
+    if target.is_minibatched:
+        raise ValueError(
+            "variational_newton needs the full-data log density and its gradient; this target "
+            "is minibatched. Use veil.fit on it, or build the target with "
+            "Target.from_logdensity over the full data."
+        )
+    max_iters = _check_positive_int("max_iters", max_iters)
+    if isinstance(average, bool) or not isinstance(average, int) or average < 0:
+        raise ValueError(f"average must be a non-negative integer, got {average!r}.")
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol >= 0:
+        raise ValueError(f"tol must be a non-negative number, got {tol!r}.")
+    start = time.perf_counter()
+    init_key, key = jax.random.split(key)
+    mu, cov, init_evals = _start(target, init, init_key)
+    if not (np.all(np.isfinite(mu)) and np.all(np.isfinite(cov))):
+        raise ValueError("The starting Gaussian holds non-finite values; pass a finite init.")
+    d = target.dim
+    prec = np.linalg.inv(cov)
+    kls, rhos = [], []
+    halvings = skipped = consecutive = 0
+    evals = init_evals
+    phase_avg = None  # iterations into the averaging phase, once it has begun
+    gave_up = False  # stopped for non-finite gradients (already warned)
+    for it in range(max_iters):
+        chol = np.linalg.cholesky(cov)
+        g_mean, cross, second, finite = jax.device_get(
+            _estimate(target, jnp.asarray(mu, jnp.float32), jnp.asarray(chol, jnp.float32), jax.random.fold_in(key, it)))
+        evals += 2 * d
+        if not finite:
+            skipped += 1
+            consecutive += 1
+            kls.append(np.nan)
+            rhos.append(np.nan)
+            if consecutive >= _MAX_SKIPS:
+                gave_up = True
+                warnings.warn(f"variational_newton stopped: the gradient was not finite at some point in "
+                              f"{_MAX_SKIPS} iterations in a row; q is the last finite iterate.", stacklevel=2)
+                break
+            continue
+        consecutive = 0
+        hess = np.linalg.solve(chol.T, np.linalg.solve(np.asarray(second, np.float64), np.asarray(cross, np.float64).T)).T
+        prec_hat = -0.5 * (hess + hess.T)
+        rho = 1.0 if phase_avg is None else 1.0 / (phase_avg + 1)
+        for _ in range(_MAX_HALVINGS):
+            new_prec = (1 - rho) * prec + rho * prec_hat
+            try:
+                new_chol_prec = np.linalg.cholesky(new_prec)
+                break
+            except np.linalg.LinAlgError:
+                rho /= 2
+                halvings += 1
+        else:
+            skipped += 1
+            kls.append(np.nan)
+            rhos.append(np.nan)
+            continue
+        new_cov = np.linalg.inv(new_prec)
+        new_cov = 0.5 * (new_cov + new_cov.T)
+        new_mu = mu + rho * new_cov @ np.asarray(g_mean, np.float64)
+        logdet_new = -2.0 * np.sum(np.log(np.diagonal(new_chol_prec)))
+        kl = _gaussian_kl(mu, cov, new_mu, new_prec, logdet_new)
+        mu, cov, prec = new_mu, new_cov, new_prec
+        kls.append(kl)
+        rhos.append(rho)
+        if kl < tol:
+            phase_avg = average if phase_avg is None else phase_avg  # settled: converged
+            break
+        if phase_avg is None:
+            previous = [k for k in kls[:-1] if np.isfinite(k)]
+            if previous and kl > 0.5 * previous[-1]:
+                phase_avg = 0  # the full steps stopped contracting: average from here
+        if phase_avg is not None:
+            if phase_avg >= average:
+                break
+            phase_avg += 1
+    converged = phase_avg is not None
+    if not converged and not gave_up:
+        warnings.warn(
+            f"variational_newton ran {max_iters} iterations without its full steps settling "
+            "(see res.kl_steps): the target may be far from Gaussian over q. Check the fit, raise "
+            "max_iters, or use veil.fit.", stacklevel=2)
+    from veil.pathfinder import gaussian_to_family
+
+    q = gaussian_to_family(FullRank(d), jnp.asarray(mu, jnp.float32), jnp.asarray(cov, jnp.float32))
+    return NewtonResult(q, evals, init_evals, np.asarray(kls), np.asarray(rhos), halvings, skipped, converged,
+                        time.perf_counter() - start)

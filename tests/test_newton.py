@@ -1,0 +1,107 @@
+"""veil.variational_newton: the ELBO's fixed point for a full-rank Gaussian, from gradients."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import veil
+
+
+def _gaussian_target(d, seed=0):
+    a = np.random.default_rng(seed).standard_normal((d, d))
+    cov = a @ a.T / d + 0.5 * np.eye(d)
+    mean = np.arange(d, dtype=float) - 1.0
+    prec = jnp.asarray(np.linalg.inv(cov), jnp.float32)
+    m = jnp.asarray(mean, jnp.float32)
+    return veil.Target.from_logdensity(lambda z: -0.5 * (z - m) @ prec @ (z - m), dim=d), mean, cov
+
+
+def _logistic_target(n=40, seed=0):
+    r = np.random.default_rng(seed)
+    X = r.standard_normal((n, 3)).astype(np.float32)
+    y = (r.random(n) < 1 / (1 + np.exp(-(X @ np.array([1.0, -0.5, 0.25]))))).astype(np.float32)
+    X, y = jnp.asarray(X), jnp.asarray(y)
+
+    def log_p(z):
+        f = X @ z
+        return -0.5 * jnp.sum(z**2) + jnp.sum(y * f - jnp.logaddexp(0.0, f))
+
+    return veil.Target.from_logdensity(log_p, dim=3), log_p
+
+
+def test_exact_on_a_gaussian_target_in_one_step():
+    # log p quadratic: the gradients are linear in the points, so the regression on the noise
+    # returns the Hessian and the mean gradient exactly (float32 round-off only), and the
+    # first Newton step lands on the target from a start far from it; the second step is
+    # below tol and ends the run.
+    t, mean, cov = _gaussian_target(6)
+    res = veil.variational_newton(t, key=jax.random.key(0), init=veil.FullRank(6))
+    np.testing.assert_allclose(res.q.mean, mean, atol=1e-4)
+    np.testing.assert_allclose(res.q.cov, cov, rtol=1e-4, atol=1e-4)
+    assert res.converged and res.num_iters == 2 and res.kl_steps[-1] < 1e-4
+    assert res.num_grad_evals == 2 * 6 * res.num_iters and res.init_grad_evals == 0
+    assert res.num_skipped == 0 and res.num_halvings == 0
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_reaches_the_elbo_fixed_point_not_the_laplace_one(seed):
+    # At the KL-optimal Gaussian E_q[grad log p] = 0 and -E_q[hess log p] = Sigma^{-1}.
+    # Checked with 200,000 draws (Monte-Carlo error of the whitened gradient ~0.002) on a
+    # skewed 40-row logistic regression. Tolerances: over 6 seeds the default run left a
+    # whitened gradient of at most 0.065 and a whitened precision error of at most 0.035
+    # (the noise of its last, averaged iterations); the Laplace approximation at the mode
+    # gives 0.19 and 0.064 here, so the gradient bound of 0.12 separates the two.
+    t, log_p = _logistic_target()
+    res = veil.variational_newton(t, key=jax.random.key(seed), init=veil.FullRank(3))
+    assert res.converged
+    L = res.q.scale_tril
+    z = res.q.mean + jax.random.normal(jax.random.key(100), (200_000, 3)) @ L.T
+    whitened_grad = L.T @ jax.vmap(jax.grad(log_p))(z).mean(0)
+    prec = -jax.vmap(jax.hessian(log_p))(z[:20_000]).mean(0)
+    assert float(jnp.max(jnp.abs(whitened_grad))) < 0.12
+    assert float(jnp.linalg.norm(L.T @ prec @ L - jnp.eye(3))) < 0.06
+
+
+def test_starts_from_pathfinder_and_counts_its_gradients():
+    t, mean, cov = _gaussian_target(4, seed=1)
+    pf = veil.pathfinder(t, key=jax.random.key(3))
+    res = veil.variational_newton(t, key=jax.random.key(3), init=pf)
+    assert res.init_grad_evals == pf.num_grad_evals > 0
+    assert res.num_grad_evals == pf.num_grad_evals + 2 * 4 * res.num_iters
+    np.testing.assert_allclose(res.q.cov, cov, rtol=1e-3, atol=1e-3)
+    # init=None runs that Pathfinder itself.
+    default = veil.variational_newton(t, key=jax.random.key(3))
+    assert default.init_grad_evals > 0
+    np.testing.assert_allclose(default.q.mean, mean, atol=1e-3)
+
+
+def test_non_finite_gradients_are_skipped_counted_and_reported():
+    # A NaN gradient wherever z_0 > 1 (sqrt of a negative): from a wide start a third of the
+    # points land there, so
+    # every iteration has one and the run stops after 3 skipped iterations, with a warning,
+    # keeping the (finite) starting Gaussian.
+    t = veil.Target.from_logdensity(lambda z: jnp.sqrt(1.0 - z[0]) - 0.5 * jnp.sum(z**2), dim=2)
+    with pytest.warns(UserWarning, match="not finite"):
+        res = veil.variational_newton(t, key=jax.random.key(0), init=veil.FullRank(2, init_scale=3.0))
+    assert res.num_skipped == 3 and np.isnan(res.step_sizes).all()
+    assert np.all(np.isfinite(res.q.mean)) and not res.converged
+
+
+def test_bad_input_is_refused_before_any_iteration():
+    t, _, _ = _gaussian_target(3)
+    key = jax.random.key(0)
+    with pytest.raises(ValueError, match="minibatched"):
+        mb = veil.Target.minibatched(lambda z: -0.5 * jnp.sum(z**2), lambda z, b: jnp.sum(b * z[0]),
+                                     jnp.ones(10), dim=3, batch_size=5)
+        veil.variational_newton(mb, key=key)
+    with pytest.raises(ValueError, match="dimension"):
+        veil.variational_newton(t, key=key, init=veil.FullRank(4))
+    with pytest.raises(TypeError, match="Gaussian family"):
+        veil.variational_newton(t, key=key, init=np.zeros(3))
+    with pytest.raises(ValueError, match="average"):
+        veil.variational_newton(t, key=key, init=veil.FullRank(3), average=-1)
+    with pytest.raises(ValueError, match="tol"):
+        veil.variational_newton(t, key=key, init=veil.FullRank(3), tol=float("nan"))
+    with pytest.raises(TypeError, match="Target"):
+        veil.variational_newton(lambda z: -0.5 * jnp.sum(z**2), key=key)
