@@ -17,6 +17,12 @@ Per target and seed, interleaved in one process:
   (see ``BLACKJAX_MAXITER``).
   BlackJAX's ``approximate`` is wrapped in ``jax.jit`` once per target, as a user would.
 * ``veil-fit``: default ``veil.fit`` with ``FullRank`` (the ADVI baseline; 4 STL draws/step).
+* ``veil-newton``: ``veil.variational_newton`` started from ``veil-pf4``'s Pathfinder (the same
+  call, so its gradients are counted in): Newton steps on the ELBO for a full-rank Gaussian,
+  ``2 dim`` gradients each. Its ELBO and k-hat are from 20,000 draws of the result (not
+  counted: they score it, the method does not need them).
+
+``--tools`` runs a subset (BlackJAX is then imported only if ``blackjax-pf1`` is in it).
 
 Gradient evaluations: Pathfinder's count the start plus every line-search trial (the count the
 paper uses; BlackJAX reports its L-BFGS iterations and line-search steps, from which the same
@@ -34,15 +40,16 @@ import time
 import warnings
 
 sys.path.insert(0, os.path.dirname(__file__))
-from time_to_accuracy import TARGETS, accuracy, load_target  # noqa: E402
+from time_to_accuracy import TARGETS, accuracy, elbo, load_target  # noqa: E402
+
+TOOLS = ["veil-pf4", "veil-pf1", "blackjax-pf1", "veil-fit", "veil-newton"]
 
 NUM_DRAWS = 20_000
 BLACKJAX_MAXITER = 200
 RESAMPLED = 4_000
 
 
-def run_target(name, seeds, out):
-    import blackjax
+def run_target(name, seeds, out, tools=TOOLS):
     import jax
     import numpy as np
 
@@ -64,9 +71,12 @@ def run_target(name, seeds, out):
     # maxiter=200, not Stan's 1000: with 1000, BlackJAX 1.7.1 on jax 0.10.2 (CPU) hung (0% CPU,
     # no return after minutes) on SyntheticItemResponseTheory and once on radon; it stores
     # and scores the whole path, so its cost grows with maxiter, not with the iterations run.
-    bj_approximate = jax.jit(
-        lambda key, x0: blackjax.vi.pathfinder.approximate(key, log_p, x0, num_samples=25, maxiter=BLACKJAX_MAXITER, maxcor=6)
-    )
+    if "blackjax-pf1" in tools:
+        import blackjax
+
+        bj_approximate = jax.jit(
+            lambda key, x0: blackjax.vi.pathfinder.approximate(key, log_p, x0, num_samples=25, maxiter=BLACKJAX_MAXITER, maxcor=6)
+        )
 
     for seed in range(seeds):
         key = jax.random.key(seed)
@@ -74,31 +84,32 @@ def run_target(name, seeds, out):
 
         t0 = time.perf_counter()
         pf = veil.pathfinder(target, key=key)
-        wall = time.perf_counter() - t0
+        pf_wall = wall = time.perf_counter() - t0
         z = pf.q.sample(jax.random.key(10_000 + seed), NUM_DRAWS)
         rs = pf.draws(RESAMPLED, key=jax.random.key(20_000 + seed))["z"]
-        emit({"tool": "veil-pf4", "seed": seed, "wall": wall, "grad_evals": pf.num_grad_evals,
-              "logp_evals": pf.num_logp_evals + RESAMPLED, "khat": pf.khat, "elbo": pf.elbo,
-              **q_accuracy(z), **{f"rs_{k}": v for k, v in q_accuracy(rs).items()}})
+        if "veil-pf4" in tools:
+            emit({"tool": "veil-pf4", "seed": seed, "wall": wall, "grad_evals": pf.num_grad_evals,
+                  "logp_evals": pf.num_logp_evals + RESAMPLED, "khat": pf.khat, "elbo": pf.elbo,
+                  **q_accuracy(z), **{f"rs_{k}": v for k, v in q_accuracy(rs).items()}})
 
-        t0 = time.perf_counter()
-        pf1 = veil.pathfinder(target, key=key, num_paths=1, init=x0)
-        wall = time.perf_counter() - t0
-        z = pf1.q.sample(jax.random.key(10_000 + seed), NUM_DRAWS)
-        emit({"tool": "veil-pf1", "seed": seed, "wall": wall, "grad_evals": pf1.num_grad_evals,
-              "logp_evals": pf1.num_logp_evals, "khat": pf1.khat, "elbo": pf1.elbo, **q_accuracy(z)})
+        if "veil-newton" in tools:
+            t0 = time.perf_counter()
+            nt = veil.variational_newton(target, key=key, init=pf)
+            jax.block_until_ready(nt.q)
+            wall = pf_wall + time.perf_counter() - t0
+            z, log_q = nt.q.sample_and_log_prob(jax.random.key(10_000 + seed), NUM_DRAWS)
+            lw = np.asarray(jax.vmap(log_p)(z), np.float64) - np.asarray(log_q, np.float64)
+            emit({"tool": "veil-newton", "seed": seed, "wall": wall, "grad_evals": nt.num_grad_evals,
+                  "logp_evals": pf.num_logp_evals, "khat": veil.psis_khat(lw) if np.isfinite(lw).all() else float("nan"),
+                  "elbo": elbo(log_p, z, log_q), "iters": nt.num_iters, "converged": nt.converged,
+                  "halvings": nt.num_halvings, "skipped": nt.num_skipped, **q_accuracy(z)})
 
-        t0 = time.perf_counter()
-        state, info = bj_approximate(key, x0)
-        jax.block_until_ready(state)
-        wall = time.perf_counter() - t0
-        z, log_q = blackjax.vi.pathfinder.sample(jax.random.key(10_000 + seed), state, NUM_DRAWS)
-        lw = np.asarray(jax.vmap(log_p)(z[:2000]) - log_q[:2000], np.float64)
-        iters = int(np.sum(np.asarray(info.path.elbo) != -np.inf)) if hasattr(info, "path") else -1
-        emit({"tool": "blackjax-pf1", "seed": seed, "wall": wall, "grad_evals": _blackjax_grad_evals(info),
-              "logp_evals": 25 * max(iters, 0), "khat": veil.psis_khat(lw) if np.isfinite(lw).all() else float("nan"),
-              "elbo": float(state.elbo), **q_accuracy(z)})
-
+        if "veil-pf1" in tools:
+            _pf1(veil, target, key, x0, seed, emit, q_accuracy)
+        if "blackjax-pf1" in tools:
+            _bj(veil, bj_approximate, log_p, key, x0, seed, emit, q_accuracy)
+        if "veil-fit" not in tools:
+            continue
         t0 = time.perf_counter()
         res = veil.fit(target, veil.FullRank(d), key=key, progress=False)
         jax.block_until_ready(res.q)
@@ -106,6 +117,34 @@ def run_target(name, seeds, out):
         z = res.q.sample(jax.random.key(10_000 + seed), NUM_DRAWS)
         emit({"tool": "veil-fit", "seed": seed, "wall": wall, "grad_evals": 4 * res.num_steps,
               "logp_evals": 0, "khat": res.khat, "elbo": res.elbo, **q_accuracy(z)})
+
+
+def _pf1(veil, target, key, x0, seed, emit, q_accuracy):
+    import jax
+
+    t0 = time.perf_counter()
+    pf1 = veil.pathfinder(target, key=key, num_paths=1, init=x0)
+    wall = time.perf_counter() - t0
+    z = pf1.q.sample(jax.random.key(10_000 + seed), NUM_DRAWS)
+    emit({"tool": "veil-pf1", "seed": seed, "wall": wall, "grad_evals": pf1.num_grad_evals,
+          "logp_evals": pf1.num_logp_evals, "khat": pf1.khat, "elbo": pf1.elbo, **q_accuracy(z)})
+
+
+def _bj(veil, bj_approximate, log_p, key, x0, seed, emit, q_accuracy):
+    import blackjax
+    import jax
+    import numpy as np
+
+    t0 = time.perf_counter()
+    state, info = bj_approximate(key, x0)
+    jax.block_until_ready(state)
+    wall = time.perf_counter() - t0
+    z, log_q = blackjax.vi.pathfinder.sample(jax.random.key(10_000 + seed), state, NUM_DRAWS)
+    lw = np.asarray(jax.vmap(log_p)(z[:2000]) - log_q[:2000], np.float64)
+    iters = int(np.sum(np.asarray(info.path.elbo) != -np.inf)) if hasattr(info, "path") else -1
+    emit({"tool": "blackjax-pf1", "seed": seed, "wall": wall, "grad_evals": _blackjax_grad_evals(info),
+          "logp_evals": 25 * max(iters, 0), "khat": veil.psis_khat(lw) if np.isfinite(lw).all() else float("nan"),
+          "elbo": float(state.elbo), **q_accuracy(z)})
 
 
 def init_experiment(names, seeds):
@@ -151,7 +190,7 @@ def summarize(path):
     import numpy as np
 
     rows = [json.loads(line) for line in open(path)]
-    tools = ["veil-pf4", "veil-pf1", "blackjax-pf1", "veil-fit"]
+    tools = TOOLS
     print("| target (dim) | tool | max err/sd | median err/sd | sd ratio [min, med, max] | "
           "resampled max err/sd, sd ratio [min, med] | ELBO | k-hat | grad evals | density evals | "
           "ADVI grad evals / these | wall warm (s) |")
@@ -178,13 +217,14 @@ def main():
     ap.add_argument("--targets", default=",".join(TARGETS))
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--out", default="pathfinder.jsonl")
+    ap.add_argument("--tools", default=",".join(TOOLS), help="comma-separated subset of " + ",".join(TOOLS))
     ap.add_argument("--init-experiment", action="store_true", help="fit from Pathfinder's start")
     args = ap.parse_args()
     warnings.simplefilter("ignore")
     if args.init_experiment:
         return init_experiment(args.targets.split(","), args.seeds)
     for name in args.targets.split(","):
-        run_target(name, args.seeds, args.out)
+        run_target(name, args.seeds, args.out, args.tools.split(","))
 
 
 if __name__ == "__main__":

@@ -50,7 +50,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 import warnings
 
@@ -59,6 +58,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from veil.diagnostics import khat_verdict, psis_khat
 from veil.families.gaussian import FullRank
 from veil.target import Target
 
@@ -68,6 +68,8 @@ __all__ = ["variational_newton", "NewtonResult"]
 _MAX_SKIPS = 3
 # Halvings of rho tried when a step's precision is not positive definite.
 _MAX_HALVINGS = 30
+# Draws of the result behind its ELBO and k-hat (density evaluations only).
+CHECK_DRAWS = 1000
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -83,7 +85,13 @@ class NewtonResult:
         num_halvings: steps halved because their precision was not positive definite.
         num_skipped: iterations skipped for a non-finite gradient.
         converged: whether the full steps stopped contracting (and the averaging phase ran)
-            before ``max_iters``.
+            before ``max_iters``. It says the iteration settled, not that ``q`` is good: read
+            ``khat``.
+        elbo: the ELBO of ``q``, from ``num_check_draws`` draws.
+        khat: Pareto k-hat of the same draws' importance weights (``verdict`` in words):
+            above 0.7, ``q`` misses mass the target has (a funnel, heavy tails) and the
+            fixed point is not to be trusted.
+        num_check_draws: draws (density evaluations, no gradients) behind ``elbo``/``khat``.
         wall: seconds spent, the starting Pathfinder's included.
     """
 
@@ -95,7 +103,14 @@ class NewtonResult:
     num_halvings: int
     num_skipped: int
     converged: bool
+    elbo: float
+    khat: float
+    num_check_draws: int
     wall: float
+
+    @property
+    def verdict(self) -> str:
+        return khat_verdict(self.khat)
 
     @property
     def num_iters(self) -> int:
@@ -103,7 +118,8 @@ class NewtonResult:
 
     def __repr__(self) -> str:
         return (f"NewtonResult(dim={self.q.dim}, iters={self.num_iters}, num_grad_evals={self.num_grad_evals}, "
-                f"converged={self.converged}, num_skipped={self.num_skipped}, num_halvings={self.num_halvings})")
+                f"converged={self.converged}, khat={self.khat:.2f}, num_skipped={self.num_skipped}, "
+                f"num_halvings={self.num_halvings})")
 
 
 @eqx.filter_jit
@@ -276,5 +292,15 @@ def variational_newton(
     from veil.pathfinder import gaussian_to_family
 
     q = gaussian_to_family(FullRank(d), jnp.asarray(mu, jnp.float32), jnp.asarray(cov, jnp.float32))
+    log_w = np.asarray(_log_weights(target, q, jax.random.fold_in(key, max_iters)), np.float64)
+    finite = np.isfinite(log_w)
+    elbo = float(np.mean(log_w)) if finite.all() else float("nan")
+    khat = psis_khat(log_w) if finite.all() else float("nan")
     return NewtonResult(q, evals, init_evals, np.asarray(kls), np.asarray(rhos), halvings, skipped, converged,
-                        time.perf_counter() - start)
+                        elbo, khat, CHECK_DRAWS, time.perf_counter() - start)
+
+
+@eqx.filter_jit
+def _log_weights(target, q, key):
+    z, log_q = q.sample_and_log_prob(key, CHECK_DRAWS)
+    return jax.vmap(target.log_density)(z) - log_q
