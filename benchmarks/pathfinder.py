@@ -196,6 +196,7 @@ def summarize(path):
           "ADVI grad evals / these | wall warm (s) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     names = [t for t in TARGETS if any(r["target"] == t for r in rows)]
+    names += sorted({r["target"] for r in rows} - set(names))  # targets outside the default list
     for name in names:
         fit_grads = np.median([r["grad_evals"] for r in rows if r["target"] == name and r["tool"] == "veil-fit"])
         for tool in tools:
