@@ -116,3 +116,20 @@ def test_reports_elbo_and_khat_of_the_result():
     log_z = 0.5 * 3 * np.log(2 * np.pi) + 0.5 * np.linalg.slogdet(cov)[1]
     assert abs(res.elbo - log_z) < 1e-3 and res.num_check_draws == 2000  # the result and the start
     assert res.khat < 0.5 and res.verdict.startswith("good")
+
+
+def test_never_returns_worse_than_its_start():
+    # log p = -z^4 / 4 from N(0, 0.1^2): the expected Hessian there is tiny (-3 sigma^2), so
+    # the first full Newton step jumps to a variance of ~100 / r^2, whose ELBO (about
+    # -3 var^2 / 4) is far below the start's (-0.9). With one iteration allowed, the run must
+    # hand back the start, say so, and not claim convergence.
+    import warnings
+
+    t = veil.Target.from_logdensity(lambda z: -0.25 * jnp.sum(z**4), dim=1)
+    start = veil.FullRank(1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = veil.variational_newton(t, key=jax.random.key(0), init=start, max_iters=1)
+    assert any("did not improve on its start" in str(w.message) for w in caught)
+    np.testing.assert_allclose(res.q.cov, start.cov, rtol=1e-5)
+    assert not res.converged and res.elbo > -1.0
