@@ -73,6 +73,9 @@ __all__ = ["variational_newton", "NewtonResult"]
 _MAX_SKIPS = 3
 # Halvings of rho tried when a step's precision is not positive definite.
 _MAX_HALVINGS = 30
+# Full steps give way to averaging only once a step's KL is within this factor of the KL
+# that the mean gradient's noise alone would cause (the covariance's noise adds to it).
+_NOISE_FACTOR = 10.0
 # Draws of the result behind its ELBO and k-hat (density evaluations only).
 CHECK_DRAWS = 1000
 
@@ -156,7 +159,11 @@ def _estimate(target, mu, chol, key):
     # for these points is Q diag(r^2 / d) Q^T, not exactly I.
     cross = grads.T @ eps / eps.shape[0]
     second = eps.T @ eps / eps.shape[0]
-    return g_mean, cross, second, finite, elbo, elbo_se
+    # The mean gradient's noise: its covariance from the pairs' mean gradients (the pairs
+    # are exchangeable, each an unbiased estimate of E_q[grad log p]).
+    g_pairs = 0.5 * (grads[:d] + grads[d:])
+    g_cov = jnp.cov(g_pairs, rowvar=False).reshape(d, d) / d
+    return g_mean, cross, second, finite, elbo, elbo_se, g_cov
 
 
 def _gaussian_kl(mu0, cov0, mu1, prec1, logdet1) -> float:
@@ -254,7 +261,7 @@ def variational_newton(
     elbo_then = se_then = np.nan  # the ELBO estimate of the current iterate
     for it in range(max_iters):
         chol = np.linalg.cholesky(cov)
-        g_mean, cross, second, finite, elbo_now, se_now = jax.device_get(
+        g_mean, cross, second, finite, elbo_now, se_now, g_cov = jax.device_get(
             _estimate(target, jnp.asarray(mu, jnp.float32), jnp.asarray(chol, jnp.float32), jax.random.fold_in(key, it)))
         evals += 2 * d
         if not finite:
@@ -315,9 +322,12 @@ def variational_newton(
             phase_avg = average if phase_avg is None else phase_avg  # settled: converged
             break
         if phase_avg is None:
+            # The KL a step would have from the mean gradient's noise alone, E[d^T P d] / 2
+            # with d = Sigma (noise): tr(Sigma Cov(gbar)) / 2.
+            noise_kl = 0.5 * float(np.sum(new_cov * np.asarray(g_cov, np.float64)))
             previous = [k for k in kls[:-1] if np.isfinite(k)]
-            if previous and kl > 0.5 * previous[-1]:
-                phase_avg = 0  # the full steps stopped contracting: average from here
+            if previous and kl > 0.5 * previous[-1] and kl < _NOISE_FACTOR * noise_kl:
+                phase_avg = 0  # the full steps stopped contracting, at the noise: average
         if phase_avg is not None:
             if phase_avg >= average:
                 break
