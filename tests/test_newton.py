@@ -44,7 +44,7 @@ def test_exact_on_a_gaussian_target_in_one_step():
     assert res.num_skipped == 0 and res.num_halvings == 0
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("seed", [0, pytest.param(1, marks=pytest.mark.slow), pytest.param(2, marks=pytest.mark.slow)])
 def test_reaches_the_elbo_fixed_point_not_the_laplace_one(seed):
     # At the KL-optimal Gaussian E_q[grad log p] = 0 and -E_q[hess log p] = Sigma^{-1}.
     # Checked with 200,000 draws (Monte-Carlo error of the whitened gradient ~0.002) on a
