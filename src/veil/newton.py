@@ -137,8 +137,11 @@ class NewtonResult:
 
 @eqx.filter_jit
 def _estimate(target, mu, chol, key):
-    """Gradient mean and expected-Hessian estimate at ``N(mu, chol chol^T)`` from ``2 dim``
-    orthogonal antithetic points; also whether every gradient was finite."""
+    """What one iteration needs from ``2 dim`` orthogonal antithetic points of
+    ``N(mu, chol chol^T)``: the mean gradient, the cross moment ``E[g eps^T]`` and the points'
+    second moment (the expected Hessian is solved from these on the host), whether every
+    value and gradient was finite, the ELBO estimate with its standard error, and the mean
+    gradient's covariance."""
     d = mu.shape[0]
     k_rot, k_rad = jax.random.split(key)
     q, r = jnp.linalg.qr(jax.random.normal(k_rot, (d, d)))
@@ -223,8 +226,9 @@ def variational_newton(
         first.
 
     Raises:
-        ValueError: for a minibatched target, bad arguments, or a start where the gradient is
-            not finite at any point (before any iteration).
+        ValueError: before any iteration, for a minibatched target, bad arguments, or a
+            starting Gaussian that holds non-finite values. (Non-finite gradients during the
+            run are counted and handled, see the module docstring.)
     """
     from veil.fit import _check_key, _check_positive_int
 
