@@ -70,6 +70,11 @@ def test_starts_from_pathfinder_and_counts_its_gradients():
     assert res.init_grad_evals == pf.num_grad_evals > 0
     assert res.num_grad_evals == pf.num_grad_evals + 2 * 4 * res.num_iters
     np.testing.assert_allclose(res.q.cov, cov, rtol=1e-3, atol=1e-3)
+    # A fit's result starts it from the fit's q (here a short MeanField fit, far from exact).
+    fitted = veil.fit(t, veil.MeanField(4), key=jax.random.key(4), max_steps=20, stop=None, progress=False)
+    from_fit = veil.variational_newton(t, key=jax.random.key(3), init=fitted)
+    assert from_fit.init_grad_evals == 0
+    np.testing.assert_allclose(from_fit.q.cov, cov, rtol=1e-3, atol=1e-3)
     # init=None runs that Pathfinder itself.
     default = veil.variational_newton(t, key=jax.random.key(3))
     assert default.init_grad_evals > 0

@@ -180,15 +180,18 @@ def _gaussian_kl(mu0, cov0, mu1, prec1, logdet1) -> float:
 def _start(target, init, key):
     """``(mu, cov, grad_evals)`` of the starting Gaussian."""
     from veil.pathfinder import PathfinderResult, pathfinder
+    from veil.result import VIResult
 
     if init is None:
         init = pathfinder(target, key=key)
+    if isinstance(init, VIResult):  # a fit's q (its own gradient evaluations are the user's)
+        init = init.q
     if isinstance(init, PathfinderResult):
         return np.asarray(init.q.mean, np.float64), np.asarray(init.q.cov, np.float64), int(init.num_grad_evals)
     if not (hasattr(init, "mean") and hasattr(init, "cov")):
         raise TypeError(
             "init must be a Gaussian family (veil.FullRank, veil.MeanField, veil.LowRank), a "
-            f"veil.pathfinder result, or None, got {type(init).__name__}."
+            f"veil.pathfinder or veil.fit result, or None, got {type(init).__name__}."
         )
     mu, cov = np.asarray(init.mean, np.float64), np.asarray(init.cov, np.float64)
     if mu.shape != (target.dim,):
@@ -215,7 +218,9 @@ def variational_newton(
         target: a :class:`veil.Target` with a full-data log density (not minibatched).
         key: a JAX PRNG key (the starting Pathfinder's and every iteration's points).
         init: the starting Gaussian: a ``veil.FullRank`` / ``MeanField`` / ``LowRank``, a
-            :func:`veil.pathfinder` result, or ``None`` (default) to run Pathfinder first.
+            :func:`veil.pathfinder` result (its gradient evaluations are counted in), a
+            ``veil.fit`` result (its ``q``; its evaluations are not), or ``None`` (default)
+            to run Pathfinder first.
         max_iters: cap on iterations (each ``2 dim`` gradients).
         average: damped iterations after the full steps stop contracting.
         tol: the run ends, converged, at a step smaller than this (KL from the old Gaussian
