@@ -47,7 +47,7 @@ def test_exact_on_a_gaussian_target_in_one_step():
 @pytest.mark.parametrize("seed", [0, pytest.param(1, marks=pytest.mark.slow), pytest.param(2, marks=pytest.mark.slow)])
 def test_reaches_the_elbo_fixed_point_not_the_laplace_one(seed):
     # At the KL-optimal Gaussian E_q[grad log p] = 0 and -E_q[hess log p] = Sigma^{-1}.
-    # Checked with 200,000 draws (Monte-Carlo error of the whitened gradient ~0.002) on a
+    # Checked with 100,000 draws (Monte-Carlo error of the whitened gradient ~0.003) on a
     # skewed 40-row logistic regression. Tolerances: over 6 seeds the default run left a
     # whitened gradient of at most 0.065 and a whitened precision error of at most 0.035
     # (the noise of its last, averaged iterations); the Laplace approximation at the mode
@@ -56,29 +56,26 @@ def test_reaches_the_elbo_fixed_point_not_the_laplace_one(seed):
     res = veil.variational_newton(t, key=jax.random.key(seed), init=veil.FullRank(3))
     assert res.converged
     L = res.q.scale_tril
-    z = res.q.mean + jax.random.normal(jax.random.key(100), (200_000, 3)) @ L.T
+    z = res.q.mean + jax.random.normal(jax.random.key(100), (100_000, 3)) @ L.T
     whitened_grad = L.T @ jax.vmap(jax.grad(log_p))(z).mean(0)
-    prec = -jax.vmap(jax.hessian(log_p))(z[:20_000]).mean(0)
+    prec = -jax.vmap(jax.hessian(log_p))(z[:10_000]).mean(0)
     assert float(jnp.max(jnp.abs(whitened_grad))) < 0.12
     assert float(jnp.linalg.norm(L.T @ prec @ L - jnp.eye(3))) < 0.06
 
 
 def test_starts_from_pathfinder_and_counts_its_gradients():
+    # init=None runs veil.pathfinder first and counts its gradient evaluations in.
     t, mean, cov = _gaussian_target(4, seed=1)
-    pf = veil.pathfinder(t, key=jax.random.key(3))
-    res = veil.variational_newton(t, key=jax.random.key(3), init=pf)
-    assert res.init_grad_evals == pf.num_grad_evals > 0
-    assert res.num_grad_evals == pf.num_grad_evals + 2 * 4 * res.num_iters
+    res = veil.variational_newton(t, key=jax.random.key(3))
+    assert res.init_grad_evals > 0
+    assert res.num_grad_evals == res.init_grad_evals + 2 * 4 * res.num_iters
+    np.testing.assert_allclose(res.q.mean, mean, atol=1e-3)
     np.testing.assert_allclose(res.q.cov, cov, rtol=1e-3, atol=1e-3)
     # A fit's result starts it from the fit's q (here a short MeanField fit, far from exact).
     fitted = veil.fit(t, veil.MeanField(4), key=jax.random.key(4), max_steps=20, stop=None, progress=False)
     from_fit = veil.variational_newton(t, key=jax.random.key(3), init=fitted)
     assert from_fit.init_grad_evals == 0
     np.testing.assert_allclose(from_fit.q.cov, cov, rtol=1e-3, atol=1e-3)
-    # init=None runs that Pathfinder itself.
-    default = veil.variational_newton(t, key=jax.random.key(3))
-    assert default.init_grad_evals > 0
-    np.testing.assert_allclose(default.q.mean, mean, atol=1e-3)
 
 
 def test_non_finite_gradients_are_skipped_counted_and_reported():

@@ -116,6 +116,7 @@ def test_particles_match_a_gaussian(method):
     assert res.num_skipped == 0
 
 
+@pytest.mark.slow  # two 3,000-step runs (~10 s); the default run checks coin SVGD on a Gaussian and its bets
 def test_coin_svgd_needs_no_step_size_where_svgd_does():
     # A target 100x wider than the start: AdaGrad at its default step moves each particle
     # ~0.1 per step and has not spread in 3,000 steps; the coin's bets grow with its wins.
