@@ -91,7 +91,8 @@ class NewtonResult:
         kl_steps: per iteration, ``KL(old q || new q)``: the size of the step.
         step_sizes: per iteration, the ``rho`` taken (NaN for a skipped iteration).
         num_halvings: steps halved because their precision was not positive definite.
-        num_skipped: iterations skipped for a non-finite gradient.
+        num_skipped: iterations skipped: a non-finite gradient, or a precision still not
+            positive definite after 30 halvings of the step.
         num_backtracks: steps taken back because the next iterate's ELBO estimate (from the
             same points as its gradients) fell by more than three standard errors.
         converged: whether the full steps stopped contracting (and the averaging phase ran)
@@ -281,9 +282,7 @@ def variational_newton(
             if before_step is not None:
                 # The last step put points where log p is not finite: take it back, and
                 # take shorter steps from here (a backtracking step length).
-                mu, cov, prec = before_step
-                before_step = None
-                rho_cap /= 2
+                (mu, cov, prec), before_step, rho_cap = before_step, None, rho_cap / 2
             if consecutive >= _MAX_SKIPS:
                 gave_up = True
                 warnings.warn(f"variational_newton stopped: the gradient was not finite at some point in "
@@ -294,9 +293,7 @@ def variational_newton(
         if before_step is not None and elbo_now < elbo_then - 3.0 * math.hypot(se_now, se_then):
             # The last step lowered the ELBO by more than three standard errors: Newton's
             # step overshot where log p is far from quadratic. Take it back; shorter steps.
-            mu, cov, prec = before_step
-            before_step = None
-            rho_cap /= 2
+            (mu, cov, prec), before_step, rho_cap = before_step, None, rho_cap / 2
             backtracks += 1
             kls.append(np.nan)
             rhos.append(np.nan)
