@@ -14,7 +14,10 @@ reparameterised draw per step, Adam (step 0.01), a batch of B rows per step scal
   ``lax.cond`` in the scan; what a user would write first), ``fused-randint``: ``B`` uniform
   indices per step, with replacement (the cheapest batching there is, not epochs), or
   ``fused-feistel``: veil's own per-epoch permutation (``veil.batching.permute``), so that
-  ``veil / fused-feistel`` is the cost of veil's engine alone;
+  ``veil / fused-feistel`` is the cost of veil's engine alone. The scan returns only the
+  parameters, so XLA never computes the loss's value (its gradient needs none of it);
+  ``fused-feistel-losses`` is the same scan returning its per-step losses too, the work
+  ``veil`` does (its loss trace, its finiteness check);
 * ``numpyro``: ``numpyro.plate("data", n, subsample_size=B)`` with ``AutoNormal``,
   ``Trace_ELBO()``, ``numpyro.optim.Adam(0.01)``, ``SVI.run`` (no progress bar).
 
@@ -86,7 +89,11 @@ def veil_tool(X, y, B):
 
 
 # ------------------------------------------------------------------ hand-written fused scan
-def fused_tool(X, y, B, order):
+def fused_tool(X, y, B, order, keep_losses=False):
+    """The hand-written scan. With ``keep_losses`` it returns the per-step losses beside the
+    parameters, as a loop that reports its loss trace does; without, XLA drops the loss's
+    value (only its gradient is used), which at large ``B`` is most of what separates it
+    from ``veil`` (BENCHMARKS.md section 38)."""
     from veil.batching import ROUNDS, permute
 
     X, y = jnp.asarray(X), jnp.asarray(y)
@@ -145,7 +152,7 @@ def fused_tool(X, y, B, order):
         keys = jax.random.split(k_steps, steps_arr.shape[0])
         init = (params, state, (first, jnp.int32(per_epoch), k_order) if order != "randint" else None)
         (params, *_), losses = jax.lax.scan(step, init, keys)
-        return params[0]
+        return (params[0], losses) if keep_losses else params[0]
 
     def run(steps, seed=0):
         out = train(X, y, jax.random.key(seed), jnp.zeros(steps))  # one compile per step count
@@ -253,7 +260,8 @@ def main():
                 continue
             epoch = n // B
             tools = {"veil": veil_tool, "numpyro": numpyro_tool,
-                     **{f"fused-{o}": (lambda X, y, B, o=o: fused_tool(X, y, B, o)) for o in ("feistel", "randint", "perm")}}
+                     **{f"fused-{o}": (lambda X, y, B, o=o: fused_tool(X, y, B, o)) for o in ("feistel", "randint", "perm")},
+                     "fused-feistel-losses": lambda X, y, B: fused_tool(X, y, B, "feistel", keep_losses=True)}
             runs = {k: tools[k](X, y, B) for k in args.tools.split(",")}
             times = {k: [] for k in runs}
             for rep in range(args.repeats):
@@ -273,7 +281,7 @@ def main():
             times = {k: v for k, v in times.items() if v}
             row = {"n": n, "d": args.d, "batch": B, **{f"{k}_us": round(1e6 * float(np.median(v)), 2) for k, v in times.items()},
                    **{f"{k}_all_us": [round(1e6 * t, 2) for t in v] for k, v in times.items()}}
-            for f in ("fused-feistel", "fused-randint", "fused-perm"):
+            for f in ("fused-feistel", "fused-feistel-losses", "fused-randint", "fused-perm"):
                 if "veil" in times and f in times:
                     row[f"veil_over_{f}"] = round(float(np.median(times["veil"]) / np.median(times[f])), 3)
                     # The same ratio within each repeat (the two ran back to back), then the
