@@ -360,6 +360,7 @@ def _paper_direction(x, log_p, metric, kernel, threshold):
     return pairs.mean(axis=1)
 
 
+@pytest.mark.slow
 def test_svmd_and_svng_are_the_papers_direction():
     # Identities (float32 round-off): the fast O(n^2 d) forms against the definition, for
     # SVMD on the simplex (where veil works in the dual space with the dual scores; the two

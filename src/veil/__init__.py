@@ -33,6 +33,7 @@ from veil.families import (
     FlowJAX,
     FullRank,
     Gamma,
+    HierarchicalGaussian,
     LowRank,
     MeanField,
     MixFlow,
@@ -43,6 +44,7 @@ from veil.families import (
     mixflow,
     flows,
 )
+from veil.dadvi import DADVIResult, dadvi
 from veil.fit import default_optimizer, fit
 from veil.objectives import (
     ELBO,
@@ -71,10 +73,13 @@ _enable_compilation_cache()
 
 __all__ = [
     "Target",
+    "dadvi",
+    "DADVIResult",
     "Family",
     "MeanField",
     "FullRank",
     "LowRank",
+    "HierarchicalGaussian",
     "Gamma",
     "Beta",
     "Dirichlet",

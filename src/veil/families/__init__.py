@@ -6,9 +6,10 @@ from veil.families.empirical import Empirical
 from veil.families.constrained import Beta, Dirichlet, Gamma, VonMises
 from veil.families.gaussian import FullRank, LowRank, MeanField
 from veil.families.flows import Flow, FlowJAX
+from veil.families.hierarchical import HierarchicalGaussian
 from veil.families import flows
 from veil.families.mixture import Mixture
 from veil.families.semi_implicit import SemiImplicit
 from veil.families.mixflows import MixFlow, MixFlowResult, mixflow
 
-__all__ = ["Family", "MeanField", "FullRank", "LowRank", "Gamma", "Beta", "Dirichlet", "VonMises", "Empirical", "Composite", "Flow", "FlowJAX", "flows", "Mixture", "SemiImplicit", "MixFlow", "MixFlowResult", "mixflow", "stop_gradient"]
+__all__ = ["Family", "MeanField", "FullRank", "LowRank", "HierarchicalGaussian", "Gamma", "Beta", "Dirichlet", "VonMises", "Empirical", "Composite", "Flow", "FlowJAX", "flows", "Mixture", "SemiImplicit", "MixFlow", "MixFlowResult", "mixflow", "stop_gradient"]
