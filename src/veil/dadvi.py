@@ -18,7 +18,7 @@ Where it matters most here: a stochastic optimizer's iterate is not the ELBO's m
 when the gradient's noise is heavy-tailed and skewed. On Neal's funnel the rare draws in
 ``x0``'s upper tail carry the push toward the funnel's mouth, so Adam (and clipping more so)
 settles toward the neck; with :class:`veil.HierarchicalGaussian`, ``dadvi`` recovers the
-funnel's sds to a few percent where ``veil.fit`` with the same family is 20-40% short
+funnel's sds to a few percent where ``veil.fit`` with the same family is 20-50% short
 (BENCHMARKS.md section 39).
 
 The fixed draws can be over-fitted: with few draws and many parameters ``L_N`` at its
