@@ -92,6 +92,7 @@ def test_single_point_shapes_and_monte_carlo_moments(key):
     np.testing.assert_array_less(jnp.abs(mean - ref.mean(0)), 5 * ref.std(0) * math.sqrt(1.5e-4))
 
 
+@pytest.mark.parametrize("flow_name", _SLOW_SPLINES)  # the splines' grids: 11 s, under make test-slow
 def test_density_integrates_to_one(flow_name, key):
     # Midpoint rule on a 600 x 600 grid over [-6, 6]^2 (spacing 0.02) for a flow over a
     # unit-scale base: quadrature error ~ h^2 |f''| ~ 1e-3, plus the mass outside the box

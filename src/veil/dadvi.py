@@ -127,12 +127,13 @@ def _optimize(params, static, target, eps, max_iters: int, tol: float):
         bad = ~jnp.isfinite(v) | ~jnp.isfinite(sum(jnp.sum(x) for x in jax.tree.leaves(g)))
         updates, new_st = opt.update(g, st, p, value=v, grad=g, value_fn=loss)
         new_p = optax.apply_updates(p, updates)
-        # The line search's evaluations of the objective, each a gradient at every draw.
+        # Evaluations of the objective (each a gradient at every draw): the line search's;
+        # value_and_grad_from_state reuses the accepted point's, except at the start.
         n_ls = optax.tree_utils.tree_get(new_st, "num_linesearch_steps")
         stall = jnp.where(last - v < tol, stall + 1, 0)
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(bad, b, a), new, old)  # noqa: E731
         return (it + 1, keep(new_p, p), keep(new_st, st), trace.at[it].set(v), v, stall, bad,
-                evals + 1 + n_ls)
+                evals + n_ls + (it == 0))
 
     init = (jnp.int32(0), params, opt.init(params), trace0, jnp.asarray(jnp.inf, trace0.dtype),
             jnp.int32(0), jnp.bool_(False), jnp.int32(0))
@@ -246,6 +247,6 @@ def dadvi(target: Target, q: Family, *, key, num_draws: int = 1024, max_iters: i
         target=target, q=fitted, trace=trace, num_steps=iters, stop_reason=reason,
         num_skipped=0, final_loss=final, wall_time=time.perf_counter() - start,
         restart_losses=np.asarray([final]), diagnostic_key=diag_key,
-        num_draws=int(num_draws), num_grad_evals=int(evals) * int(num_draws) + int(num_draws),
+        num_draws=int(num_draws), num_grad_evals=int(evals) * int(num_draws),
         elbo_fixed=-final, elbo_fresh=fresh, elbo_fresh_se=fresh_se,
     )
