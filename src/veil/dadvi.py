@@ -95,6 +95,7 @@ def _fixed_draws(key, num_draws: int, noise_dim: int) -> jax.Array:
     return jnp.concatenate([half, -half])
 
 
+@eqx.filter_jit  # compiled once: the start check and the final score would otherwise run op by op
 def _per_draw_elbo(params, static, target, eps):
     z, log_q = eqx.combine(params, static).transform_and_log_prob(eps)
     return log_density_rows(target, z) - log_q
