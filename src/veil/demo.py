@@ -20,6 +20,8 @@ import numpy as np
 import numpyro
 import numpyro.distributions as dist
 
+from veil.diagnostics import format_khat
+
 __all__ = ["eight_schools", "eight_schools_data", "german_credit", "german_credit_data",
            "load_reference", "run_demo"]
 
@@ -105,7 +107,7 @@ def _comparison(name: str, res, ref: dict, wall: float) -> str:
     mean, sd = x.mean(0), x.std(0, ddof=1)
     lines = [
         f"== {name}: FullRank, {res.num_steps} steps, {wall:.2f} s wall (compile included), "
-        f"k-hat {res.khat:.2f} ==",
+        f"k-hat {format_khat(res.khat)} ==",
         f"{'':<16}{'veil mean':>11}{'NUTS mean':>11}{'veil sd':>10}{'NUTS sd':>10}{'|err|/sd':>10}",
     ]
     errs = []

@@ -16,7 +16,7 @@ import numpy as np
 PROBE_BATCH = 25  # steps per probe row; the driver's batch length (kept equal by a test)
 
 __all__ = [
-    "StopRule", "Decision", "psis_khat", "khat_verdict", "gradient_variance", "GradientVariance",
+    "StopRule", "Decision", "psis_khat", "khat_verdict", "khat_ok", "format_khat", "gradient_variance", "GradientVariance",
     "kernel_stein_discrepancy",
 ]
 
@@ -273,6 +273,12 @@ class _Tracker:
 
 
 # ----------------------------------------------------------------------------- PSIS k-hat
+# Log weights whose largest and smallest differ by at most this many nats are an exact fit: every
+# importance ratio lies within 0.1% of every other, so no importance-sampling estimate can move
+# by more than that from plain draws of q, whatever a Pareto fit of such a tail would say.
+EXACT_SPREAD = 1e-3
+
+
 def psis_khat(log_weights) -> float:
     """Pareto k-hat of importance log weights ``log p(z) - log q(z)``, ``z ~ q``.
 
@@ -280,6 +286,25 @@ def psis_khat(log_weights) -> float:
     shape of the upper tail of the importance ratios: below 0.5 the ratios have finite
     variance and ``q`` covers the target well; above 0.7 importance sampling (and so ``q`` as
     a stand-in for the target) is unreliable.
+
+    Two extremes are handled before and after the Pareto fit, where it would answer ``inf``
+    for a tail that is in fact short:
+
+    * log weights within :data:`EXACT_SPREAD` nats of each other (an exact fit: the ratio
+      ``p / q`` is constant up to rounding) return ``-inf``, "no tail at all";
+    * log weights that take few distinct values at the top (float32 rounding of a near-exact
+      fit of a log density in the hundreds or thousands of nats: many draws tie at the Pareto
+      fit's cut-off, leaving it fewer than 5 tail values, and ArviZ answers ``inf``) are
+      dithered by uniform noise of one rounding step (the smallest gap between distinct
+      values, a fixed seed) and fitted again: rounding to a grid bounds the tail, it cannot
+      make it heavy.
+
+    Example:
+        >>> import numpy as np
+        >>> psis_khat(np.full(1000, -3.0))      # exact fit: constant log weights
+        -inf
+        >>> bool(psis_khat(np.random.default_rng(0).standard_normal(1000)) < 0.5)
+        True
 
     References:
         Vehtari, Simpson, Gelman, Yao & Gabry (2024), Pareto Smoothed Importance Sampling;
@@ -289,16 +314,47 @@ def psis_khat(log_weights) -> float:
     lw = np.asarray(log_weights, dtype=np.float64).ravel()
     if not np.isfinite(lw).all():
         raise ValueError("log weights hold non-finite values; k-hat is undefined.")
+    if lw.size < 2 or np.ptp(lw) <= EXACT_SPREAD:
+        return -math.inf
+    khat = _arviz_khat(lw)
+    if khat == math.inf:  # ties at the cut-off (see above): dither by one rounding step
+        step = np.diff(np.unique(lw)).min()
+        khat = _arviz_khat(lw + np.random.default_rng(0).uniform(-step / 2, step / 2, lw.size))
+    return khat
+
+
+def _arviz_khat(lw: np.ndarray) -> float:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # ArviZ's import banner and its small-sample notes
         import arviz as az
 
-        _, khat = az.psislw(lw)
+        _, khat = az.psislw(lw.copy())
     return float(khat)
+
+
+def format_khat(khat: float) -> str:
+    """k-hat for a report: two decimals, or ``"exact"`` for constant log weights (``-inf``).
+
+    Example:
+        >>> format_khat(float("-inf")), format_khat(0.4321)
+        ('exact', '0.43')
+    """
+    return "exact" if khat == -math.inf else f"{khat:.2f}"
+
+
+def khat_ok(khat: float) -> bool:
+    """Whether a k-hat lets a fit be trusted: below 0.7 (``-inf``, an exact fit, included;
+    ``nan``, not computable, excluded)."""
+    return bool(khat < 0.7)
 
 
 def khat_verdict(khat: float) -> str:
     """Plain-words verdict for a k-hat value (thresholds of Vehtari et al.)."""
+    if khat == -math.inf:
+        return (
+            "the log weights are constant (within 0.001 nats): q matches the target up to "
+            "its normalising constant where it puts mass"
+        )
     if not math.isfinite(khat):
         return "unknown: k-hat could not be computed (non-finite log weights)"
     if khat < 0.5:

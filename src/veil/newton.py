@@ -63,7 +63,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from veil.diagnostics import khat_verdict, psis_khat
+from veil.diagnostics import format_khat, khat_verdict, psis_khat
 from veil.families.gaussian import FullRank
 from veil.target import Target
 
@@ -132,7 +132,7 @@ class NewtonResult:
 
     def __repr__(self) -> str:
         return (f"NewtonResult(dim={self.q.dim}, iters={self.num_iters}, num_grad_evals={self.num_grad_evals}, "
-                f"converged={self.converged}, khat={self.khat:.2f}, num_skipped={self.num_skipped}, "
+                f"converged={self.converged}, khat={format_khat(self.khat)}, num_skipped={self.num_skipped}, "
                 f"num_halvings={self.num_halvings}, num_backtracks={self.num_backtracks})")
 
 

@@ -7,8 +7,12 @@ minimise and ``aux`` an :class:`ObjectiveAux` with the bound's value and the dra
 Most objectives here are a *reduction* of the log weights ``log w_i = log p(z_i) - log q(z_i)``
 of ``n`` draws from ``q`` (:class:`WeightObjective`): the ELBO is their mean, the
 importance-weighted bound their log-mean-exp. Written that way, an objective composes with every
-gradient estimator (:mod:`veil.estimators`): ``IWAE(k=8, estimator=DReG())`` is a value, not a
+gradient estimator (:mod:`veil.estimators`): ``IWAE(8, estimator=DReG())`` is a value, not a
 class.
+
+One calling rule for all: an objective takes its draw count first (``ELBO(4)``, ``IWAE(8)``,
+``Renyi(8, alpha=0.5)``, ``ChiSquare(16)``, ``ForwardKL(8)``; ``MMD(reference, 64)`` after its
+reference) and everything else, the estimator included, by keyword.
 """
 
 from __future__ import annotations
@@ -75,9 +79,14 @@ def log_density_of(target) -> Callable:
     return log_density
 
 
-def _check_count(name: str, value) -> int:
+def _check_count(name: str, value, usage: str | None = None) -> int:
+    """``value`` if it is a positive integer; else a ``ValueError`` that, for an objective,
+    gives its call pattern (``usage``): every objective takes its draw count first and
+    everything else (the estimator, an order, weights) by keyword."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+        hint = "" if usage is None else (
+            f" Objectives take their draw count first and the rest by keyword: {usage}.")
+        raise ValueError(f"{name} must be a positive integer, got {value!r}.{hint}")
     return value
 
 
@@ -232,13 +241,13 @@ class ELBO(WeightObjective):
     """
 
     num_samples: int = eqx.field(static=True, default=4)
-    estimator: Estimator = STL()
-    likelihood_weight: float | int = eqx.field(static=True, default=1.0)
-    beta: float | int = eqx.field(static=True, default=1.0)
+    estimator: Estimator = eqx.field(default=STL(), kw_only=True)
+    likelihood_weight: float | int = eqx.field(static=True, default=1.0, kw_only=True)
+    beta: float | int = eqx.field(static=True, default=1.0, kw_only=True)
     linear: ClassVar[bool] = True
 
     def __check_init__(self):
-        _check_count("num_samples", self.num_samples)
+        _check_count("num_samples", self.num_samples, "veil.ELBO(4, estimator=veil.STL())")
         for name in ("likelihood_weight", "beta"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not (
@@ -300,10 +309,10 @@ class IWAE(WeightObjective):
     """
 
     k: int = eqx.field(static=True, default=8)
-    estimator: Estimator = DReG()
+    estimator: Estimator = eqx.field(default=DReG(), kw_only=True)
 
     def __check_init__(self):
-        _check_count("k", self.k)
+        _check_count("k", self.k, "veil.IWAE(8, estimator=veil.DReG())")
 
     @property
     def num_draws(self) -> int:
@@ -325,8 +334,8 @@ class Renyi(WeightObjective):
     :class:`ChiSquare`.
 
     Args:
-        alpha: the order ``a >= 0``.
         k: draws per bound estimate.
+        alpha: the order ``a >= 0`` (keyword only: ``Renyi(8, alpha=0.5)``).
         estimator: :class:`~veil.DReG` (default), :class:`~veil.Reparam`,
             :class:`~veil.ScoreFunction`; :class:`~veil.STL` only at ``alpha = 1``.
 
@@ -342,9 +351,9 @@ class Renyi(WeightObjective):
         Li & Turner (2016), Rényi Divergence Variational Inference.
     """
 
-    alpha: float | int = eqx.field(static=True, default=0.5)
     k: int = eqx.field(static=True, default=8)
-    estimator: Estimator = DReG()
+    alpha: float | int = eqx.field(static=True, default=0.5, kw_only=True)
+    estimator: Estimator = eqx.field(default=DReG(), kw_only=True)
 
     def __check_init__(self):
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not (
@@ -354,7 +363,7 @@ class Renyi(WeightObjective):
                 f"alpha must be a finite number >= 0, got {self.alpha!r} (alpha = 0 is IWAE, 1 "
                 "the ELBO); for an upper bound on log Z and a mass-covering fit use veil.ChiSquare()."
             )
-        _check_count("k", self.k)
+        _check_count("k", self.k, "veil.Renyi(8, alpha=0.5)")
 
     @property
     def linear(self) -> bool:  # type: ignore[override]
@@ -450,10 +459,10 @@ class ChiSquare(Objective):
     """
 
     k: int = eqx.field(static=True, default=16)
-    estimator: Estimator = DReG()
+    estimator: Estimator = eqx.field(default=DReG(), kw_only=True)
 
     def __check_init__(self):
-        _check_count("k", self.k)
+        _check_count("k", self.k, "veil.ChiSquare(16, estimator=veil.DReG())")
         _check_wake_estimator("ChiSquare", self.estimator)
 
     def __call__(self, q, target, key):
@@ -496,10 +505,10 @@ class ForwardKL(Objective):
     """
 
     k: int = eqx.field(static=True, default=8)
-    estimator: Estimator = DReG()
+    estimator: Estimator = eqx.field(default=DReG(), kw_only=True)
 
     def __check_init__(self):
-        _check_count("k", self.k)
+        _check_count("k", self.k, "veil.ForwardKL(8, estimator=veil.DReG())")
         _check_wake_estimator("ForwardKL", self.estimator)
 
     def __call__(self, q, target, key):
@@ -637,11 +646,11 @@ class MMD(Objective):
     """
 
     reference: object
-    kernel: Kernel = RBF()
     num_samples: int = eqx.field(static=True, default=64)
+    kernel: Kernel = eqx.field(default=RBF(), kw_only=True)
 
     def __check_init__(self):
-        _check_count("num_samples", self.num_samples)
+        _check_count("num_samples", self.num_samples, "veil.MMD(reference, 64, kernel=veil.kernels.RBF())")
         if self.num_samples < 2:
             raise ValueError("MMD needs num_samples >= 2 (the unbiased estimate pairs distinct draws).")
         if not isinstance(self.kernel, Kernel):

@@ -59,7 +59,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from veil.diagnostics import khat_verdict, psis_khat
+from veil.diagnostics import format_khat, khat_ok, khat_verdict, psis_khat
 from veil.families.gaussian import FullRank, LowRank, MeanField
 from veil.result import Summary, summary_table
 from veil.target import Target, log_density_rows
@@ -469,8 +469,8 @@ class PathfinderResult:
             f"{self.wall_time:.2f} s, best ELBO {self.elbo:.2f}"
         )
         khat = self.khat
-        ok = math.isfinite(khat) and khat < 0.7
-        lines = [f"PSIS k-hat of the paths' mixture = {khat:.2f}: {khat_verdict(khat)}"]
+        ok = khat_ok(khat)
+        lines = [f"PSIS k-hat of the paths' mixture = {format_khat(khat)}: {khat_verdict(khat)}"]
         dead = int(np.sum(~np.isfinite(np.asarray(self.paths.elbo))))
         if dead:
             lines.append(f"{dead} of {self.num_paths} paths found no approximation with a finite ELBO.")

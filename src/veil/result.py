@@ -13,7 +13,7 @@ import equinox as eqx
 import jax
 import numpy as np
 
-from veil.diagnostics import khat_verdict, psis_khat
+from veil.diagnostics import format_khat, khat_ok, khat_verdict, psis_khat
 from veil.target import log_density_rows
 
 __all__ = ["VIResult", "Summary", "LogEvidence"]
@@ -45,7 +45,7 @@ class LogEvidence(typing.NamedTuple):
     n: int
 
     def __str__(self) -> str:
-        return f"log Z = {self.estimate:.4f} ± {self.se:.4f} (n={self.n}, k-hat {self.khat:.2f})"
+        return f"log Z = {self.estimate:.4f} ± {self.se:.4f} (n={self.n}, k-hat {format_khat(self.khat)})"
 
 
 def log_evidence_from_weights(log_weights) -> tuple[float, float]:
@@ -285,8 +285,8 @@ class VIResult:
         """Plain-words lines on whether to trust the fit, and a yes/no."""
         lines, ok = [], True
         khat = self.khat
-        lines.append(f"PSIS k-hat = {khat:.2f}: {khat_verdict(khat)}")
-        if not (math.isfinite(khat) and khat < 0.7):
+        lines.append(f"PSIS k-hat = {format_khat(khat)}: {khat_verdict(khat)}")
+        if not khat_ok(khat):
             ok = False
         return self._run_lines(lines, ok, self._subject)
 
@@ -353,7 +353,7 @@ class VIResult:
         return _flat_columns(_draw(self.target, self.q, key, _SUMMARY_DRAWS)[0])
 
     def _plot_quality(self) -> str:
-        return f"k-hat {self.khat:.2f}"
+        return f"k-hat {format_khat(self.khat)}"
 
     def plot(self, max_marginals: int = 12):
         """A matplotlib figure: the loss trace and up to ``max_marginals`` marginal

@@ -78,7 +78,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import PRNGKeyArray
 
-from veil.diagnostics import khat_verdict, psis_khat
+from veil.diagnostics import format_khat, khat_ok, khat_verdict, psis_khat
 from veil.families.base import Family, MonteCarloMoments
 from veil.families.gaussian import FullRank, MeanField
 
@@ -521,10 +521,10 @@ class MixFlowResult:
             f"leapfrog steps of {self.step_size:.3g}, ELBO {self.elbo:.2f} ± {self.elbo_se:.2f}"
         )
         khat = self.khat
-        ok = math.isfinite(khat) and khat < 0.7
+        ok = khat_ok(khat)
         grid = ", ".join(f"{s:g}: {e:.2f}" for s, e in zip(self.step_sizes, self.elbos))
         lines = [
-            f"PSIS k-hat on the extended space = {khat:.2f}: {khat_verdict(khat)}",
+            f"PSIS k-hat on the extended space = {format_khat(khat)}: {khat_verdict(khat)}",
             f"Step size chosen by ELBO over {grid}.",
         ]
         if self.step_sizes.size > 1 and self.step_size in (self.step_sizes.min(), self.step_sizes.max()):
