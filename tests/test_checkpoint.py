@@ -7,6 +7,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import veil
@@ -69,13 +70,73 @@ def test_mismatched_checkpoint_is_refused(tmp_path):
     path = str(tmp_path / "fit")
     kw = {"progress": False, "max_steps": 300, "stop": None, "checkpoint": path}
     veil.fit(TARGET, veil.MeanField(3), key=jax.random.key(0), **kw)
-    with pytest.raises(ValueError, match=r"written by a different fit \(key: saved"):
+    with pytest.raises(ValueError, match=r"written by a different fit: the key differs"):
         veil.fit(TARGET, veil.MeanField(3), key=jax.random.key(1), **kw)
-    with pytest.raises(ValueError, match=r"different fit \(family: saved 'MeanField dim=3', now 'FullRank dim=3'"):
+    with pytest.raises(ValueError, match=r"different fit: the family .*differs \(saved 'MeanField dim=3 #"):
         veil.fit(TARGET, veil.FullRank(3), key=jax.random.key(0), **kw)
     other = veil.Target.from_logdensity(lambda z: -0.5 * jnp.sum(z**2), dim=3)
     with pytest.raises(ValueError, match="different fit.*target"):
         veil.fit(other, veil.MeanField(3), key=jax.random.key(0), **kw)
+    with pytest.raises(ValueError, match="delete the file or pass another checkpoint path"):
+        veil.fit(other, veil.MeanField(3), key=jax.random.key(0), **kw)
+
+
+def _centred(c):
+    def log_p(z):  # the same function name for every centre: only the code's constants differ
+        return -0.5 * jnp.sum((z - c) ** 2)
+
+    return log_p
+
+
+def _mean_from(path, target, q, **kw):
+    res = veil.fit(target, q, key=jax.random.key(0), progress=False, max_steps=300, stop=None,
+                   checkpoint=path, **kw)
+    return np.asarray(res.q.mean)
+
+
+def test_checkpoint_tells_apart_what_names_do_not(tmp_path):
+    # Issue 28, item 1: each of these resumed the old fit and returned its answer, because the
+    # fingerprint held names, dimensions and the objective's text only.
+    cases = {
+        # the same inner function name, another centre captured as a Python number
+        "target": (lambda: (veil.Target.from_logdensity(_centred(1.0), dim=2), veil.MeanField(2), {}),
+                   lambda: (veil.Target.from_logdensity(_centred(-5.0), dim=2), veil.MeanField(2), {})),
+        # two lambdas with the same text apart from a closed-over array
+        "target ": (lambda: (veil.Target.from_logdensity(lambda z, c=jnp.array(3.0): -0.5 * jnp.sum((z - c) ** 2), dim=2), veil.MeanField(2), {}),
+                    lambda: (veil.Target.from_logdensity(lambda z, c=jnp.array(-9.0): -0.5 * jnp.sum((z - c) ** 2), dim=2), veil.MeanField(2), {})),
+        "family": (lambda: (TARGET, veil.MeanField(3), {}),
+                   lambda: (TARGET, veil.MeanField(3, init_loc=jnp.ones(3)), {})),
+        "optimizer": (lambda: (TARGET, veil.MeanField(3), {"optimizer": ADAM_SLOW}),
+                      lambda: (TARGET, veil.MeanField(3), {"optimizer": ADAM_FAST})),
+    }
+    for i, (part, (first, second)) in enumerate(cases.items()):
+        path = str(tmp_path / f"fit{i}")
+        t1, q1, kw1 = first()
+        _mean_from(path, t1, q1, **kw1)
+        t2, q2, kw2 = second()
+        with pytest.raises(ValueError, match=f"different fit: the {part.strip()}"):
+            _mean_from(path, t2, q2, **kw2)
+        # and the same fit, built again from scratch, resumes
+        t1, q1, kw1 = first()
+        _mean_from(path, t1, q1, **kw1)
+
+
+ADAM_SLOW, ADAM_FAST = optax.adam(0.001), optax.adam(0.1)
+
+
+def test_checkpoint_tells_apart_a_numpyro_models_data(tmp_path):
+    import numpyro
+    import numpyro.distributions as dist
+
+    def model(y):
+        mu = numpyro.sample("mu", dist.Normal(0.0, 10.0))
+        numpyro.sample("y", dist.Normal(mu, 1.0), obs=y)
+
+    path = str(tmp_path / "fit")
+    twos = veil.Target.from_numpyro(model, jnp.full(20, 2.0))
+    assert abs(_mean_from(path, twos, veil.MeanField(1))[0] - 2.0) < 0.3
+    with pytest.raises(ValueError, match="different fit: the target"):
+        _mean_from(path, veil.Target.from_numpyro(model, jnp.full(20, -4.0)), veil.MeanField(1))
 
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated"])

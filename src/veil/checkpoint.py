@@ -22,8 +22,10 @@ A checkpoint from a different fit (other target, family, key, ...) or a damaged 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import time
 import zipfile
 from dataclasses import dataclass, field
@@ -34,7 +36,7 @@ import numpy as np
 
 __all__ = ["Checkpoint"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: fingerprints hash the traced programs, data and starting values
 
 
 @dataclass
@@ -104,15 +106,38 @@ class Checkpoint:
                 f"writes version {FORMAT_VERSION}. Delete it to start afresh."
             )
         saved = header.get("fingerprint", {})
-        diff = [k for k in sorted(set(saved) | set(fingerprint)) if saved.get(k) != fingerprint.get(k)]
+        order = {k: i for i, k in enumerate(_PARTS)}
+        diff = sorted((k for k in set(saved) | set(fingerprint) if saved.get(k) != fingerprint.get(k)),
+                      key=lambda k: (order.get(k, len(order)), k))
         if diff:
-            lines = "; ".join(f"{k}: saved {saved.get(k)!r}, now {fingerprint.get(k)!r}" for k in diff)
+            what = "; ".join(_describe(k, saved.get(k), fingerprint.get(k)) for k in diff)
             raise ValueError(
-                f"The checkpoint {self.path} was written by a different fit ({lines}). Resume with "
-                "the same target, family, objective, stopping rule, restarts and key, or use "
-                "another path (or delete the file) to start afresh."
+                f"The checkpoint {self.path} was written by a different fit: {what}. Resume only "
+                "the same fit (target and its data, family and its starting values, objective, "
+                "optimizer, stopping rule, restarts and key); to start afresh, delete the file or "
+                "pass another checkpoint path."
             )
         return arrays, header
+
+
+# What each part of a fit's fingerprint covers, for the error that names a difference.
+_PARTS = {
+    "target": "the target (its log density's program or its data)",
+    "family": "the family (its structure or starting values)",
+    "objective": "the objective",
+    "optimizer": "the optimizer (its kind or settings, such as the step size)",
+    "stop": "the stopping rule",
+    "restarts": "num_restarts",
+    "key": "the key",
+    "state": "the loop state's shapes",
+}
+
+
+def _describe(part: str, saved, now) -> str:
+    name = _PARTS.get(part, part)
+    if isinstance(saved, str) and isinstance(now, str) and len(saved) + len(now) < 160:
+        return f"{name} differs (saved {saved!r}, now {now!r})"
+    return f"{name} differs"
 
 
 # ---------------------------------------------------------------------------- pytree <-> arrays
@@ -142,6 +167,44 @@ def arrays_to_tree(prefix: str, arrays: dict[str, np.ndarray], template, key_lea
             raise ValueError(f"checkpoint array {prefix}/{i} has {a.dtype}{a.shape}, the fit expects {leaf.dtype}{leaf.shape}")
         new.append(jax.numpy.asarray(a))
     return jax.tree.unflatten(treedef, new)
+
+
+def digest(fn, *args) -> str:
+    """A short hash of what ``fn(*args)`` computes: its traced program (``jax.make_jaxpr``;
+    a closed-over Python number is a literal of it), the arrays it closes over and the array
+    leaves of ``args`` (data, initial values). Two functions with the same name but other
+    code, other captured constants or other data differ; the same computation in a new
+    process matches (function addresses are removed from the program's text).
+
+    Memory-mapped arrays (rows on disk) are hashed by file, offset, shape, size and
+    modification time, not read whole."""
+    closed = jax.make_jaxpr(fn)(*args)
+    h = hashlib.sha256(re.sub(r" at 0x[0-9a-fA-F]+", "", str(closed.jaxpr)).encode())
+    for leaf in [*closed.consts, *jax.tree.leaves(args)]:
+        _hash_array(h, leaf)
+    return h.hexdigest()[:16]
+
+
+def _hash_array(h, leaf) -> None:
+    if isinstance(leaf, np.memmap):
+        path = getattr(leaf, "filename", None)
+        stat = os.stat(path) if path else None
+        h.update(repr((path, leaf.offset, leaf.shape, str(leaf.dtype),
+                       stat and (stat.st_size, stat.st_mtime_ns))).encode())
+        return
+    if not isinstance(leaf, (jax.Array, np.ndarray, np.generic)):
+        h.update(repr(leaf).encode())
+        return
+    if isinstance(leaf, jax.Array) and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+        leaf = jax.random.key_data(leaf)
+    if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:  # rows of several hosts
+        h.update(repr((leaf.shape, str(leaf.dtype))).encode())
+        for shard in leaf.addressable_shards:
+            h.update(np.ascontiguousarray(np.asarray(shard.data)).tobytes())
+        return
+    a = np.ascontiguousarray(np.asarray(leaf))
+    h.update(repr((a.shape, str(a.dtype))).encode())
+    h.update(a.tobytes())
 
 
 def shapes(tree) -> str:

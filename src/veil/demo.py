@@ -79,6 +79,12 @@ def run_demo(*, max_steps: int = 20_000, out: str | None = "veil_demo.png", seed
     """
     import veil
 
+    if out is not None:  # before any fitting: a path that cannot be written fails now, not after
+        folder = os.path.dirname(os.path.abspath(out))
+        if not os.path.isdir(folder):
+            raise ValueError(f"Cannot write the demo's figure to {out}: the folder {folder} does not exist.")
+        if not os.access(folder, os.W_OK):
+            raise ValueError(f"Cannot write the demo's figure to {out}: the folder {folder} is not writable.")
     results = {}
     figs = []
     for i, (name, (model, data)) in enumerate(MODELS.items()):
@@ -90,7 +96,7 @@ def run_demo(*, max_steps: int = 20_000, out: str | None = "veil_demo.png", seed
         results[name] = res
         print(_comparison(name, res, load_reference(name), wall))
         if out is not None:
-            fig = res.plot(max_marginals=8)
+            fig = res.plot(max_marginals=None)
             fig.suptitle(name)
             figs.append(fig)
     if out is not None:

@@ -348,8 +348,9 @@ def khat_ok(khat: float) -> bool:
     return bool(khat < 0.7)
 
 
-def khat_verdict(khat: float) -> str:
-    """Plain-words verdict for a k-hat value (thresholds of Vehtari et al.)."""
+def khat_verdict(khat: float, family: str | None = None) -> str:
+    """Plain-words verdict for a k-hat value (thresholds of Vehtari et al.); ``family``, the
+    fitted family's class name, picks a remedy it does not already use."""
     if khat == -math.inf:
         return (
             "the log weights are constant (within 0.001 nats): q matches the target up to "
@@ -363,8 +364,21 @@ def khat_verdict(khat: float) -> str:
         return "fair: usable for means and sds, tails may be off (0.5 <= k-hat < 0.7)"
     return (
         "unreliable: q misses mass the target has (k-hat >= 0.7); do not trust these "
-        "estimates, try a richer family (FullRank, a flow) or reparameterise the model"
+        f"estimates, {_remedy(family)}"
     )
+
+
+def _remedy(family: str | None) -> str:
+    if family in ("MeanField", "LowRank", "Gamma", "Beta", "VonMises", "Dirichlet"):
+        return "try a richer family (FullRank, a flow) or reparameterise the model"
+    if family in ("FullRank", "HierarchicalGaussian"):
+        return ("try a flow over this fit (veil.flows.coupling(d, key=..., base=res.q)), a "
+                "mass-covering objective (veil.ChiSquare()), or reparameterise the model "
+                "(non-centred hierarchies)")
+    if family is None:
+        return "try a richer family (FullRank, a flow) or reparameterise the model"
+    return ("try a mass-covering objective (veil.ChiSquare()), a larger flow or mixture, or "
+            "reparameterise the model")
 
 
 # ----------------------------------------------------------------------------- gradient variance

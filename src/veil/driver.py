@@ -417,6 +417,10 @@ def run(
                     _save(checkpoint, fingerprint, state, host)
     finally:
         if bar is not None:
+            # A run the stopping rule ended is complete at its own length, not at 4% of
+            # max_steps: the bar ends full.
+            bar.total = max(bar.n, 1)
+            bar.refresh()
             bar.close()
         if feeds is not None:
             feeds.feeder.close()

@@ -18,6 +18,7 @@ from veil import driver
 from veil.checkpoint import Checkpoint
 from veil.diagnostics import StopRule
 from veil.families.base import Family
+from veil.health import assess_run
 from veil.families.flows import Flow, FlowJAX
 from veil.families.mixture import Mixture
 from veil.families.mixflows import MixFlow
@@ -315,7 +316,7 @@ def fit(
         base_res = fit(target, q.base, key=base_key, max_steps=max_steps, progress=progress, checkpoint=base_ckpt)
         q = q.with_base(base_res.q)  # fit_base_first stays True but is not looked at again
     checks, params, run_key, pick_key, diag_key = _start(target, q, key, num_restarts)
-    _check_start(q, *jax.device_get(checks))
+    _check_start(q, *jax.device_get(checks), target)
     if restart_sharding is not None:
         params = jax.device_put(params, restart_sharding)
     rest = eqx.filter(q, eqx.is_inexact_array, inverse=True)
@@ -328,7 +329,7 @@ def fit(
         stop_rule=stop,
         progress=progress,
         checkpoint=checkpoint,
-        fingerprint=None if checkpoint is None else _fingerprint(target, q, objective, stop, num_restarts, key),
+        fingerprint=None if checkpoint is None else _fingerprint(target, q, objective, optimizer, stop, num_restarts, key),
     )
     best = 0
     if num_restarts > 1:
@@ -344,29 +345,73 @@ def fit(
             RuntimeWarning,
             stacklevel=2,
         )
-    return VIResult.from_run(
+    res = VIResult.from_run(
         out, target, best_q, diag_key, restart=best,
         wall_time=out.wall_time + (base_res.wall_time if base_res is not None else 0.0), base_result=base_res,
     )
+    if res.stop_reason != "nonfinite":
+        # Skipped steps and parameters out of the finite range: a run that "converged" on the
+        # defined part of a target, or ran away along an improper one, is not a fit.
+        found = assess_run(target, best_q, res.trace, res.num_skipped, res.num_steps,
+                           jax.random.fold_in(diag_key, 7))
+        if found.reason is not None:
+            res.stop_reason, res.problem = found.reason, found.message
+            warnings.warn(found.message, RuntimeWarning, stacklevel=2)
+    return res
 
 
-def _fingerprint(target: Target, q: Family, objective, stop, num_restarts: int, key) -> dict:
-    """What a checkpoint must match to be resumed by this fit (JSON-able; function addresses
-    removed, so a new process with the same code matches)."""
+def _fingerprint(target: Target, q: Family, objective, optimizer, stop, num_restarts: int, key) -> dict:
+    """What a checkpoint must match to be resumed by this fit (JSON-able): everything that
+    decides the fit. The target, family, objective and optimizer are hashed by what they
+    compute (:func:`veil.checkpoint.digest`: the traced program, closed-over constants, data
+    and starting values), not by name, so a changed model, data set, step size or starting
+    point is told apart from the same fit run again in a new process."""
+    from veil.checkpoint import _hash_array, digest
 
     def clean(x) -> str:
         return re.sub(r" at 0x[0-9a-fA-F]+", "", repr(x))
 
+    z0 = jnp.zeros((target.dim,))
+    params = eqx.filter(q, eqx.is_inexact_array)
+    rest = eqx.filter(q, eqx.is_inexact_array, inverse=True)
+    probe_key = jax.random.key(0)
+    target_hash = digest(lambda t, z: t.log_density(z), target, z0)
+    if target.store is not None:  # rows on disk: by file, size and modification time
+        import hashlib
+
+        h = hashlib.sha256(target_hash.encode())
+        for leaf in jax.tree.leaves(target.store.data):
+            _hash_array(h, leaf)
+        target_hash = h.hexdigest()[:16]
     fn = target.fn if target.model is None else target.model  # a NumPyro target's model
     fn = getattr(fn, "__qualname__", clean(fn))
     return {
-        "target": f"{target.kind} dim={target.dim} N={target.num_data} B={target.batch_size} fn={fn}",
-        "family": f"{type(q).__name__} dim={q.dim}",
-        "objective": clean(objective),
+        "target": f"{target.kind} dim={target.dim} N={target.num_data} B={target.batch_size} fn={fn} #{target_hash}",
+        "family": f"{type(q).__name__} dim={q.dim} #"
+                  + digest(lambda p, k: eqx.combine(p, rest).sample_and_log_prob(k, 2), params, probe_key),
+        "objective": _objective_fingerprint(objective, params, rest, probe_key, clean),
+        "optimizer": digest(lambda p: optimizer.update(p, optimizer.init(p), p), params),
         "stop": clean(stop),
         "restarts": num_restarts,
         "key": np.asarray(jax.random.key_data(key) if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) else key).tolist(),
     }
+
+
+def _standard_normal(z):
+    return -0.5 * jnp.sum(z**2)
+
+
+def _objective_fingerprint(objective, params, rest, key, clean) -> str:
+    """The objective's text and the program it makes on a stand-in target (a standard normal,
+    so that a change of target shows as the target's difference alone); the text alone for
+    an objective that needs more of its target (a likelihood apart from the prior)."""
+    from veil.checkpoint import digest
+
+    try:
+        h = digest(lambda p, k: objective(eqx.combine(p, rest), _standard_normal, k)[0], params, key)
+    except Exception:  # noqa: BLE001 - it needs a real target; its text still counts
+        return clean(objective)
+    return f"{clean(objective)} #{h}"
 
 
 def _place_on_mesh(target: Target, mesh, num_restarts: int):
@@ -389,11 +434,14 @@ def _place_on_mesh(target: Target, mesh, num_restarts: int):
 
 
 def _check_key(key) -> None:
-    ok = isinstance(key, jax.Array) and (
-        jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
-        or (key.dtype == jnp.uint32 and key.shape == (2,))
-    )
-    if not ok or getattr(key, "shape", None) not in ((), (2,)):
+    typed = isinstance(key, jax.Array) and jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+    if typed and key.shape != ():
+        raise TypeError(
+            f"key must be a single JAX PRNG key, got an array of {key.size} keys (shape "
+            f"{key.shape}), as jax.random.split returns: pass one of them, e.g. keys[0]."
+        )
+    raw = isinstance(key, jax.Array) and key.dtype == jnp.uint32 and key.shape == (2,)
+    if not (typed or raw):
         raise TypeError(
             f"key must be a single JAX PRNG key such as jax.random.key(0), got {key!r}."
         )
@@ -405,7 +453,7 @@ def _check_positive_int(name: str, value) -> int:
     return int(value)
 
 
-def _check_start(q: Family, value, bad_grad) -> None:
+def _check_start(q: Family, value, bad_grad, target: Target | None = None) -> None:
     """Fail fast, before compiling the loop, if the start point is unusable."""
     value = float(value)
     if not math.isfinite(value):
@@ -414,6 +462,7 @@ def _check_start(q: Family, value, bad_grad) -> None:
             f"{np.array2string(np.asarray(q.mean), threshold=6)}). veil needs a finite log density "
             "where the fit starts: start elsewhere with the family's init_loc=..., or fix the "
             "model where it is undefined (log of zero, division by zero, out-of-support values)."
+            + _closure_hint(target)
         )
     if bad_grad:
         raise ValueError(
@@ -421,6 +470,26 @@ def _check_start(q: Family, value, bad_grad) -> None:
             "starting point (q's mean). Start elsewhere with the family's init_loc=..., or make "
             "the log density differentiable there."
         )
+
+
+def _closure_hint(target: Target | None) -> str:
+    """For a plain log density whose closed-over arrays hold NaN or inf: a sentence saying so
+    (the data, not the start, are then the likely cause); else ``""``."""
+    if target is None or target.kind != "logdensity":
+        return ""
+    try:
+        consts = list(jax.make_jaxpr(target.fn if target.data is None else
+                                     lambda z: target.fn(z, target.data[0]))(jnp.zeros(target.dim)).consts)
+    except Exception:  # noqa: BLE001 - the hint is a courtesy; the error above stands
+        return ""
+    consts += [] if target.data is None or target.data[0] is None else list(target.data[0])
+    bad = [(np.shape(c), int(np.size(c) - np.isfinite(np.asarray(c)).sum())) for c in consts
+           if np.issubdtype(np.asarray(c).dtype, np.inexact) and not np.isfinite(np.asarray(c)).all()]
+    if not bad:
+        return ""
+    shape, count = bad[0]
+    return (f" The function closes over an array of shape {shape} holding {count} non-finite "
+            "value(s) (NaN or inf): the data may be the cause. Drop or impute those entries.")
 
 
 def _restart_params(q: Family, k: int, key: jax.Array):

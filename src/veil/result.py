@@ -59,6 +59,19 @@ def log_evidence_from_weights(log_weights) -> tuple[float, float]:
     return float(top + np.log(mean)), float(w.std(ddof=1) / math.sqrt(n) / mean)
 
 
+def _check_chains(n: int, chains) -> None:
+    if isinstance(chains, bool) or not isinstance(chains, (int, np.integer)) or chains < 1 or n % chains:
+        raise ValueError(
+            f"chains must be a positive integer that divides n={n}, got {chains!r}: the n draws "
+            "are split into chains of n / chains each (chains=1 keeps them as one)."
+        )
+
+
+def as_chains(draws: dict[str, Any], chains: int) -> dict[str, np.ndarray]:
+    """Arrays ``[n, ...]`` as ``[chains, n / chains, ...]``: independent draws split in order."""
+    return {k: np.asarray(v).reshape((chains, -1) + np.shape(v)[1:]) for k, v in draws.items()}
+
+
 def _finite_rows(draws: dict[str, Any]) -> np.ndarray:
     """Mask of the draws (rows) whose every site is finite."""
     leaves = [np.asarray(x).reshape(np.shape(x)[0], -1) for x in jax.tree.leaves(draws)]
@@ -96,7 +109,7 @@ def _flat_columns(draws: dict[str, Any]) -> tuple[list[str], np.ndarray]:
             continue
         for idx in np.ndindex(x.shape[1:]):
             names.append(f"{name}[{','.join(map(str, idx))}]")
-        cols.append(x.reshape(n, -1))
+        cols.append(x.reshape(n, int(np.prod(x.shape[1:]))))
     return names, np.concatenate(cols, axis=1)
 
 
@@ -107,6 +120,8 @@ def summary_table(draws: dict[str, Any], prob: float) -> tuple[list[str], np.nda
         raise ValueError(f"prob must lie in (0, 1), got {prob}.")
     names, x = _flat_columns(draws)
     lo, hi = (1 - prob) / 2, (1 + prob) / 2
+    if x.shape[0] < 2:  # no draws left to summarise (all non-finite): the table says so
+        return names, np.full((len(names), 5), np.nan), ["mean", "sd", f"{100 * lo:g}%", "50%", f"{100 * hi:g}%"]
     table = np.column_stack([x.mean(0), x.std(0, ddof=1), *np.quantile(x, [lo, 0.5, hi], axis=0)])
     return names, table, ["mean", "sd", f"{100 * lo:g}%", "50%", f"{100 * hi:g}%"]
 
@@ -148,12 +163,17 @@ class VIResult:
         q: the fitted family (iterate-averaged when the stopping rule ended the run).
         trace: loss (negative ELBO estimate) per step, NaN where a step was skipped.
         num_steps: optimisation steps run.
-        stop_reason: why the run ended: ``"converged..."``, ``"max_steps"`` or ``"nonfinite"``.
+        stop_reason: why the run ended: ``"converged..."``, ``"max_steps"``, ``"nonfinite"``
+            (the loss kept failing), ``"undefined"`` (too many steps skipped: the log density
+            is not finite where ``q`` puts mass) or ``"diverged"`` (``q``'s parameters left
+            the finite range: an improper target); see :attr:`problem`.
         num_skipped: steps skipped because the loss or gradient was not finite.
         final_loss: mean loss over the final window.
         wall_time: seconds in the optimisation loop, compilation included.
         restart_losses: final mean loss of every restart.
         diagnostic_key: the key the lazily computed diagnostics (k-hat, summary) draw with.
+        problem: for ``"undefined"`` and ``"diverged"``, what was found and where (the
+            warning ``veil.fit`` gave); empty otherwise.
         base_result: for a flow fitted in two stages, the :class:`VIResult` of its Gaussian
             stage (``None`` otherwise); ``num_steps`` and ``trace`` above are the flow stage's.
     """
@@ -169,6 +189,7 @@ class VIResult:
     restart_losses: np.ndarray
     diagnostic_key: jax.Array = dataclasses.field(repr=False)
     base_result: Any = dataclasses.field(default=None, repr=False)
+    problem: str = dataclasses.field(default="", repr=False)
 
     @classmethod
     def from_run(cls, out, target, q, diagnostic_key, *, restart: int = 0, wall_time=None, **extra):
@@ -265,27 +286,33 @@ class VIResult:
         _warn_nonfinite(draws)
         return draws
 
-    def to_arviz(self, n: int, *, key: jax.Array):
-        """An ``arviz.InferenceData`` with ``n`` draws (one chain) in ``posterior`` and each
-        draw's ``lp`` (log target), ``log_q`` and ``log_weight`` in ``sample_stats``."""
+    def to_arviz(self, n: int, *, key: jax.Array, chains: int = 4):
+        """An ``arviz.InferenceData`` with ``n`` draws in ``posterior`` and each draw's ``lp``
+        (log target), ``log_q`` and ``log_weight`` in ``sample_stats``.
+
+        The draws are independent, so any split into chains is a valid one: they come as
+        ``chains`` chains of ``n / chains`` draws (``n`` must divide), so that ArviZ's
+        diagnostics run as for MCMC output without its one-chain warnings, and say what holds
+        for independent draws (``r_hat`` about 1, ESS about ``n``)."""
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # ArviZ's import banner
             import arviz as az
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
             raise ValueError(f"n must be a positive integer, got {n!r}.")
+        _check_chains(n, chains)
         draws, log_p, log_q = _draw(self.target, self.q, key, int(n))
         _warn_nonfinite(draws)
-        posterior = {k: np.asarray(v)[None] for k, v in draws.items()}
-        log_p, log_q = np.asarray(log_p)[None], np.asarray(log_q)[None]
+        log_p, log_q = np.asarray(log_p), np.asarray(log_q)
         stats = {"lp": log_p, "log_q": log_q, "log_weight": log_p - log_q}
-        return az.from_dict(posterior=posterior, sample_stats=stats)
+        return az.from_dict(posterior=as_chains(draws, chains), sample_stats=as_chains(stats, chains),
+                            attrs={"inference_library": "veil", "draws": "independent draws of q"})
 
     # ------------------------------------------------------------------ reports
     def verdict(self) -> tuple[list[str], bool]:
         """Plain-words lines on whether to trust the fit, and a yes/no."""
         lines, ok = [], True
         khat = self.khat
-        lines.append(f"PSIS k-hat = {format_khat(khat)}: {khat_verdict(khat)}")
+        lines.append(f"PSIS k-hat = {format_khat(khat)}: {khat_verdict(khat, type(self.q).__name__)}")
         if not khat_ok(khat):
             ok = False
         return self._run_lines(lines, ok, self._subject)
@@ -304,6 +331,9 @@ class VIResult:
         elif stop == "nonfinite":
             ok = False
             lines.append("Stopped on non-finite values: the loss or its gradient kept failing.")
+        elif stop in ("undefined", "diverged"):
+            ok = False
+            lines.append(self.problem or f"The run ended {stop}.")
         elif stop != "fixed":
             lines.append(f"Stopped after {self.num_steps} steps: {self.stop_reason}.")
         if self.num_skipped:
@@ -355,13 +385,14 @@ class VIResult:
     def _plot_quality(self) -> str:
         return f"k-hat {format_khat(self.khat)}"
 
-    def plot(self, max_marginals: int = 12):
+    def plot(self, max_marginals: int | None = 12):
         """A matplotlib figure: the loss trace and up to ``max_marginals`` marginal
-        histograms of ``q`` in constrained space."""
+        histograms of ``q`` in constrained space (``None``: all of them); the figure says how
+        many it left out."""
         import matplotlib.pyplot as plt
 
         names, x = self._plot_draws()
-        m = min(max_marginals, len(names))
+        m = len(names) if max_marginals is None else min(max_marginals, len(names))
         ncol = 4
         nrow = 1 + math.ceil(m / ncol)
         fig = plt.figure(figsize=(3.2 * ncol, 2.4 * nrow), layout="constrained")
@@ -377,11 +408,17 @@ class VIResult:
         if hi > lo:
             ax.set_ylim(lo - 0.05 * (hi - lo), hi)
         ax.set_xlabel("step")
-        ax.set_title(f"stop: {self.stop_reason}; {self._plot_quality()}", fontsize=9)
+        left_out = f"; {len(names) - m} of {len(names)} marginals not shown (max_marginals=None shows all)" if m < len(names) else ""
+        ax.set_title(f"stop: {self.stop_reason}; {self._plot_quality()}{left_out}", fontsize=9)
         ax.legend(fontsize=8)
         for i in range(m):
             a = fig.add_subplot(grid[1 + i // ncol, i % ncol])
-            a.hist(x[:, i], bins=40, density=True, alpha=0.7)
+            col = x[:, i][np.isfinite(x[:, i])]
+            if col.size:
+                a.hist(col, bins=40, density=True, alpha=0.7)
+            if col.size < x.shape[0]:  # shown, not hidden: the draws q could not make finite
+                a.text(0.5, 0.5, f"{x.shape[0] - col.size} of {x.shape[0]}\ndraws not finite",
+                       transform=a.transAxes, ha="center", va="center", color="C3", fontsize=8)
             a.set_title(names[i], fontsize=9)
             a.set_yticks([])
         return fig

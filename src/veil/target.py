@@ -22,6 +22,8 @@ import jax.extend.core as jex_core
 import jax.numpy as jnp
 import numpy as np
 
+from veil.health import check_log_density
+
 __all__ = ["Target", "Site", "log_density_rows"]
 
 # Memory for one block of full-data log densities over many draws (floats): a minibatched
@@ -280,6 +282,7 @@ class Target(eqx.Module):
         if log_likelihood is not None and not callable(log_likelihood):
             raise TypeError(f"log_likelihood must be a callable, got {type(log_likelihood).__name__}.")
         fn, consts = _hoist(fn, _trace_scalar_fn(fn, dim, "The log density"))
+        check_log_density(fn, consts, dim)
         lik_consts = None
         if log_likelihood is not None:
             log_likelihood, lik_consts = _hoist(log_likelihood, _trace_scalar_fn(log_likelihood, dim, "log_likelihood"))
@@ -374,6 +377,11 @@ class Target(eqx.Module):
                 f"their lengths differ ({listed})."
             )
         num_data = next(iter(lengths.values()))
+        if num_data == 0:
+            raise ValueError(
+                "data has no rows (its leading axis has length 0): there is nothing to fit. Check "
+                "how the data were loaded or filtered."
+            )
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)):
             raise TypeError(f"batch_size must be an integer, got {batch_size!r}.")
         if not 1 <= batch_size <= num_data:
@@ -522,7 +530,18 @@ class Target(eqx.Module):
             raise TypeError(f"model must be a NumPyro model function, got {type(model).__name__}.")
         _check_data_finite(args, kwargs)
         # Trace the model once, eagerly, to learn its latent sites and their supports.
-        tr = handlers.trace(handlers.seed(model, rng_seed=0)).get_trace(*args, **kwargs)
+        try:
+            tr = handlers.trace(handlers.seed(model, rng_seed=0)).get_trace(*args, **kwargs)
+        except Exception as e:
+            texts = [f"argument {k} is a str ({v!r:.40})" for k, v in
+                     [*enumerate(args), *kwargs.items()] if isinstance(v, str)]
+            if not texts:
+                raise
+            raise TypeError(
+                f"Running the model on its arguments failed ({type(e).__name__}: {e}), and "
+                f"{'; '.join(texts)}. Data go to a NumPyro model as arrays (jnp.asarray(...) "
+                "of numbers); to load a file, read it first (numpy.loadtxt, pandas)."
+            ) from e
         latent = {}
         for name, site in tr.items():
             if site["type"] != "sample" or site["is_observed"]:

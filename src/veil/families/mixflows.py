@@ -499,13 +499,18 @@ class MixFlowResult:
         _warn_nonfinite(draws)  # a trajectory can leave the finite region at a large step
         return draws
 
-    def to_arviz(self, n: int, *, key: jax.Array):
-        """An ``arviz.InferenceData`` with ``n`` draws in ``posterior``."""
+    def to_arviz(self, n: int, *, key: jax.Array, chains: int = 4):
+        """An ``arviz.InferenceData`` with ``n`` independent draws in ``posterior``, as
+        ``chains`` chains of ``n / chains`` (see :meth:`veil.VIResult.to_arviz`)."""
+        from veil.result import _check_chains, as_chains
+
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             import arviz as az
+        _check_chains(_check_positive_int("n", n), chains)
         draws = self.draws(n, key=key)
-        return az.from_dict(posterior={k: np.asarray(v)[None] for k, v in draws.items()})
+        return az.from_dict(posterior=as_chains(draws, chains),
+                            attrs={"inference_library": "veil", "draws": "independent draws of the MixFlow"})
 
     def summary(self, prob: float = 0.9):
         """Mean, sd and central interval of every constrained scalar from 4000 draws, with the
