@@ -201,13 +201,19 @@ def banana_log_p(z):
 BANANA = veil.Target.from_logdensity(banana_log_p, dim=2)
 
 
-@pytest.mark.slow  # two fits, ~12 s; the default run keeps the two-stage fit below
+@pytest.mark.slow  # two fits (the flow's with 3 restarts), ~25 s; the default run keeps the two-stage fit below
 def test_flow_fits_a_banana_that_a_gaussian_cannot(key):
     # KL(q || p) = log Z - ELBO = -ELBO here. The best Gaussian's KL is about 0.8 nats (the
     # FullRank fit below); the coupling flow must get under 0.1 (measured 0.03; its ELBO
     # estimate from 2000 draws has se ~0.01 at this KL).
+    # Three restarts, the best ELBO kept: a single coupling-flow fit sometimes settles in a
+    # poorer optimum. With the suite's XLA flags this seed's single fit reached KL 0.091 and
+    # x1's sd ratio 0.78 (it failed the bar below), seeds 1 and 2 KL 0.014-0.019 and 0.92-0.93;
+    # with three restarts this seed's best is KL 0.039 and 0.87. The bar was set on one
+    # measurement (0.89) without the restarts a careful user would run.
     gauss = veil.fit(BANANA, veil.FullRank(2), key=key, progress=False)
-    flow = veil.fit(BANANA, veil.flows.coupling(2, key=key, layers=4, width=32), key=key, progress=False)
+    flow = veil.fit(BANANA, veil.flows.coupling(2, key=key, layers=4, width=32), key=key, progress=False,
+                    num_restarts=3)
     assert -gauss.elbo > 0.5
     assert -flow.elbo < 0.1, (flow.elbo, flow.num_steps, flow.stop_reason)
     assert flow.converged
@@ -215,7 +221,7 @@ def test_flow_fits_a_banana_that_a_gaussian_cannot(key):
     sd_true = jnp.array([2.0, math.sqrt(8.25)])
     sd_flow = flow.q.sample(jax.random.key(1), 20_000).std(0) / sd_true
     sd_gauss = gauss.q.sample(jax.random.key(1), 20_000).std(0) / sd_true
-    # Measured (seed 20261126): flow [0.89, 0.65], Gaussian [0.34, 0.17]. The reverse-KL fit
+    # Measured (seed 20261126): flow [0.87, 0.66] (3 restarts), Gaussian [0.34, 0.17]. The reverse-KL fit
     # still thins x2's long right tail (x1^2 is chi-square), so the bar is relative: the
     # flow's sd ratios must be at least twice the Gaussian's and x1's within 15%. An sd
     # ratio from 20,000 draws has a standard error of about 1%.

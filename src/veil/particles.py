@@ -1196,8 +1196,14 @@ class _EnsembleLoss(eqx.Module):
         k = jax.tree.leaves(params)[0].shape[0]
         keys = jax.random.split(key, k)
         losses = eqx.filter_vmap(lambda q, kk: self.objective(q, target, kk)[0])(members, keys)
+        if self.strength == 0:  # plain restarts side by side: no term, and no 0 * NaN below
+            return jnp.mean(losses), None
         means = eqx.filter_vmap(lambda q: q.mean)(members)
+        # Members on one point give a zero median bandwidth; exp(-0 / 0) was NaN, and the run
+        # stopped on non-finite values (seen with XLA's optimisations off, where two members
+        # fitted side by side met exactly). Any width gives a kernel of 1 between them.
         h = svgd_bandwidth(means)
+        h = jnp.where(h > 0, h, 1.0)
         kern = jnp.exp(-_sq_dists(means, means) / (2.0 * h**2))
         repulsion = jnp.mean(jnp.log(jnp.mean(kern, axis=1)))
         return jnp.mean(losses) + self.strength * repulsion, None

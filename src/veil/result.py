@@ -45,7 +45,8 @@ class LogEvidence(typing.NamedTuple):
     n: int
 
     def __str__(self) -> str:
-        return f"log Z = {self.estimate:.4f} ± {self.se:.4f} (n={self.n}, k-hat {format_khat(self.khat)})"
+        verdict = "reliable" if khat_ok(self.khat) else "UNRELIABLE: k-hat >= 0.7, the se means nothing"
+        return f"log Z = {self.estimate:.4f} ± {self.se:.4f} (n={self.n}, k-hat {format_khat(self.khat)}: {verdict})"
 
 
 def log_evidence_from_weights(log_weights) -> tuple[float, float]:
@@ -262,7 +263,24 @@ class VIResult:
                 "density is undefined where q puts mass, so no evidence estimate exists."
             )
         estimate, se = log_evidence_from_weights(lw)
-        return LogEvidence(estimate, se, psis_khat(lw), n)
+        khat = psis_khat(lw)
+        if not khat_ok(khat):
+            warnings.warn(
+                f"log Z = {estimate:.4f} ± {se:.4f} with PSIS k-hat {format_khat(khat)} >= 0.7: the "
+                "importance weights are so heavy-tailed that this estimate can be far off and its "
+                "standard error means nothing. Use a proposal that covers the target (the ELBO "
+                "fit's q if its k-hat is lower, a flow, or veil.ChiSquare with more draws).",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        if self.stop_reason in ("max_steps", "nonfinite", "undefined", "diverged"):
+            warnings.warn(
+                f"This fit did not converge (stop_reason={self.stop_reason!r}): its q is no "
+                "evidence proposal to rely on.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        return LogEvidence(estimate, se, khat, n)
 
     @property
     def converged(self) -> bool:
