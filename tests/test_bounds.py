@@ -4,6 +4,7 @@ Same Gaussian target and off-target q as test_objectives (closed-form ELBO and l
 """
 
 import math
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -288,7 +289,9 @@ def test_chi_square_fit_gives_a_better_evidence_estimate_than_the_elbo_fit(key):
         k = jax.random.fold_in(key, seed)
         e = veil.fit(t, veil.MeanField(d), key=k, progress=False)
         c = veil.fit(t, e.q, key=k, objective=veil.ChiSquare(), progress=False)
-        err_elbo.append(abs(e.log_evidence(key=k, n=20_000).estimate - log_z))
+        with warnings.catch_warnings():  # k-hat ~0.75: log_evidence warns, as it should
+            warnings.simplefilter("ignore", RuntimeWarning)
+            err_elbo.append(abs(e.log_evidence(key=k, n=20_000).estimate - log_z))
         err_chi.append(abs(c.log_evidence(key=k, n=20_000).estimate - log_z))
         assert float(c.q.stddev.min()) > float(e.q.stddev.max())  # wider in every coordinate
     assert np.median(err_chi) < 0.5 * np.median(err_elbo)

@@ -331,10 +331,11 @@ def fit(
         checkpoint=checkpoint,
         fingerprint=None if checkpoint is None else _fingerprint(target, q, objective, optimizer, stop, num_restarts, key),
     )
-    best = 0
+    best, other_modes = 0, ""
     if num_restarts > 1:
         bounds = np.asarray(_restart_bounds(target, out.params, rest, pick_key, 512))
         best = int(np.nanargmax(np.where(np.isfinite(bounds), bounds, -np.inf)))
+        other_modes = _other_modes(out.params, rest, bounds, best)
     best_q = eqx.combine(_select(out.params, best), rest)
     if out.stop_reasons[best] == "nonfinite":
         warnings.warn(
@@ -359,7 +360,46 @@ def fit(
         if found.reason is not None:
             res.stop_reason, res.problem = found.reason, found.message
             warnings.warn(found.message, RuntimeWarning, stacklevel=2)
+    if other_modes:
+        res.other_modes = other_modes
+        warnings.warn(other_modes, RuntimeWarning, stacklevel=2)
     return res
+
+
+# A restart whose ELBO is within this many nats of the best one's sits on a mode holding at
+# least e^-3 = 5% of the best mode's mass (each restart's ELBO approximates the log mass of
+# the mode it fitted): not a local optimum to discard.
+_MODE_NATS = 3.0
+
+
+def _other_modes(params, rest, bounds: np.ndarray, best: int) -> str:
+    """A sentence when a restart other than ``best`` ended at another place (its mean more
+    than 3 of either fit's sds from the best one's in some coordinate) with an ELBO within
+    ``_MODE_NATS`` of the best: the target has several modes and ``q`` holds one. ``""``
+    otherwise, and for families without a mean and sd."""
+    try:
+        members = eqx.combine(params, rest)
+        means = np.asarray(eqx.filter_vmap(lambda m: m.mean)(members), np.float64)
+        sds = np.asarray(eqx.filter_vmap(lambda m: m.stddev)(members), np.float64)
+    except Exception:  # noqa: BLE001 - a family with no closed-form mean or sd: nothing to compare
+        return ""
+    far = []
+    for j in range(len(bounds)):
+        if j == best or not np.isfinite(bounds[j]) or bounds[j] < bounds[best] - _MODE_NATS:
+            continue
+        gap = np.abs(means[j] - means[best]) / np.maximum(sds[j], sds[best])
+        if np.isfinite(gap).all() and gap.max() > 3.0:
+            far.append((j, float(bounds[best] - bounds[j]), float(gap.max())))
+    if not far:
+        return ""
+    j, nats, gap = max(far, key=lambda f: f[2])
+    return (
+        f"{len(far)} of {len(bounds) - 1} other restarts ended at another mode (restart {j}: "
+        f"{gap:.1f} sds away, its ELBO {nats:.2f} nats below the best, so that mode holds about "
+        f"{100 * math.exp(-nats):.0f}% of the best one's mass). The target has several modes and "
+        "q holds one; k-hat cannot see the others from q's draws. Fit a mixture "
+        "(veil.Mixture.around(res.q, k, key=...)) or veil.particles.repulsive_ensemble."
+    )
 
 
 @eqx.filter_jit

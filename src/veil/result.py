@@ -173,6 +173,9 @@ class VIResult:
         wall_time: seconds in the optimisation loop, compilation included.
         restart_losses: final mean loss of every restart.
         diagnostic_key: the key the lazily computed diagnostics (k-hat, summary) draw with.
+        other_modes: with ``num_restarts > 1``, a sentence when other restarts ended at
+            another mode of nearly the same ELBO (``q`` then holds one of several modes, which
+            k-hat cannot see from ``q``'s own draws); empty otherwise.
         problem: for ``"undefined"`` and ``"diverged"``, what was found and where (the
             warning ``veil.fit`` gave); empty otherwise.
         base_result: for a flow fitted in two stages, the :class:`VIResult` of its Gaussian
@@ -191,6 +194,7 @@ class VIResult:
     diagnostic_key: jax.Array = dataclasses.field(repr=False)
     base_result: Any = dataclasses.field(default=None, repr=False)
     problem: str = dataclasses.field(default="", repr=False)
+    other_modes: str = dataclasses.field(default="", repr=False)
 
     @classmethod
     def from_run(cls, out, target, q, diagnostic_key, *, restart: int = 0, wall_time=None, **extra):
@@ -273,10 +277,10 @@ class VIResult:
                 RuntimeWarning,
                 stacklevel=2,
             )
-        if self.stop_reason in ("max_steps", "nonfinite", "undefined", "diverged"):
+        if self.stop_reason in ("nonfinite", "undefined", "diverged"):
             warnings.warn(
-                f"This fit did not converge (stop_reason={self.stop_reason!r}): its q is no "
-                "evidence proposal to rely on.",
+                f"This fit failed (stop_reason={self.stop_reason!r}: {self.problem or 'non-finite values'}); "
+                "its q is no evidence proposal to rely on.",
                 RuntimeWarning,
                 stacklevel=2,
             )
@@ -333,6 +337,9 @@ class VIResult:
         lines.append(f"PSIS k-hat = {format_khat(khat)}: {khat_verdict(khat, type(self.q).__name__)}")
         if not khat_ok(khat):
             ok = False
+        if self.other_modes:
+            ok = False
+            lines.append(self.other_modes)
         return self._run_lines(lines, ok, self._subject)
 
     def _run_lines(self, lines: list[str], ok: bool, subject: str, stop: str | None = None) -> tuple[list[str], bool]:

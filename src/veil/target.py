@@ -544,6 +544,12 @@ class Target(eqx.Module):
             ) from e
         latent = {}
         for name, site in tr.items():
+            if site["type"] == "sample" and site["is_observed"] and isinstance(site["value"], str):
+                raise TypeError(
+                    f"Observed site '{name}' was given text ({site['value']!r:.40}), not numbers. Data "
+                    "go to a NumPyro model as arrays (jnp.asarray(...) of numbers); to load a file, "
+                    "read it first (numpy.loadtxt, pandas)."
+                )
             if site["type"] != "sample" or site["is_observed"]:
                 continue
             fn = site["fn"]

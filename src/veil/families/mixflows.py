@@ -502,6 +502,7 @@ class MixFlowResult:
     def to_arviz(self, n: int, *, key: jax.Array, chains: int = 4):
         """An ``arviz.InferenceData`` with ``n`` independent draws in ``posterior``, as
         ``chains`` chains of ``n / chains`` (see :meth:`veil.VIResult.to_arviz`)."""
+        from veil.fit import _check_positive_int
         from veil.result import _check_chains, as_chains
 
         with warnings.catch_warnings():
