@@ -16,7 +16,7 @@ import numpy as np
 PROBE_BATCH = 25  # steps per probe row; the driver's batch length (kept equal by a test)
 
 __all__ = [
-    "StopRule", "Decision", "psis_khat", "khat_verdict", "khat_ok", "format_khat", "gradient_variance", "GradientVariance",
+    "StopRule", "Decision", "psis_khat", "khat_verdict", "khat_ok", "format_khat", "psis_moment_shift", "MomentShift", "gradient_variance", "GradientVariance",
     "kernel_stein_discrepancy",
 ]
 
@@ -330,6 +330,71 @@ def _arviz_khat(lw: np.ndarray) -> float:
 
         _, khat = az.psislw(lw.copy())
     return float(khat)
+
+
+# A reweighted mean this many of q's sds from q's own, or a reweighted sd this factor from q's,
+# marks q as off in that coordinate (and the shift must exceed 4 of its standard errors).
+MEAN_SHIFT = 0.2
+SD_FACTOR = 1.25
+
+
+class MomentShift(NamedTuple):
+    """What Pareto-smoothed importance reweighting does to ``q``'s moments (per coordinate)."""
+
+    mean_shift: np.ndarray  # (reweighted mean - q's mean) / q's sd
+    sd_ratio: np.ndarray  # reweighted sd / q's sd
+    ess: float  # effective sample size of the smoothed weights
+    off: bool  # whether some coordinate moved by more than the limits (and its noise)
+
+    def describe(self, names: list[str]) -> str:
+        j = int(np.argmax(np.abs(self.mean_shift)))
+        i = int(np.argmax(np.abs(np.log(self.sd_ratio))))
+        return (
+            "Importance reweighting of q's draws (reliable at this k-hat) moves q's moments: "
+            f"the mean of {names[j]} by {self.mean_shift[j]:+.2f} of q's sds, the sd of "
+            f"{names[i]} by a factor {self.sd_ratio[i]:.2f} (ESS {self.ess:.0f}): q is off there. "
+            "Use a richer family, or reweight q's draws (veil.diagnostics.psis_moment_shift)."
+        )
+
+
+def psis_moment_shift(z, log_weights) -> MomentShift:
+    """Moments of ``q``'s draws ``z`` (``[n, d]``) against the same draws reweighted by their
+    Pareto-smoothed importance weights (ArviZ's ``psislw``).
+
+    Where k-hat is below 0.7 the reweighted mean and sd estimate the target's (Vehtari et
+    al. 2024), so their distance from ``q``'s own says how far ``q`` is off in each
+    coordinate, a question k-hat alone does not answer: a Gaussian fit of a banana or a
+    Student-t can have k-hat 0.4-0.7 ("fair") with sds 20-40% off (BENCHMARKS.md section 41).
+    An exact fit has constant weights and no shift at all. ``off`` is true when some
+    coordinate's mean moves by more than ``MEAN_SHIFT`` of q's sds or its sd by more than a
+    factor ``SD_FACTOR``, and by more than 4 standard errors (``1 / sqrt(ESS)`` for the mean,
+    ``1 / sqrt(2 ESS)`` for the log sd; 4, not 2, because every coordinate is tested).
+
+    Example:
+        >>> import numpy as np
+        >>> z = np.random.default_rng(0).standard_normal((2000, 1))
+        >>> shift = psis_moment_shift(z, -0.5 * (z[:, 0] - 1.0) ** 2 + 0.5 * z[:, 0] ** 2)  # p = N(1, 1)
+        >>> bool(shift.off and abs(shift.mean_shift[0] - 1.0) < 0.15)
+        True
+    """
+    z = np.asarray(z, np.float64)
+    lw = np.asarray(log_weights, np.float64).ravel()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import arviz as az
+
+        smoothed, _ = az.psislw(lw - lw.max())
+    w = np.exp(smoothed - smoothed.max())
+    w /= w.sum()
+    ess = float(1.0 / np.sum(w**2))
+    m_q, sd_q = z.mean(0), z.std(0, ddof=1)
+    m_w = w @ z
+    sd_w = np.sqrt(np.maximum(w @ (z - m_w) ** 2, 0.0) * len(w) / max(len(w) - 1, 1))
+    mean_shift = (m_w - m_q) / sd_q
+    sd_ratio = sd_w / sd_q
+    mean_off = np.abs(mean_shift) > max(MEAN_SHIFT, 4.0 / math.sqrt(ess))
+    sd_off = np.abs(np.log(sd_ratio)) > max(math.log(SD_FACTOR), 4.0 / math.sqrt(2.0 * ess))
+    return MomentShift(mean_shift, sd_ratio, ess, bool(mean_off.any() or sd_off.any()))
 
 
 def format_khat(khat: float) -> str:

@@ -13,12 +13,17 @@ import equinox as eqx
 import jax
 import numpy as np
 
-from veil.diagnostics import format_khat, khat_ok, khat_verdict, psis_khat
+from veil.diagnostics import MomentShift, format_khat, khat_ok, khat_verdict, psis_khat, psis_moment_shift
 from veil.target import log_density_rows
 
 __all__ = ["VIResult", "Summary", "LogEvidence"]
 
-_KHAT_DRAWS = 2000
+# Draws behind k-hat, the ELBO and the reweighting check. 8,000, not 2,000: k-hat's estimate
+# of a tail near 0.7-0.8 scatters by ~0.15 at 2,000 draws, and Gaussian fits of a Student-t(3)
+# (sds 30% short) read 0.40-0.64 there and 0.77-0.84 at 8,000 (BENCHMARKS.md section 41). A
+# minibatched target keeps 2,000: each draw reads every row.
+_KHAT_DRAWS = 8000
+_KHAT_DRAWS_MINIBATCHED = 2000
 _SUMMARY_DRAWS = 4000
 
 
@@ -28,6 +33,14 @@ def _draw(target, q, key, n: int):
     z, log_q = q.sample_and_log_prob(key, n)
     log_p = log_density_rows(target, z)
     return jax.vmap(target.to_constrained)(z), log_p, log_q
+
+
+@eqx.filter_jit
+def _draw_unconstrained(target, q, key, n: int):
+    """``n`` draws of ``q`` in unconstrained space with ``log p`` and ``log q`` of each (the
+    same draws as :func:`_draw` with the same key)."""
+    z, log_q = q.sample_and_log_prob(key, n)
+    return z, log_density_rows(target, z), log_q
 
 
 @eqx.filter_jit
@@ -216,21 +229,40 @@ class VIResult:
 
     # ------------------------------------------------------------------ diagnostics
     @functools.cached_property
+    def _diagnostic_sample(self):
+        n = _KHAT_DRAWS_MINIBATCHED if self.target.is_minibatched else _KHAT_DRAWS
+        z, log_p, log_q = _draw_unconstrained(self.target, self.q, self.diagnostic_key, n)
+        return np.asarray(z, np.float64), np.asarray(log_p, np.float64), np.asarray(log_q, np.float64)
+
+    @property
     def _diagnostic_draws(self):
-        _, log_p, log_q = _draw(self.target, self.q, self.diagnostic_key, _KHAT_DRAWS)
-        return np.asarray(log_p, np.float64), np.asarray(log_q, np.float64)
+        return self._diagnostic_sample[1:]
+
+    @functools.cached_property
+    def reweighting(self) -> MomentShift | None:
+        """How far Pareto-smoothed importance reweighting of the same draws as
+        :attr:`khat` moves ``q``'s mean and sd of each unconstrained coordinate
+        (:func:`veil.diagnostics.psis_moment_shift`); ``None`` where the weights are not all
+        finite. Where k-hat is below 0.7 the reweighted moments are the better estimates, so
+        a large move means ``q`` itself is off there, which the verdict reports."""
+        z, log_p, log_q = self._diagnostic_sample
+        lw = log_p - log_q
+        if not (np.isfinite(lw).all() and np.isfinite(z).all()):
+            return None
+        return psis_moment_shift(z, lw)
 
     @functools.cached_property
     def khat(self) -> float:
-        """PSIS k-hat of ``q`` against the target from 2000 fresh draws (NaN if any log
-        weight is not finite). Below 0.5 good, below 0.7 fair, above unreliable."""
+        """PSIS k-hat of ``q`` against the target from 8,000 fresh draws (2,000 for a
+        minibatched target; NaN if any log weight is not finite). Below 0.5 good, below 0.7
+        fair, above unreliable."""
         log_p, log_q = self._diagnostic_draws
         lw = log_p - log_q
         return psis_khat(lw) if np.isfinite(lw).all() else math.nan
 
     @functools.cached_property
     def elbo(self) -> float:
-        """ELBO of the final ``q`` from the same 2000 draws as :attr:`khat`."""
+        """ELBO of the final ``q`` from the same draws as :attr:`khat`."""
         log_p, log_q = self._diagnostic_draws
         return float(np.mean(log_p - log_q))
 
@@ -337,6 +369,11 @@ class VIResult:
         lines.append(f"PSIS k-hat = {format_khat(khat)}: {khat_verdict(khat, type(self.q).__name__)}")
         if not khat_ok(khat):
             ok = False
+        elif khat != -math.inf and self.reweighting is not None and self.reweighting.off:
+            ok = False
+            from veil.health import coordinate_names
+
+            lines.append(self.reweighting.describe(coordinate_names(self.target)))
         if self.other_modes:
             ok = False
             lines.append(self.other_modes)
