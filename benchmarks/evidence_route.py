@@ -39,9 +39,14 @@ import veil  # noqa: E402
 
 
 def evidence(res, seed):
+    """``(LogEvidence, flagged)``; a refused estimate (non-finite weights: ``log_evidence``
+    raises) is NaN and flagged."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        ev = res.log_evidence(key=jax.random.key(100 + seed), n=20_000)
+        try:
+            ev = res.log_evidence(key=jax.random.key(100 + seed), n=20_000)
+        except ValueError:
+            return veil.result.LogEvidence(math.nan, math.nan, math.nan, 20_000), True
     warned = any("means nothing" in str(w.message) or "failed" in str(w.message) for w in caught)
     return ev, warned
 

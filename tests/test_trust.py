@@ -113,3 +113,26 @@ def test_nan_in_closed_over_data_is_named_at_the_start():
     t = veil.Target.from_logdensity(lambda z: -0.5 * jnp.sum((x - z[0]) ** 2), dim=1)
     with pytest.raises(ValueError, match=r"closes over an array of shape \(3,\) holding 1 non-finite"):
         veil.fit(t, veil.MeanField(1), key=jax.random.key(0), progress=False)
+
+
+def test_the_progress_bar_ends_full_when_the_rule_stops_the_run(capsys):
+    t = veil.Target.from_logdensity(lambda z: -0.5 * jnp.sum(z**2), dim=2)
+    res = veil.fit(t, veil.MeanField(2), key=jax.random.key(0), progress=True)
+    assert res.num_steps < 20_000
+    err = capsys.readouterr().err
+    assert f"{res.num_steps}/{res.num_steps}" in err and "/20000" not in err.splitlines()[-1]
+
+
+def test_plot_says_how_many_marginals_it_left_out():
+    t = veil.Target.from_logdensity(lambda z: -0.5 * jnp.sum(z**2), dim=14)
+    res = veil.fit(t, veil.MeanField(14), key=jax.random.key(0), progress=False)
+    fig = res.plot()
+    assert "2 of 14 marginals not shown" in fig.axes[0].get_title()
+    assert len(res.plot(max_marginals=None).axes) == 1 + 14
+
+
+def test_the_remedy_is_not_the_family_already_used():
+    from veil.diagnostics import khat_verdict
+
+    assert "FullRank" in khat_verdict(0.9, "MeanField")
+    assert "FullRank" not in khat_verdict(0.9, "FullRank") and "flow" in khat_verdict(0.9, "FullRank")

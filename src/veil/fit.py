@@ -420,8 +420,16 @@ def _check_upper_bound(target: Target, start: Family, fitted: Family, key, n: in
     k1, k2 = jax.random.split(key)
     lw_start = np.asarray(_weights_of(target, start, k1, n), np.float64)
     lw_fit = np.asarray(_weights_of(target, fitted, k2, n), np.float64)
-    if not (np.isfinite(lw_start).all() and np.isfinite(lw_fit).all()):
+    if not np.isfinite(lw_start).all():
         return Assessment(None, "")
+    if not np.isfinite(lw_fit).all():  # stochastic volatility: 3% of the fitted q's draws
+        share = float(np.mean(~np.isfinite(lw_fit)))
+        return Assessment("diverged", (
+            f"The chi-square fit broke down: the log density is not finite at {share:.1%} of the "
+            f"fitted q's draws, which its start ({n} draws) never met: q spread its mass where "
+            "the target has none or overflows. Refit with more draws per step (veil.ChiSquare(k) "
+            "with a larger k), or use the start as the importance-sampling proposal."
+        ))
     elbo = lw_start.mean()
     elbo_se = lw_start.std(ddof=1) / math.sqrt(n)
     cubo = 0.5 * float(log_mean_exp(jnp.asarray(2.0 * lw_fit)))
