@@ -26,7 +26,7 @@ from veil.families.semi_implicit import SemiImplicit
 from veil.estimators import Reparam, ScoreFunction, Stratified
 from veil.objectives import ELBO, ChiSquare, FunctionObjective, Objective
 from veil.optim import clip_outliers, whitened_factor, whitened_location
-from veil.result import VIResult
+from veil.result import VIResult, _log_weights
 from veil.target import Target, _row_sharding, log_density_rows
 
 __all__ = ["fit", "default_optimizer", "DEFAULT_STEP_SIZE"]
@@ -402,12 +402,6 @@ def _other_modes(params, rest, bounds: np.ndarray, best: int) -> str:
     )
 
 
-@eqx.filter_jit
-def _weights_of(target, q, key, n: int):
-    z, log_q = q.sample_and_log_prob(key, n)
-    return log_density_rows(target, z) - log_q
-
-
 def _check_upper_bound(target: Target, start: Family, fitted: Family, key, n: int = 4000):
     """A chi-square fit broke down when its upper bound's estimate from ``n`` fresh draws,
     ``1/2 log mean w^2``, lies below the start's ELBO (a lower bound on log Z): no valid
@@ -418,8 +412,8 @@ def _check_upper_bound(target: Target, start: Family, fitted: Family, key, n: in
     from veil.objectives import log_mean_exp
 
     k1, k2 = jax.random.split(key)
-    lw_start = np.asarray(_weights_of(target, start, k1, n), np.float64)
-    lw_fit = np.asarray(_weights_of(target, fitted, k2, n), np.float64)
+    lw_start = np.asarray(_log_weights(target, start, k1, n), np.float64)
+    lw_fit = np.asarray(_log_weights(target, fitted, k2, n), np.float64)
     if not np.isfinite(lw_start).all():
         return Assessment(None, "")
     if not np.isfinite(lw_fit).all():  # stochastic volatility: 3% of the fitted q's draws

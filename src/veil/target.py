@@ -530,18 +530,7 @@ class Target(eqx.Module):
             raise TypeError(f"model must be a NumPyro model function, got {type(model).__name__}.")
         _check_data_finite(args, kwargs)
         # Trace the model once, eagerly, to learn its latent sites and their supports.
-        try:
-            tr = handlers.trace(handlers.seed(model, rng_seed=0)).get_trace(*args, **kwargs)
-        except Exception as e:
-            texts = [f"argument {k} is a str ({v!r:.40})" for k, v in
-                     [*enumerate(args), *kwargs.items()] if isinstance(v, str)]
-            if not texts:
-                raise
-            raise TypeError(
-                f"Running the model on its arguments failed ({type(e).__name__}: {e}), and "
-                f"{'; '.join(texts)}. Data go to a NumPyro model as arrays (jnp.asarray(...) "
-                "of numbers); to load a file, read it first (numpy.loadtxt, pandas)."
-            ) from e
+        tr = handlers.trace(handlers.seed(model, rng_seed=0)).get_trace(*args, **kwargs)
         latent = {}
         for name, site in tr.items():
             if site["type"] == "sample" and site["is_observed"] and isinstance(site["value"], str):
