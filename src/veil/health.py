@@ -91,7 +91,7 @@ def check_log_density(fn, consts, dim: int, what: str = "The log density") -> No
             "vector your function reads (pass the right dim), or the target is flat, so "
             "improper, along them (give them a prior); a fit would run away along them.",
             UserWarning,
-            stacklevel=4,
+            stacklevel=3,
         )
 
 
