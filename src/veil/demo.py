@@ -123,7 +123,9 @@ def _comparison(name: str, res, ref: dict, wall: float) -> str:
         rm, rs = ref["mean"][n], ref["sd"][n]
         errs.append(abs(m - rm) / rs)
         lines.append(f"{n:<16}{m:>11.3f}{rm:>11.3f}{s:>10.3f}{rs:>10.3f}{errs[-1]:>10.2f}")
-    lines.append(f"max |mean error| / NUTS sd = {max(errs):.2f}; " + res.verdict()[0][0])
+    verdict, _ = res.verdict()
+    lines.append(f"max |mean error| / NUTS sd = {max(errs):.2f}; " + verdict[0])
+    lines += [line for line in verdict[1:] if not line.startswith("Stopped after")]
     return "\n".join(lines)
 
 

@@ -353,7 +353,8 @@ class MomentShift(NamedTuple):
             "Importance reweighting of q's draws (reliable at this k-hat) moves q's moments: "
             f"the mean of {names[j]} by {self.mean_shift[j]:+.2f} of q's sds, the sd of "
             f"{names[i]} by a factor {self.sd_ratio[i]:.2f} (ESS {self.ess:.0f}): q is off there. "
-            "Use a richer family, or reweight q's draws (veil.diagnostics.psis_moment_shift)."
+            "Use a richer family (a flow; veil.HierarchicalGaussian for a hierarchy's scales) "
+            "before trusting those coordinates."
         )
 
 
