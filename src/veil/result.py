@@ -371,7 +371,10 @@ class VIResult:
         _warn_nonfinite(draws)
         log_p, log_q = np.asarray(log_p), np.asarray(log_q)
         stats = {"lp": log_p, "log_q": log_q, "log_weight": log_p - log_q}
+        coords, dims = getattr(self.target, "arviz_dims", None) or ((), ())
+        dims = {k: list(v) for k, v in dims if k in draws}
         return az.from_dict(posterior=as_chains(draws, chains), sample_stats=as_chains(stats, chains),
+                            coords={k: list(v) for k, v in coords} or None, dims=dims or None,
                             attrs={"inference_library": "veil", "draws": "independent draws of q"})
 
     # ------------------------------------------------------------------ reports

@@ -259,6 +259,8 @@ class Target(eqx.Module):
     rows: Any = None  # that plate's current indices (a batch), or None for all rows
     mesh: Any = eqx.field(static=True, default=None)  # devices the rows are sharded over
     store: Any = eqx.field(static=True, default=None)  # rows kept on disk (batching.OnDisk)
+    constrain: Callable | None = eqx.field(static=True, default=None)  # a PyMC model's map to its variables
+    arviz_dims: tuple | None = eqx.field(static=True, default=None)  # (coords, dims) for ArviZ, as tuples
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -565,9 +567,57 @@ class Target(eqx.Module):
         return cls("numpyro", offset, None, model, tuple(sites), tuple(latent) + deterministic, data,
                    None, num_data, batch_size, plate)
 
+    @classmethod
+    def from_pymc(cls, model) -> "Target":
+        """Target the posterior of a PyMC model (``with pm.Model() as model: ...``).
+
+        The joint log density on PyMC's unconstrained value variables (``model.logp()``, its
+        transforms' log-Jacobians included) and the map back to the free variables and the
+        deterministics are PyMC's own graphs, compiled to JAX by PyTensor's JAX backend: no
+        hand translation. Observed values and ``pm.Data`` arrays are inputs of the compiled
+        program, so new data of the same shapes do not recompile. Draws are named as PyMC
+        names its variables, and ``res.to_arviz`` carries the model's coords and dims.
+
+        Needs PyMC >= 5.16 (``pip install 'veil[pymc]'``). PyMC's value variables keep their
+        names in :attr:`sites` (``tau_log__`` for a positive ``tau``).
+
+        Raises:
+            NotImplementedError: the model has a discrete free variable.
+            ValueError: the model has no free variable, or its data hold NaN or inf.
+
+        Example:
+            >>> import numpy as np, pymc as pm, veil
+            >>> with pm.Model() as m:
+            ...     mu = pm.Normal("mu", 0.0, 10.0)
+            ...     _ = pm.Normal("y", mu, 1.0, observed=np.array([1.0, 2.0, 3.0]))
+            >>> t = veil.Target.from_pymc(m)
+            >>> t.dim, t.names
+            (1, ('mu',))
+        """
+        try:
+            import pymc as pm
+        except ImportError as e:  # pragma: no cover - the optional dependency is missing
+            raise ImportError("Target.from_pymc needs PyMC: pip install 'veil[pymc]'.") from e
+        from veil import _pymc
+
+        if not isinstance(model, pm.Model):
+            raise TypeError(f"model must be a pymc.Model, got {type(model).__name__}.")
+        parts = _pymc.model_parts(model)
+        _check_data_finite(parts.data, {})
+        sites, offset = [], 0
+        for name, shape in parts.sites:
+            sites.append(Site(name, offset, shape))
+            offset += math.prod(shape)
+        data = tuple(jnp.asarray(d) for d in parts.data)
+        return cls("pymc", offset, parts.log_density, None, tuple(sites), parts.names, data,
+                   constrain=parts.constrain, arviz_dims=(parts.coords, parts.dims))
+
     # ------------------------------------------------------------------ evaluation
     def log_density(self, z: jax.Array) -> jax.Array:
         """``log p(z)`` for one flat unconstrained vector ``z`` of shape ``(dim,)``."""
+        if self.kind == "pymc":
+            values = _unflatten(self.sites, z)
+            return self.fn(*(values[s.name] for s in self.sites), *self.data)[0]
         if self.kind == "numpyro":
             return _numpyro_logdensity(self._model(), self.sites, z, self.data)
         if self.kind == "minibatched" and self._on_disk:
@@ -610,6 +660,10 @@ class Target(eqx.Module):
         For NumPyro models this includes ``numpyro.deterministic`` sites; a plain log-density
         target returns ``{"z": z}``.
         """
+        if self.kind == "pymc":
+            values = _unflatten(self.sites, z)
+            out = self.constrain(*(values[s.name] for s in self.sites), *self.data)
+            return dict(zip(self.names, out))
         if self.kind == "numpyro":
             from numpyro.infer.util import constrain_fn
 
