@@ -60,11 +60,34 @@ def test_summary_table_and_verdict(schools):
     text = str(s)
     for name in ("mu", "tau", "theta[7]", "theta_tilde[0]", "k-hat", "Verdict"):
         assert name in text
-    assert s.table.shape == (1 + 1 + 8 + 8, 5)
     # 400 steps is far from converged: the summary must say so in plain words.
     assert "Not converged" in text and not s.trustworthy
     df = s.to_dataframe()
-    assert list(df.columns) == ["mean", "sd", "5%", "50%", "95%"]
+    base = ["mean", "sd", "5%", "50%", "95%"]
+    # Where k-hat allows, the importance-weighted mean and sd stand beside q's own.
+    cols = base + (["psis mean", "psis sd"] if schools.khat < 0.7 else [])
+    assert list(df.columns) == cols and s.table.shape == (1 + 1 + 8 + 8, len(cols))
+
+
+def test_psis_columns_and_resampled_draws_correct_a_q_that_is_off():
+    # q = N(0, I) fixed (no step taken), target N(0.5, 1.2^2 I) in 2-d: k-hat ~0.3, so the
+    # weights are reliable; the weighted mean is the target's 0.5 +- ~0.02 (ESS ~5,000 of
+    # 8,000), q's own is 0. Resampled draws follow the target too (4,000 of them: se of the
+    # mean ~0.03 with repeats, so 0.15).
+    t = veil.Target.from_logdensity(lambda z: -0.5 * jnp.sum(((z - 0.5) / 1.2) ** 2), dim=2)
+    res = veil.fit(t, veil.MeanField(2, init_scale=1.0), key=jax.random.key(0), max_steps=1, stop=None,
+                   optimizer=__import__("optax").sgd(0.0), progress=False)
+    df = res.summary().to_dataframe()
+    assert np.allclose(df["psis mean"], 0.5, atol=0.1) and np.allclose(df["psis sd"], 1.2, atol=0.1)
+    assert np.allclose(df["mean"], 0.0, atol=0.1)
+    z = res.resampled_draws(4000, key=jax.random.key(1))["z"]
+    assert np.allclose(z.mean(0), 0.5, atol=0.15)
+    bad = veil.Target.from_logdensity(lambda z: -0.5 * jnp.sum((z / 5.0) ** 2), dim=2)  # q far too narrow
+    far = veil.fit(bad, veil.MeanField(2, init_scale=0.5), key=jax.random.key(0), max_steps=1, stop=None,
+                   optimizer=__import__("optax").sgd(0.0), progress=False)
+    assert far.khat >= 0.7 and "psis mean" not in far.summary().columns
+    with pytest.raises(ValueError, match="unreliable"):
+        far.resampled_draws(10, key=jax.random.key(1))
 
 
 def test_plot_returns_a_figure(schools):

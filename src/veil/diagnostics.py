@@ -16,7 +16,7 @@ import numpy as np
 PROBE_BATCH = 25  # steps per probe row; the driver's batch length (kept equal by a test)
 
 __all__ = [
-    "StopRule", "Decision", "psis_khat", "khat_verdict", "khat_ok", "format_khat", "psis_moment_shift", "MomentShift", "gradient_variance", "GradientVariance",
+    "StopRule", "Decision", "psis_khat", "khat_verdict", "khat_ok", "format_khat", "psis_moment_shift", "psis_weights", "MomentShift", "gradient_variance", "GradientVariance",
     "kernel_stein_discrepancy",
 ]
 
@@ -353,9 +353,29 @@ class MomentShift(NamedTuple):
             "Importance reweighting of q's draws (reliable at this k-hat) moves q's moments: "
             f"the mean of {names[j]} by {self.mean_shift[j]:+.2f} of q's sds, the sd of "
             f"{names[i]} by a factor {self.sd_ratio[i]:.2f} (ESS {self.ess:.0f}): q is off there. "
-            "Use a richer family (a flow; veil.HierarchicalGaussian for a hierarchy's scales) "
-            "before trusting those coordinates."
+            "The summary's psis columns and res.resampled_draws correct for it as far as q "
+            "covers the target; or fit a richer family (a flow; veil.HierarchicalGaussian for a "
+            "hierarchy's scales)."
         )
+
+
+def psis_weights(log_weights) -> np.ndarray:
+    """Pareto-smoothed importance weights (ArviZ's ``psislw``), normalised to sum to one.
+
+    Example:
+        >>> import numpy as np
+        >>> w = psis_weights(np.log(np.random.default_rng(0).pareto(3.0, 1000) + 1.0))
+        >>> bool(abs(w.sum() - 1.0) < 1e-12 and w.min() > 0)
+        True
+    """
+    lw = np.asarray(log_weights, np.float64).ravel()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # ArviZ's import banner and small-sample notes
+        import arviz as az
+
+        smoothed, _ = az.psislw(lw - lw.max())
+    w = np.exp(smoothed - smoothed.max())
+    return w / w.sum()
 
 
 def psis_moment_shift(z, log_weights) -> MomentShift:
@@ -379,14 +399,7 @@ def psis_moment_shift(z, log_weights) -> MomentShift:
         True
     """
     z = np.asarray(z, np.float64)
-    lw = np.asarray(log_weights, np.float64).ravel()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        import arviz as az
-
-        smoothed, _ = az.psislw(lw - lw.max())
-    w = np.exp(smoothed - smoothed.max())
-    w /= w.sum()
+    w = psis_weights(log_weights)
     ess = float(1.0 / np.sum(w**2))
     m_q, sd_q = z.mean(0), z.std(0, ddof=1)
     m_w = w @ z

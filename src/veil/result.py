@@ -13,7 +13,7 @@ import equinox as eqx
 import jax
 import numpy as np
 
-from veil.diagnostics import MomentShift, format_khat, khat_ok, khat_verdict, psis_khat, psis_moment_shift
+from veil.diagnostics import MomentShift, format_khat, khat_ok, khat_verdict, psis_khat, psis_moment_shift, psis_weights
 from veil.target import log_density_rows
 
 __all__ = ["VIResult", "Summary", "LogEvidence"]
@@ -43,6 +43,20 @@ def _draw_unconstrained(target, q, key, n: int):
     same draws as :func:`_draw` with the same key)."""
     z, log_q = q.sample_and_log_prob(key, n)
     return z, log_density_rows(target, z), log_q
+
+
+@eqx.filter_jit
+def _constrain_rows(target, z):
+    return jax.vmap(target.to_constrained)(z)
+
+
+def _weighted_columns(draws: dict, w: np.ndarray):
+    """Names, weighted means and weighted sds of every constrained scalar."""
+    names, x = _flat_columns(draws)
+    x = np.asarray(x, np.float64)
+    mean = w @ x
+    sd = np.sqrt(np.maximum(w @ (x - mean) ** 2, 0.0))
+    return names, mean, sd
 
 
 @eqx.filter_jit
@@ -279,6 +293,49 @@ class VIResult:
         log_p, log_q = self._diagnostic_draws
         return float(np.mean(log_p - log_q))
 
+    @functools.cached_property
+    def _psis(self):
+        """The diagnostic draws in constrained space and their normalised Pareto-smoothed
+        weights; ``None`` where k-hat is 0.7 or more (the weights are then unreliable) or not
+        computable."""
+        if not khat_ok(self.khat):  # first: a result without a density (particles) has k-hat NaN
+            return None
+        z, log_p, log_q = self._diagnostic_sample
+        lw = log_p - log_q
+        if not np.isfinite(lw).all():
+            return None
+        draws = _constrain_rows(self.target, jax.numpy.asarray(z, jax.numpy.float32))
+        return {k: np.asarray(v) for k, v in draws.items()}, psis_weights(lw)
+
+    def resampled_draws(self, n: int, *, key: jax.Array) -> dict[str, np.ndarray]:
+        """``n`` draws resampled, with replacement, from the 8,000 (or 32,000) draws of q
+        behind :attr:`khat` in proportion to their Pareto-smoothed importance weights: draws
+        of the target rather than of q, as far as q covers it ("Yes, but did it work?", Yao
+        et al. 2018). Constrained, a dict ``name -> [n, ...]``. Repeats are expected: the
+        effective number of distinct draws is about the weights' ESS.
+
+        Raises:
+            ValueError: k-hat is 0.7 or more (or not computable): the weights are unreliable.
+
+        Example:
+            >>> import jax, jax.numpy as jnp, veil
+            >>> t = veil.Target.from_logdensity(lambda z: -0.5 * jnp.sum((z - 1.0) ** 2), dim=2)
+            >>> res = veil.fit(t, veil.MeanField(2), key=jax.random.key(0), progress=False)
+            >>> res.resampled_draws(100, key=jax.random.key(1))["z"].shape
+            (100, 2)
+        """
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+            raise ValueError(f"n must be a positive integer, got {n!r}.")
+        if self._psis is None:
+            raise ValueError(
+                f"k-hat is {format_khat(self.khat)}: importance weights of q's draws are unreliable "
+                "(k-hat >= 0.7 or not finite), so resampling them would not give draws of the "
+                "target. Fit a richer family first."
+            )
+        draws, w = self._psis
+        idx = np.asarray(jax.random.choice(key, w.size, (int(n),), p=jax.numpy.asarray(w)))
+        return {k: v[idx] for k, v in draws.items()}
+
     def log_evidence(self, *, key: jax.Array, n: int = 10_000, batch: int = 10_000) -> LogEvidence:
         """Importance-sampling estimate of the log normalising constant (for a NumPyro
         target: the log marginal likelihood ``log p(data)``) with the fitted ``q`` as proposal.
@@ -421,7 +478,9 @@ class VIResult:
 
     def summary(self, prob: float = 0.9) -> Summary:
         """Mean, sd and central ``prob`` interval of every constrained scalar, from 4000
-        draws, with the k-hat verdict and the stopping reason in plain words."""
+        draws, with the k-hat verdict and the stopping reason in plain words. Where k-hat is
+        below 0.7 two more columns give the Pareto-smoothed importance-weighted mean and sd
+        (``psis mean``, ``psis sd``: the target's, as far as q covers it), beside q's own."""
         if not 0 < prob < 1:
             raise ValueError(f"prob must lie in (0, 1), got {prob}.")
         draws = self._summary_draws()
@@ -430,6 +489,11 @@ class VIResult:
         if bad:  # the table from the finite draws; the verdict says how many were dropped
             draws = jax.tree.map(lambda x: np.asarray(x)[keep], draws)
         names, table, cols = summary_table(draws, prob)
+        if self._psis is not None:  # beside q's own: the importance-weighted mean and sd
+            pnames, psis_mean, psis_sd = _weighted_columns(*self._psis)
+            if pnames == names:
+                table = np.column_stack([table, psis_mean, psis_sd])
+                cols = cols + ["psis mean", "psis sd"]
         lines, ok = self.verdict()
         if bad:
             ok = False
