@@ -19,7 +19,6 @@ Works with PyMC 5.16 and later (tested with 5.28.5 and PyTensor 2.38).
 
 from __future__ import annotations
 
-import math
 import warnings
 import weakref
 from typing import NamedTuple
@@ -142,13 +141,3 @@ def _graphs(model) -> dict:
     dims = tuple((k, tuple(v)) for k, v in model.named_vars_to_dims.items() if k in names)
     return {"values": values, "inputs": inputs, "logp": logp, "constrained": constrained,
             "sites": sites, "names": names, "data": data, "coords": coords, "dims": dims}
-
-
-def split(z, sites):
-    """The flat vector ``z`` as the value variables' arrays, in ``sites`` order."""
-    out, offset = [], 0
-    for _, shape in sites:
-        size = math.prod(shape)
-        out.append(z[offset: offset + size].reshape(shape))
-        offset += size
-    return out
