@@ -136,3 +136,15 @@ def test_the_remedy_is_not_the_family_already_used():
 
     assert "FullRank" in khat_verdict(0.9, "MeanField")
     assert "FullRank" not in khat_verdict(0.9, "FullRank") and "flow" in khat_verdict(0.9, "FullRank")
+
+
+def test_a_minibatched_target_gets_the_same_health_checks():
+    # Issue 28 left these to plain log densities; the prior plus one batch's likelihood is
+    # checked the same way when the rows are in memory.
+    rows = np.linspace(-1.0, 1.0, 100).astype(np.float32)
+    with pytest.raises(ValueError, match="reads outside its input.*dim=1"):
+        veil.Target.minibatched(lambda z: -0.5 * jnp.sum(z**2), lambda z, x: jnp.sum(x * z[1]),
+                                rows, dim=1, batch_size=10)
+    with pytest.warns(UserWarning, match=r"does not change along coordinate\(s\) 1 of 2"):
+        veil.Target.minibatched(lambda z: -0.5 * z[0] ** 2, lambda z, x: jnp.sum(x * z[0]),
+                                rows, dim=2, batch_size=10)

@@ -413,6 +413,12 @@ class Target(eqx.Module):
                     f"{name} must return a scalar, but it returned shape {getattr(out, 'shape', type(out).__name__)}. "
                     "Sum the per-row terms (e.g. `jnp.sum(...)`)."
                 )
+        if store is None and all(isinstance(x, jax.Array) and x.is_fully_addressable for x in jax.tree.leaves(data)):
+            # The health checks of a plain log density (reads past dim, flat coordinates) on
+            # the prior plus the likelihood of the first batch's rows.
+            first = jax.tree.map(lambda x: x[: int(batch_size)], data)
+            check_log_density(lambda z: log_prior(z) + log_lik(z, first), None, dim,
+                              "The log density (log_prior + log_lik of a batch)")
         site = Site("z", 0, (dim,))
         return cls("minibatched", dim, log_prior, None, (site,), ("z",), data, log_lik, int(num_data),
                    int(batch_size), store=store)
