@@ -16,7 +16,7 @@ import numpy as np
 PROBE_BATCH = 25  # steps per probe row; the driver's batch length (kept equal by a test)
 
 __all__ = [
-    "StopRule", "Decision", "psis_khat", "khat_verdict", "khat_ok", "format_khat", "psis_moment_shift", "psis_weights", "MomentShift", "gradient_variance", "GradientVariance",
+    "StopRule", "Decision", "psis_khat", "khat_verdict", "khat_ok", "format_khat", "psis_moment_shift", "psis_weights", "moment_shift", "MomentShift", "gradient_variance", "GradientVariance",
     "kernel_stein_discrepancy",
 ]
 
@@ -398,8 +398,14 @@ def psis_moment_shift(z, log_weights) -> MomentShift:
         >>> bool(shift.off and abs(shift.mean_shift[0] - 1.0) < 0.15)
         True
     """
+    return moment_shift(z, psis_weights(log_weights))
+
+
+def moment_shift(z, w) -> MomentShift:
+    """:func:`psis_moment_shift` for weights already smoothed and normalised
+    (:func:`psis_weights`), so a caller that keeps them does not smooth them twice."""
     z = np.asarray(z, np.float64)
-    w = psis_weights(log_weights)
+    w = np.asarray(w, np.float64)
     ess = float(1.0 / np.sum(w**2))
     m_q, sd_q = z.mean(0), z.std(0, ddof=1)
     m_w = w @ z

@@ -13,7 +13,7 @@ import equinox as eqx
 import jax
 import numpy as np
 
-from veil.diagnostics import MomentShift, format_khat, khat_ok, khat_verdict, psis_khat, psis_moment_shift, psis_weights
+from veil.diagnostics import MomentShift, format_khat, khat_ok, khat_verdict, moment_shift, psis_khat, psis_weights
 from veil.target import log_density_rows
 
 __all__ = ["VIResult", "Summary", "LogEvidence"]
@@ -30,19 +30,18 @@ _SUMMARY_DRAWS = 4000
 
 
 @eqx.filter_jit
-def _draw(target, q, key, n: int):
-    """``n`` draws of ``q``: constrained values, ``log p`` and ``log q`` of each."""
+def _draw_unconstrained(target, q, key, n: int):
+    """``n`` draws of ``q`` in unconstrained space with ``log p`` and ``log q`` of each."""
     z, log_q = q.sample_and_log_prob(key, n)
-    log_p = log_density_rows(target, z)
-    return jax.vmap(target.to_constrained)(z), log_p, log_q
+    return z, log_density_rows(target, z), log_q
 
 
 @eqx.filter_jit
-def _draw_unconstrained(target, q, key, n: int):
-    """``n`` draws of ``q`` in unconstrained space with ``log p`` and ``log q`` of each (the
-    same draws as :func:`_draw` with the same key)."""
-    z, log_q = q.sample_and_log_prob(key, n)
-    return z, log_density_rows(target, z), log_q
+def _draw(target, q, key, n: int):
+    """The draws of :func:`_draw_unconstrained` (same key, same draws) in constrained space,
+    with ``log p`` and ``log q`` of each."""
+    z, log_p, log_q = _draw_unconstrained(target, q, key, n)
+    return jax.vmap(target.to_constrained)(z), log_p, log_q
 
 
 @eqx.filter_jit
@@ -150,10 +149,11 @@ def summary_table(draws: dict[str, Any], prob: float) -> tuple[list[str], np.nda
         raise ValueError(f"prob must lie in (0, 1), got {prob}.")
     names, x = _flat_columns(draws)
     lo, hi = (1 - prob) / 2, (1 + prob) / 2
+    columns = ["mean", "sd", f"{100 * lo:g}%", "50%", f"{100 * hi:g}%"]
     if x.shape[0] < 2:  # no draws left to summarise (all non-finite): the table says so
-        return names, np.full((len(names), 5), np.nan), ["mean", "sd", f"{100 * lo:g}%", "50%", f"{100 * hi:g}%"]
+        return names, np.full((len(names), len(columns)), np.nan), columns
     table = np.column_stack([x.mean(0), x.std(0, ddof=1), *np.quantile(x, [lo, 0.5, hi], axis=0)])
-    return names, table, ["mean", "sd", f"{100 * lo:g}%", "50%", f"{100 * hi:g}%"]
+    return names, table, columns
 
 
 @dataclasses.dataclass(eq=False)
@@ -253,17 +253,32 @@ class VIResult:
             z, log_p, log_q = _draw_unconstrained(self.target, self.q, key, n)
             return np.asarray(z, np.float64), np.asarray(log_p, np.float64), np.asarray(log_q, np.float64)
 
+        def khat_of(log_p, log_q):
+            lw = log_p - log_q
+            return psis_khat(lw) if np.isfinite(lw).all() else math.nan
+
         if self.target.is_minibatched:
-            return draw(self.diagnostic_key, _KHAT_DRAWS_MINIBATCHED)
-        z, log_p, log_q = draw(self.diagnostic_key, _KHAT_DRAWS)
-        lw = log_p - log_q
-        if np.isfinite(lw).all() and 0.5 <= psis_khat(lw) < 0.7:
-            return draw(jax.random.fold_in(self.diagnostic_key, 3), _KHAT_DRAWS_FAIR)
-        return z, log_p, log_q
+            sample = draw(self.diagnostic_key, _KHAT_DRAWS_MINIBATCHED)
+            return *sample, khat_of(*sample[1:])
+        sample = draw(self.diagnostic_key, _KHAT_DRAWS)
+        khat = khat_of(*sample[1:])
+        if 0.5 <= khat < 0.7:
+            sample = draw(jax.random.fold_in(self.diagnostic_key, 3), _KHAT_DRAWS_FAIR)
+            khat = khat_of(*sample[1:])
+        return *sample, khat
 
     @property
     def _diagnostic_draws(self):
-        return self._diagnostic_sample[1:]
+        return self._diagnostic_sample[1:3]
+
+    @functools.cached_property
+    def _diagnostic_weights(self):
+        """The normalised Pareto-smoothed weights of the diagnostic draws (``None`` where a
+        log weight is not finite), smoothed once for the reweighting check, the psis columns
+        and the resampled draws."""
+        _, log_p, log_q, _ = self._diagnostic_sample
+        lw = log_p - log_q
+        return psis_weights(lw) if np.isfinite(lw).all() else None
 
     @functools.cached_property
     def reweighting(self) -> MomentShift | None:
@@ -272,20 +287,18 @@ class VIResult:
         (:func:`veil.diagnostics.psis_moment_shift`); ``None`` where the weights are not all
         finite. Where k-hat is below 0.7 the reweighted moments are the better estimates, so
         a large move means ``q`` itself is off there, which the verdict reports."""
-        z, log_p, log_q = self._diagnostic_sample
-        lw = log_p - log_q
-        if not (np.isfinite(lw).all() and np.isfinite(z).all()):
+        z = self._diagnostic_sample[0]
+        w = self._diagnostic_weights
+        if w is None or not np.isfinite(z).all():
             return None
-        return psis_moment_shift(z, lw)
+        return moment_shift(z, w)
 
     @functools.cached_property
     def khat(self) -> float:
         """PSIS k-hat of ``q`` against the target from 8,000 fresh draws (32,000 when those
         read 0.5-0.7; 2,000 for a minibatched target; NaN if any log weight is not finite).
         Below 0.5 good, below 0.7 fair, above unreliable; ``-inf`` an exact fit."""
-        log_p, log_q = self._diagnostic_draws
-        lw = log_p - log_q
-        return psis_khat(lw) if np.isfinite(lw).all() else math.nan
+        return self._diagnostic_sample[3]
 
     @functools.cached_property
     def elbo(self) -> float:
@@ -300,12 +313,12 @@ class VIResult:
         computable."""
         if not khat_ok(self.khat):  # first: a result without a density (particles) has k-hat NaN
             return None
-        z, log_p, log_q = self._diagnostic_sample
-        lw = log_p - log_q
-        if not np.isfinite(lw).all():
+        w = self._diagnostic_weights
+        if w is None:
             return None
+        z = self._diagnostic_sample[0]
         draws = _constrain_rows(self.target, jax.numpy.asarray(z, jax.numpy.float32))
-        return {k: np.asarray(v) for k, v in draws.items()}, psis_weights(lw)
+        return {k: np.asarray(v) for k, v in draws.items()}, w
 
     def resampled_draws(self, n: int, *, key: jax.Array) -> dict[str, np.ndarray]:
         """``n`` draws resampled, with replacement, from the 8,000 (or 32,000) draws of q
