@@ -462,6 +462,8 @@ def _fingerprint(target: Target, q: Family, objective, optimizer, stop, num_rest
         for leaf in jax.tree.leaves(target.store.data):
             _hash_array(h, leaf)
         target_hash = h.hexdigest()[:16]
+    if target.kind == "stan":  # the log density is a host callback: its program text says nothing
+        target_hash += f"+stan{target.source.fingerprint}"
     fn = target.fn if target.model is None else target.model  # a NumPyro target's model
     fn = getattr(fn, "__qualname__", clean(fn))
     return {
