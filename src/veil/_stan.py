@@ -237,18 +237,21 @@ class StanModel:
         z = np.asarray(z)
         self.num_grad_evals += int(np.prod(z.shape[:-1]))
         lp, g = self.model.log_density_grad(np.asarray(z, np.float64).reshape(-1, self.dim))
-        return lp.reshape(z.shape[:-1]).astype(z.dtype), g.reshape(z.shape).astype(z.dtype)
+        with np.errstate(over="ignore"):  # beyond float32's range is -inf (or inf) there too
+            return lp.reshape(z.shape[:-1]).astype(z.dtype), g.reshape(z.shape).astype(z.dtype)
 
     def host_log_density(self, z):
         z = np.asarray(z)
         self.num_evals += int(np.prod(z.shape[:-1]))
         lp = self.model.log_density(np.asarray(z, np.float64).reshape(-1, self.dim))
-        return lp.reshape(z.shape[:-1]).astype(z.dtype)
+        with np.errstate(over="ignore"):
+            return lp.reshape(z.shape[:-1]).astype(z.dtype)
 
     def host_constrain(self, z):
         z = np.asarray(z)
         c = self.model.constrain(np.asarray(z, np.float64).reshape(-1, self.dim))
-        return c.reshape(z.shape[:-1] + (self.num_constrained,)).astype(z.dtype)
+        with np.errstate(over="ignore"):
+            return c.reshape(z.shape[:-1] + (self.num_constrained,)).astype(z.dtype)
 
 
 def _group(flat_names) -> list[tuple[str, int]]:

@@ -45,7 +45,7 @@ def coordinate_names(target) -> list[str]:
     ``site`` or ``site[i]`` (unconstrained) for a NumPyro model."""
     names = []
     for site in target.sites:
-        if site.unconstrained_shape == () or (site.size == 1 and target.kind == "numpyro"):
+        if site.unconstrained_shape == () or (site.size == 1 and target.kind in ("numpyro", "stan")):
             names.append(site.name)
             continue
         for idx in np.ndindex(site.unconstrained_shape):

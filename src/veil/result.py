@@ -156,6 +156,31 @@ def summary_table(draws: dict[str, Any], prob: float) -> tuple[list[str], np.nda
     return names, table, columns
 
 
+@dataclasses.dataclass(frozen=True)
+class Refinement:
+    """What the variational-Newton refinement of a FullRank fit did (``veil.fit(refine=True)``).
+
+    Attributes:
+        applied: whether its Gaussian replaced the stochastic optimiser's (it settled, and its
+            ELBO from the same draws was at least the fit's).
+        iterations: Newton iterations run.
+        grad_evals: gradient evaluations they took (``2 dim`` per iteration).
+        mean_shift: largest ``|mean change| / sd`` over the coordinates: how far short of the
+            ELBO's optimum the stochastic run had stopped (noise alone: a few hundredths).
+        mean_shift_at: the (unconstrained) coordinate where it was largest.
+        sd_change: largest relative change of a coordinate's sd (0.25 = 25%).
+        wall_time: seconds.
+    """
+
+    applied: bool
+    iterations: int
+    grad_evals: int
+    mean_shift: float
+    mean_shift_at: int
+    sd_change: float
+    wall_time: float
+
+
 @dataclasses.dataclass(eq=False)
 class Summary:
     """Posterior summary of a fit: a table (constrained space) and a plain-words verdict.
@@ -209,6 +234,8 @@ class VIResult:
             warning ``veil.fit`` gave); empty otherwise.
         base_result: for a flow fitted in two stages, the :class:`VIResult` of its Gaussian
             stage (``None`` otherwise); ``num_steps`` and ``trace`` above are the flow stage's.
+        refinement: for a FullRank ELBO fit, what the variational-Newton refinement did
+            (:class:`Refinement`; ``None`` where it did not run). ``wall_time`` includes it.
     """
 
     target: Any
@@ -224,6 +251,7 @@ class VIResult:
     base_result: Any = dataclasses.field(default=None, repr=False)
     problem: str = dataclasses.field(default="", repr=False)
     other_modes: str = dataclasses.field(default="", repr=False)
+    refinement: Refinement | None = dataclasses.field(default=None, repr=False)
 
     @classmethod
     def from_run(cls, out, target, q, diagnostic_key, *, restart: int = 0, wall_time=None, **extra):
@@ -463,6 +491,14 @@ class VIResult:
         if self.other_modes:
             ok = False
             lines.append(self.other_modes)
+        r = self.refinement
+        if r is not None and r.applied and (r.mean_shift > 0.1 or r.sd_change > 0.1):
+            from veil.health import coordinate_names
+
+            lines.append(
+                f"Refined by variational Newton ({r.iterations} iterations, {r.grad_evals} gradients): "
+                f"q's mean moved by up to {r.mean_shift:.2f} sd (at {coordinate_names(self.target)[r.mean_shift_at]}) "
+                f"and its sds by up to {100 * r.sd_change:.0f}% from where the stochastic optimiser stopped.")
         return self._run_lines(lines, ok, self._subject)
 
     def _run_lines(self, lines: list[str], ok: bool, subject: str, stop: str | None = None) -> tuple[list[str], bool]:
