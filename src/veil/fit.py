@@ -18,6 +18,7 @@ from veil import driver
 from veil.checkpoint import Checkpoint
 from veil.diagnostics import StopRule
 from veil.families.base import Family
+from veil.families.gaussian import FullRank
 from veil.health import assess_run
 from veil.families.flows import Flow, FlowJAX
 from veil.families.mixture import Mixture
@@ -378,6 +379,7 @@ def fit(
     if (refine and _refinable(target, best_q, objective, stop, mesh)
             and (res.converged or res.stop_reason == "max_steps")):
         _refine(res, jax.random.fold_in(diag_key, 9))
+        _check_starts(res, jax.random.fold_in(diag_key, 10), refine)
     return res
 
 
@@ -393,6 +395,69 @@ def _refinable(target: Target, q: Family, objective, stop, mesh) -> bool:
     return (type(q) is FullRank and type(objective) is ELBO and objective.likelihood_weight == 1
             and objective.beta == 1 and stop is not None and mesh is None and not target.is_minibatched
             and target.dim <= _REFINE_MAX_DIM)
+
+
+# Independent starts: Pathfinder's paths from Uniform(-2, 2) starts, each a Gaussian with its
+# ELBO; compared with the fit's from the same draws.
+_START_PATHS = 4
+_START_DRAWS = 1000
+
+
+def _check_starts(res: VIResult, key, refine: bool) -> None:
+    """Where independent starts lead, against where the fit ended (in place, ``res.starts``).
+
+    ``veil.pathfinder`` runs ``_START_PATHS`` quasi-Newton paths from dispersed starts; each
+    path's Gaussian has an ELBO, estimated here from the same ``_START_DRAWS`` standard-normal
+    draws as the fit's. A path more than ``_MODE_NATS`` above the fit means the fit settled
+    in a poor local optimum: the fit is refined again from that path (variational Newton) and
+    kept if it ends higher. A path whose mean lies more than 3 sds from the (final) fit's in
+    some coordinate with an ELBO within ``_MODE_NATS`` of it sits on another mode of
+    comparable mass, which q's own draws (and k-hat) cannot see."""
+    from veil.newton import _checked, variational_newton
+    from veil.pathfinder import gaussian_to_family, pathfinder
+    from veil.result import StartCheck
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            pf = pathfinder(res.target, key=key, num_paths=_START_PATHS)
+        except (ValueError, FloatingPointError, np.linalg.LinAlgError):  # no finite start found
+            return
+    check_key = jax.random.fold_in(key, 1)
+    fit_elbo = _checked(res.target, np.asarray(res.q.mean, np.float64), np.asarray(res.q.cov, np.float64), check_key)[1]
+    paths = []
+    for i in range(pf.num_paths):
+        g = jax.tree.map(lambda a: np.asarray(a[i], np.float64), pf.paths.gaussian)
+        if not (np.isfinite(g.loc).all() and np.isfinite(g.cov).all()):
+            continue
+        paths.append((g.loc, g.cov, _checked(res.target, g.loc, g.cov, check_key)[1]))
+    paths = [p for p in paths if np.isfinite(p[2])]
+    if not paths or not np.isfinite(fit_elbo):
+        return
+    moved_from = None
+    loc, cov, best = max(paths, key=lambda p: p[2])
+    if best > fit_elbo + _MODE_NATS and refine:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                nw = variational_newton(res.target, key=jax.random.fold_in(key, 2),
+                                        init=gaussian_to_family(FullRank(res.target.dim), loc, cov))
+            except (ValueError, np.linalg.LinAlgError):
+                nw = None
+        if nw is not None:
+            new = _checked(res.target, np.asarray(nw.q.mean, np.float64), np.asarray(nw.q.cov, np.float64), check_key)[1]
+            if np.isfinite(new) and new > fit_elbo + _MODE_NATS:
+                moved_from, res.q, res.final_loss = float(new - fit_elbo), nw.q, -float(nw.elbo)
+                res.wall_time += nw.wall
+                fit_elbo = new
+    mu, sd = np.asarray(res.q.mean, np.float64), np.asarray(res.q.stddev, np.float64)
+    gaps = [(float(np.max(np.abs(p[0] - mu) / np.maximum(sd, np.sqrt(np.diagonal(p[1]))))), float(p[2] - fit_elbo))
+            for p in paths]
+    others = [(gap, nats) for gap, nats in gaps if gap > 3.0 and nats > -_MODE_NATS]
+    res.wall_time += pf.wall_time
+    res.starts = StartCheck(num_paths=pf.num_paths, grad_evals=int(pf.num_grad_evals),
+                            best_nats_above=float(max(n for _, n in gaps)), moved_nats=moved_from,
+                            other_mode=max(others) if others else None)
 
 
 def _refine(res: VIResult, key) -> None:

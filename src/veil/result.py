@@ -181,6 +181,29 @@ class Refinement:
     wall_time: float
 
 
+@dataclasses.dataclass(frozen=True)
+class StartCheck:
+    """Where independent starts led, against the fit (``veil.fit`` of a FullRank by the ELBO).
+
+    Attributes:
+        num_paths: Pathfinder paths run from Uniform(-2, 2) starts.
+        grad_evals: their gradient evaluations.
+        best_nats_above: the best path's ELBO minus the (final) fit's, from the same draws
+            (negative: the fit is the better Gaussian).
+        moved_nats: when a path had found a better optimum (over 3 nats higher), how much
+            higher the fit ended after it was refined again from there; ``None`` otherwise.
+        other_mode: ``(sds away, nats relative to the fit)`` of the farthest path that ended
+            more than 3 sds from the fit's mean with an ELBO within 3 nats of it (another
+            mode of comparable mass); ``None`` when there is none.
+    """
+
+    num_paths: int
+    grad_evals: int
+    best_nats_above: float
+    moved_nats: float | None
+    other_mode: tuple[float, float] | None
+
+
 @dataclasses.dataclass(eq=False)
 class Summary:
     """Posterior summary of a fit: a table (constrained space) and a plain-words verdict.
@@ -236,6 +259,8 @@ class VIResult:
             stage (``None`` otherwise); ``num_steps`` and ``trace`` above are the flow stage's.
         refinement: for a FullRank ELBO fit, what the variational-Newton refinement did
             (:class:`Refinement`; ``None`` where it did not run). ``wall_time`` includes it.
+        starts: for the same fits, where independent starts (Pathfinder's paths) led
+            (:class:`StartCheck`; ``None`` where it did not run). ``wall_time`` includes it.
     """
 
     target: Any
@@ -252,6 +277,7 @@ class VIResult:
     problem: str = dataclasses.field(default="", repr=False)
     other_modes: str = dataclasses.field(default="", repr=False)
     refinement: Refinement | None = dataclasses.field(default=None, repr=False)
+    starts: StartCheck | None = dataclasses.field(default=None, repr=False)
 
     @classmethod
     def from_run(cls, out, target, q, diagnostic_key, *, restart: int = 0, wall_time=None, **extra):
@@ -491,6 +517,21 @@ class VIResult:
         if self.other_modes:
             ok = False
             lines.append(self.other_modes)
+        st = self.starts
+        if st is not None and st.moved_nats is not None:
+            lines.append(
+                f"The stochastic run had settled in a poor local optimum: one of {st.num_paths} independent "
+                f"starts (Pathfinder paths) found a better one, and q was refitted there (ELBO {st.moved_nats:.1f} "
+                "nats higher).")
+        if st is not None and st.other_mode is not None:
+            ok = False
+            gap, nats = st.other_mode
+            lines.append(
+                f"Another mode: an independent start (one of {st.num_paths} Pathfinder paths) ended {gap:.1f} sds "
+                f"from q's mean with an ELBO {abs(nats):.1f} nats {'above' if nats > 0 else 'below'} q's, so it "
+                f"holds about {100 * math.exp(min(nats, 5.0)):.0f}% of the mass q holds. The target has several modes "
+                "and q covers one; k-hat cannot see the others from q's draws. Fit a mixture "
+                "(veil.Mixture.around(res.q, k, key=...)) or veil.particles.repulsive_ensemble.")
         r = self.refinement
         if r is not None and r.applied and (r.mean_shift > 0.1 or r.sd_change > 0.1):
             from veil.health import coordinate_names
