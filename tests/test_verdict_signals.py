@@ -70,3 +70,25 @@ def test_a_long_ill_conditioned_direction_is_followed_to_the_end():
     plain = veil.fit(t, veil.FullRank(2), key=jax.random.key(0), progress=False, refine=False)
     off = float(np.max(np.abs(np.asarray(plain.q.mean) - mu) / sd))
     assert res.refinement.mean_shift > 0.5 * off  # the refinement moved it by what was missing
+
+
+def test_a_mean_that_stopped_short_is_flagged_where_nothing_refines_it():
+    # A MeanField (not refined) on a correlated Gaussian (rho 0.5, where its k-hat stays under
+    # 0.7, so k-hat alone would pass it): q's mean must satisfy E_q[grad log p] = 0 at the
+    # ELBO's optimum, so a Newton step on the mean measures how far short the run stopped. A
+    # run cut at 300 steps of Adam is sds short of the mean 30 (sd 20): flagged. The
+    # converged fit of an isotropic Gaussian is not (its step is noise, ~0.01 sd).
+    rho = 0.5
+    cov = np.array([[1.0, rho], [rho, 1.0]]) * 400.0
+    mu = np.array([30.0, 30.0])
+    prec = jnp.asarray(np.linalg.inv(cov), jnp.float32)
+    t = veil.Target.from_logdensity(lambda z: -0.5 * (z - mu) @ prec @ (z - mu), dim=2)
+    res = veil.fit(t, veil.MeanField(2), key=jax.random.key(0), progress=False, max_steps=300)
+    assert res.mean_drift is not None and res.mean_drift.off
+    assert res.khat < 0.7
+    lines, ok = res.verdict()
+    assert not ok and any(line.startswith("q's mean has not settled") for line in lines)
+    iso = veil.Target.from_logdensity(lambda z: -0.5 * jnp.sum((z - 3.0) ** 2), dim=4)
+    good = veil.fit(iso, veil.MeanField(4), key=jax.random.key(0), progress=False)
+    assert good.mean_drift.shift < 0.05 and not good.mean_drift.off
+    assert good.summary().trustworthy

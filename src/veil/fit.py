@@ -18,7 +18,7 @@ from veil import driver
 from veil.checkpoint import Checkpoint
 from veil.diagnostics import StopRule
 from veil.families.base import Family
-from veil.families.gaussian import FullRank
+from veil.families.gaussian import FullRank, LowRank, MeanField
 from veil.health import assess_run
 from veil.families.flows import Flow, FlowJAX
 from veil.families.mixture import Mixture
@@ -376,6 +376,7 @@ def fit(
     if other_modes:
         res.other_modes = other_modes
         warnings.warn(other_modes, RuntimeWarning, stacklevel=2)
+    res.checks_mean = _plain_elbo(objective) and isinstance(best_q, _GAUSSIANS) and not target.is_minibatched
     if (refine and _refinable(target, best_q, objective, stop, mesh)
             and (res.converged or res.stop_reason == "max_steps")):
         _refine(res, jax.random.fold_in(diag_key, 9))
@@ -384,16 +385,16 @@ def fit(
 
 
 _REFINE_MAX_DIM = 2000
+_GAUSSIANS = (MeanField, FullRank, LowRank)
 
 
 def _refinable(target: Target, q: Family, objective, stop, mesh) -> bool:
     """Whether Newton's refinement targets the same optimum as the fit: a FullRank Gaussian,
     the plain ELBO (no likelihood weight or beta), a full-data target on one device, and a
     run that was left to the stopping rule (``stop=None`` asks for exactly the last iterate)."""
-    from veil.families.gaussian import FullRank
+    from veil.families.gaussian import FullRank, LowRank, MeanField
 
-    return (type(q) is FullRank and type(objective) is ELBO and objective.likelihood_weight == 1
-            and objective.beta == 1 and stop is not None and mesh is None and not target.is_minibatched
+    return (type(q) is FullRank and _plain_elbo(objective) and stop is not None and mesh is None and not target.is_minibatched
             and target.dim <= _REFINE_MAX_DIM)
 
 
@@ -458,6 +459,10 @@ def _check_starts(res: VIResult, key, refine: bool) -> None:
     res.starts = StartCheck(num_paths=pf.num_paths, grad_evals=int(pf.num_grad_evals),
                             best_nats_above=float(max(n for _, n in gaps)), moved_nats=moved_from,
                             other_mode=max(others) if others else None)
+
+
+def _plain_elbo(objective) -> bool:
+    return type(objective) is ELBO and objective.likelihood_weight == 1 and objective.beta == 1
 
 
 def _refine(res: VIResult, key) -> None:

@@ -182,6 +182,72 @@ class Refinement:
 
 
 @dataclasses.dataclass(frozen=True)
+class MeanDrift:
+    """A Newton step on ``q``'s mean, in ``q``'s sds (:attr:`VIResult.mean_drift`).
+
+    Attributes:
+        shift: largest ``|delta_i| / sd_i`` over the unconstrained coordinates.
+        at: the coordinate where it is largest.
+        se: the standard error of ``|delta_i| / sd_i`` there.
+        grad_evals: gradient evaluations behind the estimate.
+    """
+
+    shift: float
+    at: int
+    se: float
+    grad_evals: int
+
+    @property
+    def off(self) -> bool:
+        """Whether the mean is off by more than 0.1 sd, beyond four standard errors of noise."""
+        return bool(self.shift > _DRIFT_LIMIT and self.shift > 4.0 * self.se)
+
+
+_DRIFT_LIMIT = 0.1  # sds: the accuracy a trusted fit promises for its means
+_DRIFT_ROUNDS = 4
+
+
+def mean_drift(target, q, key) -> MeanDrift | None:
+    """:attr:`VIResult.mean_drift` for a Gaussian ``q`` (anything with ``mean`` and ``cov``)."""
+    from veil.newton import _estimate
+
+    try:
+        mu = np.asarray(q.mean, np.float64)
+        cov = np.asarray(q.cov, np.float64)
+        chol = np.linalg.cholesky(cov)
+    except (AttributeError, np.linalg.LinAlgError):
+        return None
+    d = mu.shape[0]
+    grads, hessians = [], []
+    for r in range(_DRIFT_ROUNDS):
+        g, cross, second, finite, *_ = jax.device_get(_estimate(
+            target, jax.numpy.asarray(mu, jax.numpy.float32), jax.numpy.asarray(chol, jax.numpy.float32),
+            jax.random.fold_in(key, r)))
+        if not finite:
+            return None
+        grads.append(np.asarray(g, np.float64))
+        hessians.append(np.linalg.solve(chol.T, np.linalg.solve(np.asarray(second, np.float64),
+                                                                np.asarray(cross, np.float64).T)).T)
+    g = np.mean(grads, axis=0)
+    h = np.mean(hessians, axis=0)
+    prec = -0.5 * (h + h.T)
+    try:
+        np.linalg.cholesky(prec)
+    except np.linalg.LinAlgError:  # the expected Hessian is not negative definite over q: q's own
+        prec = np.linalg.inv(cov)  # precision is the curvature the ELBO gives the mean there
+    delta = np.linalg.solve(prec, g)
+    g_cov = np.cov(np.asarray(grads).T).reshape(d, d) / _DRIFT_ROUNDS
+    inv = np.linalg.inv(prec)
+    se = np.sqrt(np.maximum(np.diagonal(inv @ g_cov @ inv), 0.0))
+    sd = np.sqrt(np.diagonal(cov))
+    shift = np.abs(delta) / sd
+    if not np.isfinite(shift).all():
+        return None
+    at = int(np.argmax(shift))
+    return MeanDrift(float(shift[at]), at, float(se[at] / sd[at]), 2 * d * _DRIFT_ROUNDS)
+
+
+@dataclasses.dataclass(frozen=True)
 class StartCheck:
     """Where independent starts led, against the fit (``veil.fit`` of a FullRank by the ELBO).
 
@@ -278,6 +344,7 @@ class VIResult:
     other_modes: str = dataclasses.field(default="", repr=False)
     refinement: Refinement | None = dataclasses.field(default=None, repr=False)
     starts: StartCheck | None = dataclasses.field(default=None, repr=False)
+    checks_mean: bool = dataclasses.field(default=False, repr=False)  # a Gaussian fitted by the plain ELBO
 
     @classmethod
     def from_run(cls, out, target, q, diagnostic_key, *, restart: int = 0, wall_time=None, **extra):
@@ -346,6 +413,22 @@ class VIResult:
         if w is None or not np.isfinite(z).all():
             return None
         return moment_shift(z, w)
+
+    @functools.cached_property
+    def mean_drift(self) -> MeanDrift | None:
+        """How far ``q``'s mean still is from the ELBO's optimum, for a Gaussian fitted by the
+        plain ELBO to a full-data target (``None`` otherwise): one Newton step on the mean.
+
+        At the optimum the mean gradient ``E_q[grad log p]`` is zero whatever the family's
+        covariance; away from it, with ``H = E_q[hess log p]`` (from gradients alone, by
+        Stein's lemma), ``delta = -H^{-1} E_q[grad log p]`` is the step to where it vanishes (exact on a
+        Gaussian target). Estimated from ``_DRIFT_ROUNDS`` rounds of ``2 dim`` orthogonal
+        antithetic points (:mod:`veil.newton`); its standard error from the rounds' spread of the
+        gradient. The Adam steps' iterate average creeps along a posterior's long directions
+        and can stop short there, where the ELBO is flat and k-hat sees nothing wrong."""
+        if not self.checks_mean or self.target.is_minibatched:
+            return None
+        return mean_drift(self.target, self.q, jax.random.fold_in(self.diagnostic_key, 11))
 
     @functools.cached_property
     def khat(self) -> float:
@@ -517,6 +600,16 @@ class VIResult:
         if self.other_modes:
             ok = False
             lines.append(self.other_modes)
+        drift = self.mean_drift if khat_ok(khat) else None
+        if drift is not None and drift.off:
+            from veil.health import coordinate_names
+
+            ok = False
+            lines.append(
+                f"q's mean has not settled: a Newton step from q ({drift.grad_evals} gradients) moves it "
+                f"{drift.shift:.2f} sd (+- {drift.se:.2f}) at {coordinate_names(self.target)[drift.at]}, where "
+                "the ELBO is flat and k-hat cannot tell. Refine it (veil.variational_newton(target, "
+                "init=res, key=...)), or fit a veil.FullRank, which veil refines by default.")
         st = self.starts
         if st is not None and st.moved_nats is not None:
             lines.append(
@@ -532,6 +625,9 @@ class VIResult:
                 f"holds about {100 * math.exp(min(nats, 5.0)):.0f}% of the mass q holds. The target has several modes "
                 "and q covers one; k-hat cannot see the others from q's draws. Fit a mixture "
                 "(veil.Mixture.around(res.q, k, key=...)) or veil.particles.repulsive_ensemble.")
+        evidence = self._evidence(drift)
+        if evidence:
+            lines.append(evidence)
         r = self.refinement
         if r is not None and r.applied and (r.mean_shift > 0.1 or r.sd_change > 0.1):
             from veil.health import coordinate_names
@@ -541,6 +637,21 @@ class VIResult:
                 f"q's mean moved by up to {r.mean_shift:.2f} sd (at {coordinate_names(self.target)[r.mean_shift_at]}) "
                 f"and its sds by up to {100 * r.sd_change:.0f}% from where the stochastic optimiser stopped.")
         return self._run_lines(lines, ok, self._subject)
+
+    def _evidence(self, drift) -> str:
+        """One line with the figure behind every check beyond k-hat that ran (empty if none)."""
+        parts = []
+        rw = self.reweighting if khat_ok(self.khat) and self.khat != -math.inf else None
+        if rw is not None:
+            parts.append(f"reweighting moves means by <= {np.max(np.abs(rw.mean_shift)):.2f} sd and sds by a "
+                         f"factor {np.min(rw.sd_ratio):.2f}-{np.max(rw.sd_ratio):.2f}")
+        if drift is not None:
+            parts.append(f"a Newton step moves the mean by {drift.shift:.2f} sd (+- {drift.se:.2f})")
+        st = self.starts
+        if st is not None:
+            found = "another mode" if st.other_mode is not None else "no other mode"
+            parts.append(f"{st.num_paths} independent starts: {found}, best {st.best_nats_above:+.1f} nats against q")
+        return ("Evidence: " + "; ".join(parts) + ".") if parts else ""
 
     def _run_lines(self, lines: list[str], ok: bool, subject: str, stop: str | None = None) -> tuple[list[str], bool]:
         """``lines`` with how the run ended (``stop``, default the stop reason; ``"fixed"``
