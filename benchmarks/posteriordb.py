@@ -28,6 +28,7 @@ Methods:
               column is veil's k-hat < 0.7 on its draws, which BlackJAX does not report).
   veil-pf     veil.pathfinder (4 paths; its best path's Gaussian).
   veil-pfstart  veil's default fit started from veil.pathfinder's Gaussian.
+  flow        a RealNVP coupling flow (veil.flows.coupling) over veil's default FullRank fit.
   newton      veil.variational_newton (Pathfinder start, Newton steps on the ELBO, gradients only).
 
 Run:  .venv/bin/python benchmarks/posteriordb.py [--methods veil,advi,pathfinder]
@@ -117,6 +118,12 @@ def _veil_row(res) -> dict:
     return {"trusted": bool(s.trustworthy), "khat": float(res.khat), "stop": res.stop_reason,
             "steps": int(res.num_steps), "skipped": int(res.num_skipped),
             "reweighting_off": bool(rw is not None and rw.off), "other_modes": bool(res.other_modes),
+            "refined": None if res.refinement is None else res.refinement.applied,
+            "refine_shift": None if res.refinement is None else res.refinement.mean_shift,
+            "refine_s": None if res.refinement is None else round(res.refinement.wall_time, 2),
+            "drift": None if res.mean_drift is None else round(res.mean_drift.shift, 3),
+            "starts_moved": None if res.starts is None else res.starts.moved_nats,
+            "starts_other_mode": None if res.starts is None else res.starts.other_mode,
             "verdict": " | ".join(s.verdict)}
 
 
@@ -164,13 +171,22 @@ def run_veil_from_pathfinder(target, key):
     return res, _veil_row(res)
 
 
+def run_flow(target, key):
+    import veil
+
+    base = veil.fit(target, veil.FullRank(target.dim), key=key, progress=False)
+    res = veil.fit(target, veil.flows.coupling(target.dim, key=jax_fold(key, 5), base=base.q), key=jax_fold(key, 6),
+                   progress=False)
+    return res, _veil_row(res)
+
+
 def jax_fold(key, i):
     import jax
 
     return jax.random.fold_in(key, i)
 
 
-METHODS = {"veil": run_veil, "veil-pfstart": run_veil_from_pathfinder, "newton": run_newton, "advi": run_advi, "pathfinder": run_pathfinder, "veil-pf": run_veil_pathfinder}
+METHODS = {"veil": run_veil, "veil-pfstart": run_veil_from_pathfinder, "newton": run_newton, "flow": run_flow, "advi": run_advi, "pathfinder": run_pathfinder, "veil-pf": run_veil_pathfinder}
 
 
 def draws_of(method: str, out, target, key) -> tuple[dict, dict]:
@@ -179,7 +195,7 @@ def draws_of(method: str, out, target, key) -> tuple[dict, dict]:
 
     import veil
 
-    if method in ("veil", "advi", "veil-pfstart"):
+    if method in ("veil", "advi", "veil-pfstart", "flow"):
         return out.draws(NUM_DRAWS, key=key), {}
     if method in ("veil-pf", "newton"):
         z = out.q.sample(key, NUM_DRAWS)
@@ -195,14 +211,49 @@ def draws_of(method: str, out, target, key) -> tuple[dict, dict]:
 
 
 # ----------------------------------------------------------------------------- the run
+def table(paths: list[Path]) -> None:
+    """A markdown table of results files (rows keyed by posterior; one column group per
+    method, labelled ``file-stem:method`` when several files hold the same method)."""
+    rows, groups = {}, []
+    for path in paths:
+        for line in path.read_text().splitlines():
+            r = json.loads(line)
+            if r.get("meta"):
+                continue
+            label = r["method"] if len(paths) == 1 else f"{path.stem.split('_')[1]}:{r['method']}"
+            if label not in groups:
+                groups.append(label)
+            rows.setdefault(r["posterior"], {})[label] = r
+    def cell(r):
+        if r is None:
+            return "-"
+        mark = "" if r["err"] <= 0.1 else (" **silent**" if r["trusted"] else " flagged")
+        return f"{r['err']:.3f}{mark}"
+    print("| posterior | d | " + " | ".join(groups) + " |")
+    print("|---|---|" + "---|" * len(groups))
+    for name, by in rows.items():
+        d = next(iter(by.values()))["dim"]
+        print(f"| {name} | {d} | " + " | ".join(cell(by.get(g)) for g in groups) + " |")
+    for g in groups:
+        rs = [by[g] for by in rows.values() if g in by]
+        good = sum(r["err"] <= 0.1 for r in rs)
+        silent = sum(r["err"] > 0.1 and r["trusted"] for r in rs)
+        alarms = sum(r["err"] <= 0.1 and not r["trusted"] for r in rs)
+        print(f"\n{g}: {good}/{len(rs)} within 0.1 sd, {silent} silent misses, {alarms} false alarms, median wall "
+              f"{np.median([r['wall_s'] for r in rs]):.2f} s, median gradients {np.median([r['grad_evals'] for r in rs]):.0f}")
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--table", type=Path, nargs="+", help="print a markdown table of results files and stop")
     p.add_argument("--db", type=Path, default=DEFAULT_DB)
     p.add_argument("--methods", default="veil")
     p.add_argument("--only", nargs="*")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / f"posteriordb_{datetime.date.today()}.jsonl")
     a = p.parse_args(argv)
+    if a.table:
+        return table(a.table)
 
     import jax
 
@@ -244,7 +295,7 @@ def main(argv=None) -> None:
             except Exception as e:  # noqa: BLE001
                 print(f"{name} {method}: failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
                 continue
-            if method in ("veil", "advi", "veil-pfstart") and row.get("khat", np.inf) < 0.7:
+            if method in ("veil", "advi", "veil-pfstart", "flow") and row.get("khat", np.inf) < 0.7:
                 # the importance-weighted (PSIS) estimates beside q's own (Yao et al. 2018)
                 psis = out.resampled_draws(32_000, key=jax.random.key(a.seed + 2))
                 extra["err_psis"] = accuracy(columns(psis), post["reference"])["err"]

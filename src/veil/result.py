@@ -203,6 +203,7 @@ class MeanDrift:
         return bool(self.shift > _DRIFT_LIMIT and self.shift > 4.0 * self.se)
 
 
+_NEWTON_MAX_ITERS = 50  # variational_newton's default: a refinement that used them all did not settle
 _DRIFT_LIMIT = 0.1  # sds: the accuracy a trusted fit promises for its means
 _DRIFT_ROUNDS = 4
 
@@ -629,6 +630,13 @@ class VIResult:
         if evidence:
             lines.append(evidence)
         r = self.refinement
+        if (r is not None and not r.applied and r.iterations >= _NEWTON_MAX_ITERS and not khat_ok(khat)
+                and not jax.config.jax_enable_x64):
+            lines.append(
+                f"Variational Newton from this fit did not settle ({r.iterations} iterations). Where a "
+                "posterior is this strongly correlated (a regression on an uncentred predictor, such as "
+                "a calendar year), 32-bit floats cannot resolve it: centre the predictor, or fit in 64-bit "
+                "(jax.config.update(\"jax_enable_x64\", True) before building the target).")
         if r is not None and r.applied and (r.mean_shift > 0.1 or r.sd_change > 0.1):
             from veil.health import coordinate_names
 
