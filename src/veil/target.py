@@ -636,7 +636,7 @@ class Target(eqx.Module):
         the program. Stan's gradient is opaque to JAX: methods that need second derivatives or
         forward-mode derivatives of the log density do not apply to these targets.
 
-        Needs ``pip install 'veil[stan]'`` (httpstan >= 4.10, which brings Stan 2.3x) and g++ or
+        Needs ``pip install 'veil[stan]'`` (httpstan >= 4.13; tested with 4.13.0, which ships stanc3 2.35) and g++ or
         clang++.
 
         Raises:
