@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import types
 import typing
 import warnings
 
@@ -235,7 +236,10 @@ def fit(
             stochastic run stopped 0.13 sd short of the mean, or ran out of steps 43 sd off;
             BENCHMARKS.md section 43). The refined Gaussian replaces ``q`` only where it
             settled and its ELBO, estimated from the same draws, is at least the fit's;
-            :attr:`VIResult.refinement` says what it changed. ``False`` keeps the stochastic
+            :attr:`VIResult.refinement` says what it changed. The same fits are then checked
+            against four independent starts (Newton from dispersed points,
+            :attr:`VIResult.starts`): a better optimum replaces ``q``, another mode of
+            comparable mass turns the verdict. ``False`` skips both and keeps the stochastic
             optimiser's ``q`` as it is.
 
     A flow (or ``SemiImplicit``) built without a ``base`` (``veil.flows.coupling(d, key=k)``) is fitted in two
@@ -398,65 +402,62 @@ def _refinable(target: Target, q: Family, objective, stop, mesh) -> bool:
             and target.dim <= _REFINE_MAX_DIM)
 
 
-# Independent starts: Pathfinder's paths from Uniform(-2, 2) starts, each a Gaussian with its
-# ELBO; compared with the fit's from the same draws.
+# Independent starts: variational Newton from N(x0, 0.1^2 I), x0 ~ Uniform(-2, 2)^dim (the
+# range of Stan's and Pathfinder's inits), each ending at a Gaussian with its ELBO, compared
+# with the fit's from the same draws.
 _START_PATHS = 4
-_START_DRAWS = 1000
+_START_SCALE = 0.1
 
 
 def _check_starts(res: VIResult, key, refine: bool) -> None:
     """Where independent starts lead, against where the fit ended (in place, ``res.starts``).
 
-    ``veil.pathfinder`` runs ``_START_PATHS`` quasi-Newton paths from dispersed starts; each
-    path's Gaussian has an ELBO, estimated here from the same ``_START_DRAWS`` standard-normal
-    draws as the fit's. A path more than ``_MODE_NATS`` above the fit means the fit settled
-    in a poor local optimum: the fit is refined again from that path (variational Newton) and
-    kept if it ends higher. A path whose mean lies more than 3 sds from the (final) fit's in
-    some coordinate with an ELBO within ``_MODE_NATS`` of it sits on another mode of
-    comparable mass, which q's own draws (and k-hat) cannot see."""
+    ``variational_newton`` runs from ``_START_PATHS`` narrow Gaussians at dispersed points;
+    each ends at a Gaussian whose ELBO is estimated here from the same standard-normal draws
+    as the fit's (``newton.CHECK_DRAWS``). One more than ``_MODE_NATS`` above the fit means the
+    fit settled in a poor local optimum: q becomes that Gaussian. One whose mean lies more
+    than 3 sds from the (final) fit's in some coordinate with an ELBO within ``_MODE_NATS`` of
+    it sits on another mode of comparable mass, which q's own draws (and k-hat) cannot see.
+
+    Why Newton and not Pathfinder's L-BFGS paths: the refinement has compiled Newton's
+    programs for this target already, so the starts cost their gradients and no compilation;
+    Pathfinder added 1.0 s of tracing per new target (eight schools) and found the same
+    optima on all 31 posteriordb dev posteriors (BENCHMARKS.md section 43)."""
     from veil.newton import _checked, variational_newton
-    from veil.pathfinder import gaussian_to_family, pathfinder
+    from veil.pathfinder import gaussian_to_family
     from veil.result import StartCheck
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            pf = pathfinder(res.target, key=key, num_paths=_START_PATHS)
-        except (ValueError, FloatingPointError, np.linalg.LinAlgError):  # no finite start found
-            return
     check_key = jax.random.fold_in(key, 1)
     fit_elbo = _checked(res.target, np.asarray(res.q.mean, np.float64), np.asarray(res.q.cov, np.float64), check_key)[1]
-    paths = []
-    for i in range(pf.num_paths):
-        g = jax.tree.map(lambda a: np.asarray(a[i], np.float64), pf.paths.gaussian)
-        if not (np.isfinite(g.loc).all() and np.isfinite(g.cov).all()):
-            continue
-        paths.append((g.loc, g.cov, _checked(res.target, g.loc, g.cov, check_key)[1]))
+    starts = np.asarray(jax.random.uniform(key, (_START_PATHS, res.target.dim), minval=-2.0, maxval=2.0), np.float64)
+    paths, evals, wall = [], 0, 0.0
+    for i, x0 in enumerate(starts):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a start that does not settle is simply compared as it ends
+            try:
+                nw = variational_newton(res.target, key=jax.random.fold_in(key, 10 + i),
+                                        init=FullRank(res.target.dim, init_loc=x0, init_scale=_START_SCALE))
+            except (ValueError, np.linalg.LinAlgError):  # not finite at this start
+                continue
+        evals, wall = evals + nw.num_grad_evals, wall + nw.wall
+        loc, cov = np.asarray(nw.q.mean, np.float64), np.asarray(nw.q.cov, np.float64)
+        if np.isfinite(loc).all() and np.isfinite(cov).all():
+            paths.append((loc, cov, _checked(res.target, loc, cov, check_key)[1]))
     paths = [p for p in paths if np.isfinite(p[2])]
     if not paths or not np.isfinite(fit_elbo):
         return
     moved_from = None
     loc, cov, best = max(paths, key=lambda p: p[2])
     if best > fit_elbo + _MODE_NATS and refine:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            try:
-                nw = variational_newton(res.target, key=jax.random.fold_in(key, 2),
-                                        init=gaussian_to_family(FullRank(res.target.dim), loc, cov))
-            except (ValueError, np.linalg.LinAlgError):
-                nw = None
-        if nw is not None:
-            new = _checked(res.target, np.asarray(nw.q.mean, np.float64), np.asarray(nw.q.cov, np.float64), check_key)[1]
-            if np.isfinite(new) and new > fit_elbo + _MODE_NATS:
-                moved_from, res.q, res.final_loss = float(new - fit_elbo), nw.q, -float(nw.elbo)
-                res.wall_time += nw.wall
-                fit_elbo = new
+        moved_from, fit_elbo = float(best - fit_elbo), best
+        res.q = gaussian_to_family(FullRank(res.target.dim), jnp.asarray(loc, jnp.float32), jnp.asarray(cov, jnp.float32))
+        res.final_loss = -float(best)
     mu, sd = np.asarray(res.q.mean, np.float64), np.asarray(res.q.stddev, np.float64)
     gaps = [(float(np.max(np.abs(p[0] - mu) / np.maximum(sd, np.sqrt(np.diagonal(p[1]))))), float(p[2] - fit_elbo))
             for p in paths]
     others = [(gap, nats) for gap, nats in gaps if gap > 3.0 and nats > -_MODE_NATS]
-    res.wall_time += pf.wall_time
-    res.starts = StartCheck(num_paths=pf.num_paths, grad_evals=int(pf.num_grad_evals),
+    res.wall_time += wall
+    res.starts = StartCheck(num_paths=_START_PATHS, grad_evals=int(evals),
                             best_nats_above=float(max(n for _, n in gaps)), moved_nats=moved_from,
                             other_mode=max(others) if others else None)
 

@@ -250,16 +250,17 @@ def mean_drift(target, q, key) -> MeanDrift | None:
 
 @dataclasses.dataclass(frozen=True)
 class StartCheck:
-    """Where independent starts led, against the fit (``veil.fit`` of a FullRank by the ELBO).
+    """Where independent starts led, against the fit (``veil.fit`` of a FullRank by the ELBO):
+    variational Newton from narrow Gaussians at dispersed points.
 
     Attributes:
-        num_paths: Pathfinder paths run from Uniform(-2, 2) starts.
+        num_paths: variational-Newton runs from narrow Gaussians at Uniform(-2, 2) points.
         grad_evals: their gradient evaluations.
-        best_nats_above: the best path's ELBO minus the (final) fit's, from the same draws
+        best_nats_above: the best start's ELBO minus the (final) fit's, from the same draws
             (negative: the fit is the better Gaussian).
-        moved_nats: when a path had found a better optimum (over 3 nats higher), how much
-            higher the fit ended after it was refined again from there; ``None`` otherwise.
-        other_mode: ``(sds away, nats relative to the fit)`` of the farthest path that ended
+        moved_nats: when a start had found a better optimum (over 3 nats higher), how much
+            higher it was; q is then that start's Gaussian. ``None`` otherwise.
+        other_mode: ``(sds away, nats relative to the fit)`` of the farthest start that ended
             more than 3 sds from the fit's mean with an ELBO within 3 nats of it (another
             mode of comparable mass); ``None`` when there is none.
     """
@@ -326,7 +327,7 @@ class VIResult:
             stage (``None`` otherwise); ``num_steps`` and ``trace`` above are the flow stage's.
         refinement: for a FullRank ELBO fit, what the variational-Newton refinement did
             (:class:`Refinement`; ``None`` where it did not run). ``wall_time`` includes it.
-        starts: for the same fits, where independent starts (Pathfinder's paths) led
+        starts: for the same fits, where independent starts (variational Newton) led
             (:class:`StartCheck`; ``None`` where it did not run). ``wall_time`` includes it.
     """
 
@@ -615,13 +616,13 @@ class VIResult:
         if st is not None and st.moved_nats is not None:
             lines.append(
                 f"The stochastic run had settled in a poor local optimum: one of {st.num_paths} independent "
-                f"starts (Pathfinder paths) found a better one, and q was refitted there (ELBO {st.moved_nats:.1f} "
-                "nats higher).")
+                f"starts found a better one, and q is the Gaussian fitted there (ELBO {st.moved_nats:.1f} nats "
+                "higher).")
         if st is not None and st.other_mode is not None:
             ok = False
             gap, nats = st.other_mode
             lines.append(
-                f"Another mode: an independent start (one of {st.num_paths} Pathfinder paths) ended {gap:.1f} sds "
+                f"Another mode: an independent start (one of {st.num_paths}) ended {gap:.1f} sds "
                 f"from q's mean with an ELBO {abs(nats):.1f} nats {'above' if nats > 0 else 'below'} q's, so it "
                 f"holds about {100 * math.exp(min(nats, 5.0)):.0f}% of the mass q holds. The target has several modes "
                 "and q covers one; k-hat cannot see the others from q's draws. Fit a mixture "
