@@ -32,8 +32,12 @@ Methods:
   flow-chisq  the same flow fitted to the chi-square objective (16 draws): mass-covering.
   newton      veil.variational_newton (Pathfinder start, Newton steps on the ELBO, gradients only).
 
+64-bit: ``JAX_ENABLE_X64=1`` in the environment runs every method in float64 (kilpisjarvi's
+intercept-slope correlation of -0.99999 is beyond float32).
+
 Run:  .venv/bin/python benchmarks/posteriordb.py [--methods veil,advi,pathfinder]
           [--only NAME ...] [--seed 0] [--out benchmarks/results/posteriordb_DATE.jsonl]
+      .venv/bin/python benchmarks/posteriordb.py --table RESULTS.jsonl ...   (markdown table)
 (needs ``veil[stan]``; ``pip install blackjax`` for the Pathfinder peer.)
 """
 
@@ -277,6 +281,7 @@ def main(argv=None) -> None:
     a.out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"meta": True, "date": str(datetime.datetime.now()), "machine": platform.processor() or platform.machine(),
             "python": sys.version.split()[0], "jax": jax.__version__, "veil": veil.__version__,
+            "x64": bool(jax.config.jax_enable_x64),
             "command": " ".join(sys.argv)}
     with open(a.out, "a") as f:
         f.write(json.dumps(meta) + "\n")
