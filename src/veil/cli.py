@@ -5,7 +5,9 @@ file on a data file: ``veil fit model.py:model --data data.json`` prints the pos
 summary and the verdict, and ``--out draws.csv`` (or ``.nc``, ArviZ's NetCDF) writes draws.
 The data file's entries are the model's keyword arguments: a JSON object (Stan's data
 format: numbers and nested lists), a NumPy ``.npz`` archive, or a CSV file with a header
-row (one argument per column).
+row (one argument per column). A Stan program is fitted the same way:
+``veil fit model.stan --data data.json`` (``pip install 'veil[stan]'``; the data in Stan's
+JSON format, as for CmdStan).
 """
 
 from __future__ import annotations
@@ -38,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--no-progress", action="store_true", help="hide progress bars")
     fit = sub.add_parser("fit", help="fit a NumPyro model in a Python file: veil fit model.py:model --data data.json")
-    fit.add_argument("model", help="FILE.py:NAME, a NumPyro model function NAME defined in FILE.py")
+    fit.add_argument("model", help="FILE.py:NAME, a NumPyro model function NAME defined in FILE.py, "
+                                   "or FILE.stan, a Stan program")
     fit.add_argument("--data", help="the model's keyword arguments: .json (an object), .npz or .csv (a header row)")
     fit.add_argument("--family", choices=FAMILIES, default="fullrank", help="the variational family (default fullrank)")
     fit.add_argument("--rank", type=int, default=4, help="rank of --family lowrank (default 4)")
@@ -70,14 +73,24 @@ def run_fit(args) -> int:
         raise ValueError(f"--out {args.out}: the folder {os.path.dirname(os.path.abspath(args.out))} does not exist.")
     if args.draws < 1 or args.max_steps < 1:
         raise ValueError("--draws and --max-steps must be positive.")
-    model = load_model(args.model)
-    data = load_data(args.data) if args.data else {}
+    stan = args.model.endswith(".stan")
+    if stan:
+        if not os.path.isfile(args.model):
+            raise FileNotFoundError(f"No Stan program {args.model!r}.")
+        if args.data and not args.data.endswith(".json"):
+            raise ValueError(f"A Stan program's data must be a .json file (Stan's JSON data format), got {args.data!r}.")
+        if args.data and not os.path.isfile(args.data):
+            raise FileNotFoundError(f"No data file {args.data!r}.")
+    else:
+        model = load_model(args.model)
+        data = load_data(args.data) if args.data else {}
 
     import jax
 
     import veil
 
-    target = veil.Target.from_numpyro(model, **data)
+    target = (veil.Target.from_stan(args.model, args.data) if stan
+              else veil.Target.from_numpyro(model, **data))
     q = {"fullrank": lambda: veil.FullRank(target.dim), "meanfield": lambda: veil.MeanField(target.dim),
          "lowrank": lambda: veil.LowRank(target.dim, min(args.rank, target.dim))}[args.family]()
     res = veil.fit(target, q, key=jax.random.key(args.seed), max_steps=args.max_steps,
