@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-slow bench clean
+.PHONY: demo test test-slow lint bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,9 @@ demo: $(STAMP)
 # takes queued tests from the other, so the slowest tests do not end on one worker alone.
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist worksteal
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks examples
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist worksteal -m slow

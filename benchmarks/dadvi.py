@@ -86,7 +86,8 @@ def run(name, seeds, draws, families, out):
 
 def summarize(path):
     rows = [json.loads(line) for line in open(path)]
-    print("| target (dim) | tool | seeds | max err/sd | sd ratio [min, med, max] | funnel sds, closed form: x0; x1..x9 [min, med, max] | ELBO | k-hat | grad evals | wall warm (s) |")
+    print("| target (dim) | tool | seeds | max err/sd | sd ratio [min, med, max] | funnel sds, "
+          "closed form: x0; x1..x9 [min, med, max] | ELBO | k-hat | grad evals | wall warm (s) |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     keys = []
     for r in rows:

@@ -29,7 +29,6 @@ import time
 import warnings
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -59,7 +58,8 @@ def main():
     args = ap.parse_args()
     out = open(args.out, "a") if args.out else None
     print(f"jax {jax.__version__}; ELBO FullRank fit, then ChiSquare() from it; log_evidence(n=20000)")
-    print("| target | d | objective | seed | ELBO fit k-hat | ELBO-IS log Z | chi2 stop | chi2 k-hat | chi2 log Z | chi2 sd / ELBO sd (median) | outcome | chi2 fit (s) |")
+    print("| target | d | objective | seed | ELBO fit k-hat | ELBO-IS log Z | chi2 stop | "
+          "chi2 k-hat | chi2 log Z | chi2 sd / ELBO sd (median) | outcome | chi2 fit (s) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name in args.targets.split(","):
         log_p, _, d, _, _ = load_target(name)

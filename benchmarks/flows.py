@@ -151,7 +151,8 @@ def summarize(path):
 
     rows = [json.loads(line) for line in open(path)]
     order = ["veil-fullrank", "veil-coupling", "veil-coupling-rawbase", "veil-coupling-fitted", "veil-iaf",
-             "veil-iaf-rawbase", "veil-spline", "veil-spline-rawbase", "veil-semi-implicit", "veil-iaf-chi2", "veil-iaf-iwae", "numpyro-iaf", "numpyro-bnaf"]
+             "veil-iaf-rawbase", "veil-spline", "veil-spline-rawbase", "veil-semi-implicit", "veil-iaf-chi2", "veil-iaf-iwae",
+             "numpyro-iaf", "numpyro-bnaf"]
     print("| target (dim) | tool | max err/sd | sd ratio [min, med, max] | ELBO | k-hat | grad evals | wall warm (s) |")
     print("|---|---|---|---|---|---|---|---|")
     for name in dict.fromkeys(r["target"] for r in rows):

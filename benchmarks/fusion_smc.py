@@ -68,7 +68,8 @@ def main():
     a = p.parse_args()
     meta = {"machine": platform.platform(), "cpus": os.cpu_count(), "jax": jax.__version__}
     print(json.dumps(meta))
-    print(f"{'data':>18} {'S':>3} {'seed':>4} | {'consensus err':>13} {'sd ratio':>12} | {'smc err':>8} {'sd ratio':>12} {'min ess':>7} {'smc s':>6}")
+    print(f"{'data':>18} {'S':>3} {'seed':>4} | {'consensus err':>13} {'sd ratio':>12} "
+          f"| {'smc err':>8} {'sd ratio':>12} {'min ess':>7} {'smc s':>6}")
     for name, X, y, shards, draws in datasets():
         m, sd, khat = reference(X, y)
         print(f"{name}: reference k-hat {khat:.2f}")
@@ -99,7 +100,8 @@ def main():
                           f"{row['smc_err']:>8.3f} [{row['smc_sd_min']:.2f}, {row['smc_sd_max']:.2f}] "
                           f"{row['min_ess']:>7.3f} {row['smc_wall']:>6.1f}  (shard k-hat max {max(khats):.2f})")
                 else:
-                    print(f"{name:>18} {S:>3} {seed:>4} | {c_err:>13.3f} [{c_sd.min():.2f}, {c_sd.max():.2f}] | failed: {row['failed']}")
+                    print(f"{name:>18} {S:>3} {seed:>4} | {c_err:>13.3f} [{c_sd.min():.2f}, {c_sd.max():.2f}] "
+                          f"| failed: {row['failed']}")
                 if a.out:
                     with open(a.out, "a") as f:
                         f.write(json.dumps(row) + "\n")

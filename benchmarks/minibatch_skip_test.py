@@ -16,7 +16,14 @@ shaped like the driver's (blocks of 128 steps, keys by ``fold_in``), 3,000 steps
   list below; add it to ``MODES``);
 * ``veil.fit``: ``minibatch.veil_tool``.
 """
-import os, sys, time, numpy as np, jax, jax.numpy as jnp, optax, equinox as eqx
+import os
+import sys
+import time
+import numpy as np
+import jax
+import jax.numpy as jnp
+import optax
+import equinox as eqx
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import minibatch as M
 from minibatch_pieces import veil_loss
@@ -70,7 +77,8 @@ def tool(X, y, B, mode):
                         st, ok = step(st, keys[j])
                         return st, cnt + ok
                     return jax.lax.fori_loop(0, jnp.minimum(128, nsteps - b * 128), inner, c)
-                (p, *_), cnt = jax.lax.fori_loop(0, (nsteps + 127) // 128, block2, (init, jnp.zeros((), jnp.float32 if mode == 'nested+v-out' else jnp.int32)))
+                zero = jnp.zeros((), jnp.float32 if mode == 'nested+v-out' else jnp.int32)
+                (p, *_), cnt = jax.lax.fori_loop(0, (nsteps + 127) // 128, block2, (init, zero))
                 return p, cnt
             (p, *_) = jax.lax.fori_loop(0, (nsteps + 127) // 128, block, init)
         return p

@@ -29,7 +29,8 @@ its own ``RBFKernel`` rule). Tools:
 
 Accuracy: for the Gaussian and German credit, the largest over coordinates of
 ``max(|mean error| / sd, |sd ratio - 1|)`` against the truth (German credit: Inference Gym's
-ground truth; Dirichlet: its exact moments, over all five components); for the 2-d mixture, the energy distance to 20,000 exact draws. Each
+ground truth; Dirichlet: its exact moments, over all five components); for the 2-d mixture, the energy distance to
+20,000 exact draws. Each
 ``(tool, step size, S)`` is called once to compile, then timed (``--repeats R``: the median of R calls);
 ``S`` runs over 100, 300, 1000, 3000 and stops growing once a call takes over 60 s.
 Step sizes are tuned at the first particle count given (200 by default; 0.01 to 1); the
@@ -376,7 +377,8 @@ def main():
 
     import veil
 
-    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, {jax.devices()[0].device_kind}; jax {jax.__version__}, "
+    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, {jax.devices()[0].device_kind}; "
+          f"jax {jax.__version__}, "
           f"veil {veil.__version__}, blackjax {blackjax.__version__}, numpyro {numpyro.__version__}")
     tools_wanted = args.tools.split(",")
     counts = [int(c) for c in args.particles.split(",")]

@@ -200,7 +200,8 @@ def jax_fold(key, i):
     return jax.random.fold_in(key, i)
 
 
-METHODS = {"veil": run_veil, "veil-pfstart": run_veil_from_pathfinder, "newton": run_newton, "flow": run_flow, "flow-chisq": run_flow_chisq, "advi": run_advi, "pathfinder": run_pathfinder, "veil-pf": run_veil_pathfinder}
+METHODS = {"veil": run_veil, "veil-pfstart": run_veil_from_pathfinder, "newton": run_newton, "flow": run_flow,
+           "flow-chisq": run_flow_chisq, "advi": run_advi, "pathfinder": run_pathfinder, "veil-pf": run_veil_pathfinder}
 
 
 def draws_of(method: str, out, target, key) -> tuple[dict, dict]:

@@ -88,7 +88,8 @@ def main():
     args = ap.parse_args()
     pm_steps = [int(s) for s in args.pm_steps.split(",")]
     print(f"pymc {pm.__version__}, jax {jax.__version__}, veil; repeats {args.repeats}")
-    print("| model | tool | first wall (s) | warm wall (s, median) | steps | max mean err / sd (median) | sd ratio range (over repeats) | verdict OK |")
+    print("| model | tool | first wall (s) | warm wall (s, median) | steps | max "
+          "mean err / sd (median) | sd ratio range (over repeats) | verdict OK |")
     print("|---|---|---|---|---|---|---|---|")
     for name, make in (("eight schools", eight_schools), ("German credit", german_credit)):
         ref = load_reference(name.lower().replace(" ", "_"))

@@ -49,7 +49,8 @@ def main():
                            "weight_err": float(np.abs(mode_w - weights).max()), "steps": res.num_steps}
                     rows.append(row)
                     out.write(json.dumps(row) + "\n")
-    print("| members k | strength | polish | runs with all 3 modes | median largest bias | median max weight error (all 3 found) | median steps |")
+    print("| members k | strength | polish | runs with all 3 modes | median "
+          "largest bias | median max weight error (all 3 found) | median steps |")
     print("|---|---|---|---|---|---|---|")
     for k in (3, 8):
         for strength, polish in ((0.0, False), (1.0, False), (10.0, False), (10.0, True)):

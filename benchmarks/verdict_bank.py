@@ -101,7 +101,8 @@ def funnel(d):
 
     rng = np.random.default_rng(0)
     v = rng.normal(0, 3, (10**6, 1))
-    return veil.Target.from_logdensity(log_p, dim=d), _sampled(np.hstack([v, rng.standard_normal((10**6, d - 1)) * np.exp(v / 2)]))
+    draws = np.hstack([v, rng.standard_normal((10**6, d - 1)) * np.exp(v / 2)])
+    return veil.Target.from_logdensity(log_p, dim=d), _sampled(draws)
 
 
 def banana():
@@ -140,10 +141,13 @@ def true_alarm_cases(seeds):
             yield f"{fam}, Neal's funnel d=10", lambda fam=fam: (*funnel(10), getattr(veil, fam)(10), {})
             yield f"{fam}, banana", lambda fam=fam: (*banana(), getattr(veil, fam)(2), {})
             yield f"{fam}, Student-t(3) d=10", lambda fam=fam: (*student_t(10), getattr(veil, fam)(10), {})
-        yield "MeanField, Gaussian with correlation 0.95 d=10", lambda s=s: (*correlated_gaussian(10, s, 0.95), veil.MeanField(10), {})
+        yield "MeanField, Gaussian with correlation 0.95 d=10", \
+            lambda s=s: (*correlated_gaussian(10, s, 0.95), veil.MeanField(10), {})
         yield "FullRank, bimodal modes 3 sd apart d=2", lambda: (*bimodal(2, 3.0), veil.FullRank(2), {})
-        yield "FullRank, bimodal modes 8 sd apart d=2, 4 restarts", lambda: (*bimodal(2, 8.0), veil.FullRank(2), {"num_restarts": 4})
-        yield "FullRank, linear regression d=8 stopped at 100 steps", lambda s=s: (*linear_regression(8, s), veil.FullRank(8), {"max_steps": 100})
+        yield "FullRank, bimodal modes 8 sd apart d=2, 4 restarts", \
+            lambda: (*bimodal(2, 8.0), veil.FullRank(2), {"num_restarts": 4})
+        yield "FullRank, linear regression d=8 stopped at 100 steps", \
+            lambda s=s: (*linear_regression(8, s), veil.FullRank(8), {"max_steps": 100})
 
 
 # A fit is measured wrong when some coordinate's mean is off by more than 0.2 true sds or its

@@ -102,8 +102,10 @@ def test_checkpoint_tells_apart_what_names_do_not(tmp_path):
         "target": (lambda: (veil.Target.from_logdensity(_centred(1.0), dim=2), veil.MeanField(2), {}),
                    lambda: (veil.Target.from_logdensity(_centred(-5.0), dim=2), veil.MeanField(2), {})),
         # two lambdas with the same text apart from a closed-over array
-        "target ": (lambda: (veil.Target.from_logdensity(lambda z, c=jnp.array(3.0): -0.5 * jnp.sum((z - c) ** 2), dim=2), veil.MeanField(2), {}),
-                    lambda: (veil.Target.from_logdensity(lambda z, c=jnp.array(-9.0): -0.5 * jnp.sum((z - c) ** 2), dim=2), veil.MeanField(2), {})),
+        "target ": (lambda: (veil.Target.from_logdensity(lambda z, c=jnp.array(3.0): -0.5 * jnp.sum((z - c) ** 2), dim=2),
+                             veil.MeanField(2), {}),
+                    lambda: (veil.Target.from_logdensity(lambda z, c=jnp.array(-9.0): -0.5 * jnp.sum((z - c) ** 2), dim=2),
+                             veil.MeanField(2), {})),
         "family": (lambda: (TARGET, veil.MeanField(3), {}),
                    lambda: (TARGET, veil.MeanField(3, init_loc=jnp.ones(3)), {})),
         "optimizer": (lambda: (TARGET, veil.MeanField(3), {"optimizer": ADAM_SLOW}),

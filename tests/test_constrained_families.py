@@ -11,7 +11,7 @@ import numpyro.distributions as dist
 import pytest
 
 import veil
-from test_bounds import _assert_same_mean, _replicates
+from test_bounds import _replicates
 
 # One-group Gamma-Poisson posterior on u = log(lambda): prior Gamma(2, 1), counts summing to
 # s = 7 over n = 3 observations; up to a constant, log p(u) = (2 + 7) u - (1 + 3) e^u.

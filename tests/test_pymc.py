@@ -2,7 +2,6 @@
 to JAX; checked against hand-written NumPyro versions of the same models."""
 
 import math
-import warnings
 
 import jax
 import jax.numpy as jnp

@@ -1,6 +1,5 @@
 """Likelihood-weighted and beta-weighted ELBOs, and the target's likelihood split."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import numpyro

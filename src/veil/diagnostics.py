@@ -16,7 +16,8 @@ import numpy as np
 PROBE_BATCH = 25  # steps per probe row; the driver's batch length (kept equal by a test)
 
 __all__ = [
-    "StopRule", "Decision", "psis_khat", "khat_verdict", "khat_ok", "format_khat", "psis_moment_shift", "psis_weights", "moment_shift", "MomentShift", "gradient_variance", "GradientVariance",
+    "StopRule", "Decision", "psis_khat", "khat_verdict", "khat_ok", "format_khat", "psis_moment_shift", "psis_weights",
+    "moment_shift", "MomentShift", "gradient_variance", "GradientVariance",
     "kernel_stein_discrepancy",
 ]
 

@@ -503,7 +503,7 @@ def _one_chunk(loss_fn, optimizer, state, host: _Host, probe, track, max_consecu
     got, consecutive, host.skipped = jax.device_get(
         ([(o.losses, o.probe_means if track else None) for _, o in pieces], state.consecutive, state.skipped)
     )
-    got = [(l[:, :m], p[:, : -(-m // PROBE_BATCH)] if track else None) for (m, _), (l, p) in zip(pieces, got)]
+    got = [(loss[:, :m], p[:, : -(-m // PROBE_BATCH)] if track else None) for (m, _), (loss, p) in zip(pieces, got)]
     if not track and feeds is None:  # the next plain chunk: about PLAIN_SECONDS of work
         grow = PLAIN_SECONDS / max(time.perf_counter() - t0, 1e-6)
         host.plain_next = int(np.clip(n * min(grow, 8.0), 100, PLAIN_CAPACITY))
@@ -550,7 +550,7 @@ def _join_means(pieces, losses, params):
     step was finite."""
     if len(pieces) == 1:
         return pieces[0][1].mean_params
-    counts = jnp.asarray(np.stack([np.isfinite(l).sum(axis=1) for l in losses]), jnp.float32)  # [piece, k]
+    counts = jnp.asarray(np.stack([np.isfinite(loss).sum(axis=1) for loss in losses]), jnp.float32)  # [piece, k]
     total = counts.sum(axis=0)
 
     def join(last, *means):

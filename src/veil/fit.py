@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import os
 import re
-import types
 import typing
 import warnings
 
@@ -16,6 +15,8 @@ import numpy as np
 import optax
 
 from veil import driver
+from veil._checks import check_key as _check_key
+from veil._checks import check_positive_int as _check_positive_int
 from veil.checkpoint import Checkpoint
 from veil.diagnostics import StopRule
 from veil.families.base import Family
@@ -69,7 +70,8 @@ def default_optimizer() -> optax.GradientTransformation:
     """Adam with step size 0.05 behind outlier clipping, plus a Gaussian family's location
     step and a FullRank factor's step in ``q``'s whitened coordinates: the optimizer
     ``veil.fit`` uses when given none,
-    ``veil.optim.whitened_factor(veil.optim.whitened_location(optax.chain(veil.optim.clip_outliers(), optax.adam(0.05)), 0.05), 0.1)``.
+    ``veil.optim.whitened_factor(veil.optim.whitened_location(optax.chain(veil.optim.clip_outliers(),
+    optax.adam(0.05)), 0.05), 0.1)``.
 
     Why this choice: Adam's per-coordinate normalisation makes a step move each parameter by
     about the step size whatever the scale of the log density, so one value serves targets
@@ -194,7 +196,8 @@ def fit(
         key: a JAX PRNG key (``jax.random.key(seed)``); required, never defaulted.
         objective: the loss; default ``veil.ELBO()`` (4 draws per step, STL gradients); for
             a flow (``veil.Flow``, ``veil.FlowJAX``) or a ``veil.SemiImplicit``
-            ``ELBO(num_samples=8, estimator=Reparam())`` (for the latter, the SIVI bound); for a family without reparameterised draws (``VonMises``)
+            ``ELBO(num_samples=8, estimator=Reparam())`` (for the latter, the SIVI bound); for a family without
+            reparameterised draws (``VonMises``)
             the ELBO with the score-function estimator (8 draws, leave-one-out baseline), with
             a warning. Any :class:`~veil.Objective`, or a plain function
             ``(q, target, key) -> loss``. For a ``veil.Mixture``: ``ELBO(estimator=
@@ -396,10 +399,8 @@ def _refinable(target: Target, q: Family, objective, stop, mesh) -> bool:
     """Whether Newton's refinement targets the same optimum as the fit: a FullRank Gaussian,
     the plain ELBO (no likelihood weight or beta), a full-data target on one device, and a
     run that was left to the stopping rule (``stop=None`` asks for exactly the last iterate)."""
-    from veil.families.gaussian import FullRank, LowRank, MeanField
-
-    return (type(q) is FullRank and _plain_elbo(objective) and stop is not None and mesh is None and not target.is_minibatched
-            and target.dim <= _REFINE_MAX_DIM)
+    return (type(q) is FullRank and _plain_elbo(objective) and stop is not None and mesh is None
+            and not target.is_minibatched and target.dim <= _REFINE_MAX_DIM)
 
 
 # Independent starts: variational Newton from N(x0, 0.1^2 I), x0 ~ Uniform(-2, 2)^dim (the
@@ -645,26 +646,6 @@ def _place_on_mesh(target: Target, mesh, num_restarts: int):
             f"{mesh.size}, or a minibatched target (veil.Target.minibatched) to split the data."
         )
     return _row_sharding(mesh)  # the restart axis split like a target's rows
-
-
-def _check_key(key) -> None:
-    typed = isinstance(key, jax.Array) and jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
-    if typed and key.shape != ():
-        raise TypeError(
-            f"key must be a single JAX PRNG key, got an array of {key.size} keys (shape "
-            f"{key.shape}), as jax.random.split returns: pass one of them, e.g. keys[0]."
-        )
-    raw = isinstance(key, jax.Array) and key.dtype == jnp.uint32 and key.shape == (2,)
-    if not (typed or raw):
-        raise TypeError(
-            f"key must be a single JAX PRNG key such as jax.random.key(0), got {key!r}."
-        )
-
-
-def _check_positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}.")
-    return int(value)
 
 
 def _check_start(q: Family, value, bad_grad, target: Target | None = None) -> None:

@@ -31,6 +31,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from veil._checks import check_key as _check_key
+from veil._checks import check_positive_int as _check_positive_int
 from veil import driver
 from veil.diagnostics import StopRule
 from veil.families.gaussian import FullRank
@@ -171,7 +173,6 @@ def fbgvi(
         >>> bool(jnp.allclose(res.q.mean, 1.0, atol=0.05)), bool(jnp.allclose(res.q.cov, jnp.eye(2), atol=0.02))
         (True, True)
     """
-    from veil.fit import _check_key, _check_positive_int
     from veil.pathfinder import gaussian_to_family
 
     if not isinstance(target, Target):

@@ -7,12 +7,13 @@ A kernel is called on two batches of points, ``kernel(x, y) -> K`` with ``x: [n,
 from __future__ import annotations
 
 import abc
-import math
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
+
+from veil._checks import check_positive
 
 __all__ = ["Kernel", "RBF", "IMQ", "median_bandwidth"]
 
@@ -31,12 +32,9 @@ def median_bandwidth(x: Float[Array, "n d"], y: Float[Array, "m d"]) -> Float[Ar
 
 
 def _check_positive(name, value):
-    if value is None or isinstance(value, jax.Array):  # unset, or resolved from data
+    if isinstance(value, jax.Array):  # resolved from data (the median heuristic)
         return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-        math.isfinite(value) and value > 0
-    ):
-        raise ValueError(f"{name} must be a positive number or None, got {value!r}.")
+    check_positive(name, value, allow_none=True)
 
 
 class Kernel(eqx.Module):

@@ -27,7 +27,8 @@ divergence from the old Gaussian to the new one, at least halves each iteration)
 stops halving, the estimates' noise is what moves the iterate, and ``average`` more
 iterations run with ``rho = 1 / (k + 1)``, which averages the precision estimates and damps
 the mean's steps. A step smaller than ``tol`` nats ends the run at once. A step whose
-precision is not positive definite is halved until it is (counted). The gradients' points also give the iterate's ELBO (``log p`` comes with each
+precision is not positive definite is halved until it is (counted). The gradients' points also give the iterate's
+ELBO (``log p`` comes with each
 gradient): a step after which it falls by more than three standard errors is taken back, and
 later steps are at most half as long (counted); so is a step after which some gradient is not
 finite (three such iterations in a row end the run with a warning).
@@ -63,6 +64,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from veil._checks import check_key as _check_key
+from veil._checks import check_positive_int as _check_positive_int
 from veil.diagnostics import format_khat, khat_verdict, psis_khat
 from veil.families.gaussian import FullRank
 from veil.target import Target
@@ -236,7 +239,6 @@ def variational_newton(
             starting Gaussian that holds non-finite values. (Non-finite gradients during the
             run are counted and handled, see the module docstring.)
     """
-    from veil.fit import _check_key, _check_positive_int
 
     _check_key(key)
     if not isinstance(target, Target):

@@ -37,6 +37,9 @@ import numpy as np
 import optax
 from jaxtyping import Array, Float, PRNGKeyArray
 
+from veil._checks import check_positive as _check_positive
+from veil._checks import check_key as _check_key
+from veil._checks import check_positive_int as _check_positive_int
 from veil import driver
 from veil._config import cheap_branches
 from veil.checkpoint import Checkpoint
@@ -920,11 +923,6 @@ class ALDI(_GradientFree):
         return p.neg_log_density(x, g), dt * drift + noise
 
 
-def _check_positive(name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a positive number, got {value!r}.")
-
-
 def _check_kernel(kernel):
     if kernel is not None and not isinstance(kernel, Kernel):
         raise TypeError(
@@ -1082,7 +1080,8 @@ def run(
         progress: show a progress bar.
         stop: a :class:`veil.StopRule`, or ``None`` to run ``max_steps`` steps (the only
             choice for :class:`EKI` and :class:`ALDI`, whose particles may not be averaged).
-            The default is ``StopRule(min_window=150, min_decays=0, max_decays=0, drift_atol=0.01, max_drift=2.0)``: the trace is the mean
+            The default is ``StopRule(min_window=150, min_decays=0, max_decays=0, drift_atol=0.01,
+            max_drift=2.0)``: the trace is the mean
             ``-log p`` of 16 particles drawn at random each step; the run stops once it has settled and, over the last window, no
             coordinate's particle mean has moved by more than 1% of its particle sd nor its
             sd changed by more than 1%; each particle is averaged over that window.
@@ -1104,7 +1103,6 @@ def run(
         >>> res.draws()["z"].shape   # the particles themselves
         (50, 3)
     """
-    from veil.fit import _check_key, _check_positive_int
 
     if isinstance(target, InverseProblem):
         target = target.target
@@ -1285,7 +1283,7 @@ def repulsive_ensemble(
     """
     from veil.families.base import Family
     from veil.families.mixture import Mixture
-    from veil.fit import _ADAM_OPTIMIZER, _DEFAULT_OBJECTIVE, _check_key, _check_positive_int
+    from veil.fit import _ADAM_OPTIMIZER, _DEFAULT_OBJECTIVE
     from veil.objectives import Objective
 
     if not isinstance(target, Target):

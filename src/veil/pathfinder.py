@@ -59,6 +59,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from veil._checks import check_key as _check_key
+from veil._checks import check_positive_int as _check_positive_int
 from veil.diagnostics import format_khat, khat_ok, khat_verdict, psis_khat
 from veil.families.gaussian import FullRank, LowRank, MeanField
 from veil.result import Summary, summary_table
@@ -425,7 +427,6 @@ class PathfinderResult:
             >>> pf.draws(100, key=jax.random.key(1))["z"].shape
             (100, 2)
         """
-        from veil.fit import _check_key, _check_positive_int
 
         _check_key(key)
         n = _check_positive_int("n", n)
@@ -554,7 +555,6 @@ def pathfinder(
         ValueError: before any optimisation, for bad arguments or a log density that is not
             finite (or has a non-finite gradient) at every starting point.
     """
-    from veil.fit import _check_key, _check_positive_int
 
     _check_key(key)
     num_paths = _check_positive_int("num_paths", num_paths)

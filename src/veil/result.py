@@ -13,6 +13,8 @@ import equinox as eqx
 import jax
 import numpy as np
 
+from veil._checks import check_key as _check_key
+from veil._checks import check_positive_int as _check_positive_int
 from veil.diagnostics import MomentShift, format_khat, khat_ok, khat_verdict, moment_shift, psis_khat, psis_weights
 from veil.target import log_density_rows
 
@@ -506,7 +508,6 @@ class VIResult:
             >>> bool(abs(ev.estimate - jnp.log(2 * jnp.pi)) < 5 * ev.se + 1e-3)
             True
         """
-        from veil.fit import _check_key, _check_positive_int
 
         _check_key(key)
         n = _check_positive_int("n", n)
@@ -760,7 +761,8 @@ class VIResult:
         if hi > lo:
             ax.set_ylim(lo - 0.05 * (hi - lo), hi)
         ax.set_xlabel("step")
-        left_out = f"; {len(names) - m} of {len(names)} marginals not shown (max_marginals=None shows all)" if m < len(names) else ""
+        left_out = (f"; {len(names) - m} of {len(names)} marginals not shown (max_marginals=None shows all)"
+                    if m < len(names) else "")
         ax.set_title(f"stop: {self.stop_reason}; {self._plot_quality()}{left_out}", fontsize=9)
         ax.legend(fontsize=8)
         for i in range(m):

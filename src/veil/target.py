@@ -22,6 +22,7 @@ import jax.extend.core as jex_core
 import jax.numpy as jnp
 import numpy as np
 
+from veil._checks import check_dim as _check_dim
 from veil.health import check_log_density
 
 __all__ = ["Target", "Site", "log_density_rows"]
@@ -818,14 +819,6 @@ def _check_rows_finite(leaves) -> None:
                     f"first at row {offset + int(np.argmax(bad))}. A NaN row turns every step that draws "
                     "it into NaN. Drop or impute those rows before building the target."
                 )
-
-
-def _check_dim(dim) -> int:
-    if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)):
-        raise TypeError(f"dim must be a positive integer, got {dim!r}.")
-    if dim <= 0:
-        raise ValueError(f"dim must be a positive integer, got {dim}.")
-    return int(dim)
 
 
 def _check_data_finite(args, kwargs) -> None:

@@ -12,4 +12,8 @@ from veil.families.mixture import Mixture
 from veil.families.semi_implicit import SemiImplicit
 from veil.families.mixflows import MixFlow, MixFlowResult, mixflow
 
-__all__ = ["Family", "MeanField", "FullRank", "LowRank", "HierarchicalGaussian", "Gamma", "Beta", "Dirichlet", "VonMises", "Empirical", "Composite", "Flow", "FlowJAX", "flows", "Mixture", "SemiImplicit", "MixFlow", "MixFlowResult", "mixflow", "stop_gradient"]
+__all__ = [
+    "Family", "MeanField", "FullRank", "LowRank", "HierarchicalGaussian", "Gamma", "Beta", "Dirichlet", "VonMises",
+    "Empirical", "Composite", "Flow", "FlowJAX", "flows", "Mixture", "SemiImplicit", "MixFlow", "MixFlowResult", "mixflow",
+    "stop_gradient",
+]

@@ -47,7 +47,7 @@ from jaxtyping import Array, PRNGKeyArray
 
 from veil.families.base import Family, MonteCarloMoments
 from veil.families.gaussian import FullRank, MeanField
-from veil.target import _check_dim
+from veil._checks import check_dim as _check_dim
 
 __all__ = ["Flow", "FlowJAX", "Radial", "coupling", "autoregressive", "planar", "radial"]
 

@@ -24,7 +24,7 @@ import numpyro.distributions as dist
 from jaxtyping import Array, Float
 
 from veil.families.base import Family, stop_gradient
-from veil.target import _check_dim
+from veil._checks import check_dim as _check_dim
 
 __all__ = ["MeanField", "FullRank", "LowRank"]
 

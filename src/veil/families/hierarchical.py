@@ -19,7 +19,7 @@ from jaxtyping import Array, Float
 
 from veil.families.base import Family
 from veil.families.gaussian import _check_scale, _init_loc, _std_normal_logpdf
-from veil.target import _check_dim
+from veil._checks import check_dim as _check_dim
 
 __all__ = ["HierarchicalGaussian"]
 

@@ -78,6 +78,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import PRNGKeyArray
 
+from veil._checks import check_key as _check_key
+from veil._checks import check_positive_int as _check_positive_int
 from veil.diagnostics import format_khat, khat_ok, khat_verdict, psis_khat
 from veil.families.base import Family, MonteCarloMoments
 from veil.families.gaussian import FullRank, MeanField
@@ -162,7 +164,6 @@ class MixFlow(MonteCarloMoments, Family):
     moment_draws: ClassVar[int] = 4000  # each draw costs (num_maps - 1) num_leapfrog gradients
 
     def __init__(self, target, reference: Family, *, step_size: float, num_leapfrog: int = 10, num_maps: int = 100):
-        from veil.fit import _check_positive_int
         from veil.target import Target
 
         if not isinstance(target, Target):
@@ -490,7 +491,6 @@ class MixFlowResult:
             >>> mf.draws(100, key=jax.random.key(1))["z"].shape
             (100, 2)
         """
-        from veil.fit import _check_key, _check_positive_int
 
         from veil.result import _warn_nonfinite
 
@@ -502,7 +502,6 @@ class MixFlowResult:
     def to_arviz(self, n: int, *, key: jax.Array, chains: int = 4):
         """An ``arviz.InferenceData`` with ``n`` independent draws in ``posterior``, as
         ``chains`` chains of ``n / chains`` (see :meth:`veil.VIResult.to_arviz`)."""
-        from veil.fit import _check_positive_int
         from veil.result import _check_chains, as_chains
 
         with warnings.catch_warnings():
@@ -596,7 +595,7 @@ def mixflow(
         >>> mf.q.num_maps
         10
     """
-    from veil.fit import _check_key, _check_positive_int, fit
+    from veil.fit import fit
     from veil.target import Target
 
     _check_key(key)

@@ -36,9 +36,10 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import PRNGKeyArray
 
+from veil._checks import check_positive_int as _check_positive_int
 from veil.families.base import Family, MonteCarloMoments
 from veil.families.gaussian import FullRank, MeanField
-from veil.target import _check_dim
+from veil._checks import check_dim as _check_dim
 
 __all__ = ["SemiImplicit"]
 
@@ -95,7 +96,6 @@ class SemiImplicit(MonteCarloMoments, Family):
         num_inner: int = 50,
         init_noise: float = 0.9,
     ):
-        from veil.fit import _check_positive_int
 
         self.dim = _check_dim(dim)
         self.mixing_dim = self.dim if mixing_dim is None else _check_positive_int("mixing_dim", mixing_dim)
