@@ -186,11 +186,6 @@ def _require_path(estimator, q) -> None:
             f"{hint} (what veil.fit uses by default for such a family)."
         )
 
-    def draws(self, q: Family, log_density: Callable, key: PRNGKeyArray, n: int) -> Draws:
-        """``n`` draws and their log densities, values only."""
-        z, log_q = q.sample_and_log_prob(key, n)
-        return _values(z, jax.vmap(log_density)(z), log_q)
-
 
 class Reparam(Estimator):
     """The reparameterisation ("path-wise") estimator.

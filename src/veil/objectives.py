@@ -104,7 +104,7 @@ def estimate(
     returned is ``f(log w)`` and its gradient with respect to ``q``'s parameters is
     ``estimator``'s estimate of ``grad E[f(log w)]`` (default :class:`~veil.Reparam`; any
     smooth ``f`` also gets :class:`~veil.DReG` and :class:`~veil.ScoreFunction`). A new
-    objective is then a few lines; see ``examples/log_variance.py``.
+    objective is then a few lines; see ``examples/combined_bound.py``.
 
     Example:
         >>> import jax, jax.numpy as jnp, veil
