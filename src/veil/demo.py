@@ -21,6 +21,7 @@ import numpyro
 import numpyro.distributions as dist
 
 from veil.diagnostics import format_khat
+from veil.result import _flat_columns
 
 __all__ = ["eight_schools", "eight_schools_data", "german_credit", "german_credit_data",
            "load_reference", "run_demo"]
@@ -106,7 +107,6 @@ def run_demo(*, max_steps: int = 20_000, out: str | None = "veil_demo.png", seed
 
 
 def _comparison(name: str, res, ref: dict, wall: float) -> str:
-    from veil.result import _flat_columns
 
     draws = res.draws(4000, key=jax.random.key(123))
     names, x = _flat_columns(draws)

@@ -31,6 +31,7 @@ import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from veil.families.base import Family, stop_gradient
+from veil.families.mixture import Mixture
 
 __all__ = [
     "Estimator",
@@ -331,7 +332,6 @@ class Stratified(Estimator):
             )
 
     def check_family(self, q):
-        from veil.families.mixture import Mixture
 
         if not isinstance(q, Mixture):
             raise ValueError(f"veil.Stratified() needs a veil.Mixture, got {type(q).__name__}.")

@@ -31,6 +31,8 @@ from veil.objectives import ELBO, ChiSquare, FunctionObjective, Objective
 from veil.optim import clip_outliers, whitened_factor, whitened_location
 from veil.result import VIResult, _log_weights
 from veil.target import Target, _row_sharding, log_density_rows
+from veil.newton import _checked, variational_newton
+from veil.pathfinder import gaussian_to_family
 
 __all__ = ["fit", "default_optimizer", "DEFAULT_STEP_SIZE"]
 
@@ -424,8 +426,6 @@ def _check_starts(res: VIResult, key, refine: bool) -> None:
     programs for this target already, so the starts cost their gradients and no compilation;
     Pathfinder added 1.0 s of tracing per new target (eight schools) and found the same
     optima on all 31 posteriordb dev posteriors (BENCHMARKS.md section 43)."""
-    from veil.newton import _checked, variational_newton
-    from veil.pathfinder import gaussian_to_family
     from veil.result import StartCheck
 
     check_key = jax.random.fold_in(key, 1)
@@ -470,7 +470,6 @@ def _plain_elbo(objective) -> bool:
 def _refine(res: VIResult, key) -> None:
     """Variational Newton from ``res.q``; where it settled and did not lower the ELBO, its
     Gaussian replaces ``res.q``. Records what changed in ``res.refinement`` (in place)."""
-    from veil.newton import variational_newton
     from veil.result import Refinement
 
     before = res.q

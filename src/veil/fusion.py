@@ -48,6 +48,7 @@ import numpy as np
 from veil.families.base import Family
 from veil.families.gaussian import FullRank, LowRank, MeanField
 from veil.target import Target
+from veil.pathfinder import gaussian_to_family
 
 __all__ = ["shard_targets", "fit_shards", "consensus", "smc_fusion", "fuse_fits", "FusedDraws", "FusionNode"]
 
@@ -152,7 +153,6 @@ def consensus(parts: Sequence) -> Family:
 
 
 def _set(q, mean, cov):
-    from veil.pathfinder import gaussian_to_family
 
     return gaussian_to_family(q, mean, cov)
 

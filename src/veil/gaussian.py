@@ -38,6 +38,7 @@ from veil.diagnostics import StopRule
 from veil.families.gaussian import FullRank
 from veil.result import VIResult
 from veil.target import Target
+from veil.pathfinder import gaussian_to_family
 
 __all__ = ["fbgvi", "fbgvi_step"]
 
@@ -173,7 +174,6 @@ def fbgvi(
         >>> bool(jnp.allclose(res.q.mean, 1.0, atol=0.05)), bool(jnp.allclose(res.q.cov, jnp.eye(2), atol=0.02))
         (True, True)
     """
-    from veil.pathfinder import gaussian_to_family
 
     if not isinstance(target, Target):
         raise TypeError(f"target must be a veil.Target, got {type(target).__name__}.")

@@ -49,6 +49,9 @@ from veil.kernels import RBF, Kernel, _sq_dists
 from veil.mirror import MirrorMap
 from veil.result import VIResult, _flat_columns, _warn_nonfinite
 from veil.target import Target
+from veil.families.base import Family
+from veil.families.mixture import Mixture
+from veil.objectives import Objective
 
 __all__ = [
     "ParticleMethod",
@@ -1281,10 +1284,7 @@ def repulsive_ensemble(
         >>> sorted(round(float(m), 1) for m in res.q.components.loc[:, 0])   # one per mode
         [-3.0, 3.0]
     """
-    from veil.families.base import Family
-    from veil.families.mixture import Mixture
     from veil.fit import _ADAM_OPTIMIZER, _DEFAULT_OBJECTIVE
-    from veil.objectives import Objective
 
     if not isinstance(target, Target):
         raise TypeError(f"target must be a veil.Target, got {type(target).__name__}.")

@@ -17,6 +17,8 @@ from veil._checks import check_key as _check_key
 from veil._checks import check_positive_int as _check_positive_int
 from veil.diagnostics import MomentShift, format_khat, khat_ok, khat_verdict, moment_shift, psis_khat, psis_weights
 from veil.target import log_density_rows
+from veil.newton import _estimate
+from veil.health import coordinate_names
 
 __all__ = ["VIResult", "Summary", "LogEvidence"]
 
@@ -212,7 +214,6 @@ _DRIFT_ROUNDS = 4
 
 def mean_drift(target, q, key) -> MeanDrift | None:
     """:attr:`VIResult.mean_drift` for a Gaussian ``q`` (anything with ``mean`` and ``cov``)."""
-    from veil.newton import _estimate
 
     try:
         mu = np.asarray(q.mean, np.float64)
@@ -597,7 +598,6 @@ class VIResult:
             ok = False
         elif khat != -math.inf and self.reweighting is not None and self.reweighting.off:
             ok = False
-            from veil.health import coordinate_names
 
             lines.append(self.reweighting.describe(coordinate_names(self.target)))
         if self.other_modes:
@@ -605,7 +605,6 @@ class VIResult:
             lines.append(self.other_modes)
         drift = self.mean_drift if khat_ok(khat) else None
         if drift is not None and drift.off:
-            from veil.health import coordinate_names
 
             ok = False
             lines.append(
@@ -640,7 +639,6 @@ class VIResult:
                 "a calendar year), 32-bit floats cannot resolve it: centre the predictor, or fit in 64-bit "
                 "(jax.config.update(\"jax_enable_x64\", True) before building the target).")
         if r is not None and r.applied and (r.mean_shift > 0.1 or r.sd_change > 0.1):
-            from veil.health import coordinate_names
 
             lines.append(
                 f"Refined by variational Newton ({r.iterations} iterations, {r.grad_evals} gradients): "

@@ -22,7 +22,9 @@ import jax.extend.core as jex_core
 import jax.numpy as jnp
 import numpy as np
 
+from veil import _pymc, _stan
 from veil._checks import check_dim as _check_dim
+from veil.batching import DiskBatches, OnDisk, Shuffled, ShuffledIndices
 from veil.health import check_log_density
 
 __all__ = ["Target", "Site", "log_density_rows"]
@@ -353,7 +355,6 @@ class Target(eqx.Module):
             >>> t.num_data, t.batch_size
             (1000, 100)
         """
-        from veil.batching import OnDisk
 
         if not callable(log_prior) or not callable(log_lik):
             raise TypeError("log_prior and log_lik must be callables: z -> scalar and (z, batch) -> scalar.")
@@ -435,7 +436,6 @@ class Target(eqx.Module):
         """The batch source ``veil.fit`` draws each step's batch from (``None`` for a
         full-data target): rows of the data for ``minibatched``, indices of the subsampled
         plate for a NumPyro model."""
-        from veil.batching import DiskBatches, Shuffled, ShuffledIndices
 
         if not self.is_minibatched:
             return None
@@ -606,8 +606,6 @@ class Target(eqx.Module):
             import pymc as pm
         except ImportError as e:  # pragma: no cover - the optional dependency is missing
             raise ImportError("Target.from_pymc needs PyMC: pip install 'veil[pymc]'.") from e
-        from veil import _pymc
-
         if not isinstance(model, pm.Model):
             raise TypeError(f"model must be a pymc.Model, got {type(model).__name__}.")
         parts = _pymc.model_parts(model)
@@ -656,8 +654,6 @@ class Target(eqx.Module):
             >>> t.dim, t.names  # doctest: +SKIP
             (2, ('mu', 'sigma'))
         """
-        from veil import _stan
-
         sm = _stan.StanModel(program, data, seed=seed)
         log_density, constrain = _stan.jax_functions(sm)
         sites, offset = [], 0

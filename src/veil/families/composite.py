@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import jax.scipy.linalg
 
 from veil.families.base import Family
+from veil.families.gaussian import MeanField
 
 __all__ = ["Composite"]
 
@@ -52,7 +53,6 @@ class Composite(Family):
         """One block per site of ``target`` (in the target's order): ``families[name]`` is a
         family class (called with the site's unconstrained size) or a family instance;
         sites not named get ``default`` (a class, default :class:`~veil.MeanField`)."""
-        from veil.families.gaussian import MeanField
 
         default = MeanField if default is None else default
         unknown = set(families) - {s.name for s in target.sites}

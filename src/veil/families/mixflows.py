@@ -83,6 +83,12 @@ from veil._checks import check_positive_int as _check_positive_int
 from veil.diagnostics import format_khat, khat_ok, khat_verdict, psis_khat
 from veil.families.base import Family, MonteCarloMoments
 from veil.families.gaussian import FullRank, MeanField
+from veil.pathfinder import PathfinderResult
+from veil.result import VIResult
+from veil.target import Target
+from veil.result import _warn_nonfinite
+from veil.result import _check_chains, as_chains
+from veil.result import Summary, summary_table
 
 __all__ = ["MixFlow", "MixFlowResult", "mixflow", "laplace_cdf", "laplace_icdf"]
 
@@ -164,7 +170,6 @@ class MixFlow(MonteCarloMoments, Family):
     moment_draws: ClassVar[int] = 4000  # each draw costs (num_maps - 1) num_leapfrog gradients
 
     def __init__(self, target, reference: Family, *, step_size: float, num_leapfrog: int = 10, num_maps: int = 100):
-        from veil.target import Target
 
         if not isinstance(target, Target):
             raise TypeError(f"target must be a veil.Target, got {type(target).__name__}.")
@@ -492,7 +497,6 @@ class MixFlowResult:
             (100, 2)
         """
 
-        from veil.result import _warn_nonfinite
 
         _check_key(key)
         draws = _constrained_draws(self.q, key, _check_positive_int("n", n))
@@ -502,7 +506,6 @@ class MixFlowResult:
     def to_arviz(self, n: int, *, key: jax.Array, chains: int = 4):
         """An ``arviz.InferenceData`` with ``n`` independent draws in ``posterior``, as
         ``chains`` chains of ``n / chains`` (see :meth:`veil.VIResult.to_arviz`)."""
-        from veil.result import _check_chains, as_chains
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
@@ -515,7 +518,6 @@ class MixFlowResult:
     def summary(self, prob: float = 0.9):
         """Mean, sd and central interval of every constrained scalar from 4000 draws, with the
         k-hat verdict, the step-size search and the round-trip error in plain words."""
-        from veil.result import Summary, summary_table
 
         if not 0 < prob < 1:
             raise ValueError(f"prob must lie in (0, 1), got {prob}.")
@@ -548,8 +550,6 @@ class MixFlowResult:
 
 
 def _as_reference(reference):
-    from veil.pathfinder import PathfinderResult
-    from veil.result import VIResult
 
     if isinstance(reference, (VIResult, PathfinderResult)):
         return reference.q
@@ -596,7 +596,6 @@ def mixflow(
         10
     """
     from veil.fit import fit
-    from veil.target import Target
 
     _check_key(key)
     if not isinstance(target, Target):
