@@ -17,11 +17,11 @@ import optax
 from veil import driver
 from veil._checks import check_key as _check_key
 from veil._checks import check_positive_int as _check_positive_int
-from veil.checkpoint import Checkpoint
+from veil.checkpoint import Checkpoint, _hash_array, digest
 from veil.diagnostics import StopRule
 from veil.families.base import Family
 from veil.families.gaussian import FullRank, LowRank, MeanField
-from veil.health import assess_run
+from veil.health import Assessment, assess_run
 from veil.families.flows import Flow, FlowJAX
 from veil.families.mixture import Mixture
 from veil.families.mixflows import MixFlow
@@ -29,10 +29,10 @@ from veil.families.semi_implicit import SemiImplicit
 from veil.estimators import Reparam, ScoreFunction, Stratified
 from veil.objectives import ELBO, ChiSquare, FunctionObjective, Objective
 from veil.optim import clip_outliers, whitened_factor, whitened_location
-from veil.result import VIResult, _log_weights
+from veil.result import Refinement, StartCheck, VIResult, _log_weights, log_evidence_from_weights
 from veil.target import Target, _row_sharding, log_density_rows
 from veil.newton import _checked, variational_newton
-from veil.pathfinder import gaussian_to_family
+from veil.families.gaussian import gaussian_to_family
 
 __all__ = ["fit", "default_optimizer", "DEFAULT_STEP_SIZE"]
 
@@ -426,7 +426,6 @@ def _check_starts(res: VIResult, key, refine: bool) -> None:
     programs for this target already, so the starts cost their gradients and no compilation;
     Pathfinder added 1.0 s of tracing per new target (eight schools) and found the same
     optima on all 31 posteriordb dev posteriors (BENCHMARKS.md section 43)."""
-    from veil.result import StartCheck
 
     check_key = jax.random.fold_in(key, 1)
     fit_elbo = _checked(res.target, np.asarray(res.q.mean, np.float64), np.asarray(res.q.cov, np.float64), check_key)[1]
@@ -470,7 +469,6 @@ def _plain_elbo(objective) -> bool:
 def _refine(res: VIResult, key) -> None:
     """Variational Newton from ``res.q``; where it settled and did not lower the ELBO, its
     Gaussian replaces ``res.q``. Records what changed in ``res.refinement`` (in place)."""
-    from veil.result import Refinement
 
     before = res.q
     with warnings.catch_warnings():
@@ -541,8 +539,6 @@ def _check_upper_bound(target: Target, start: Family, fitted: Family, key, n: in
     estimate can, so the fitted ``q`` has spread where the target has no mass and its own
     draws no longer see the target (German credit with 16 draws a step: the bound fell 240
     nats below log Z while the stopping rule saw a settled loss)."""
-    from veil.health import Assessment
-    from veil.result import log_evidence_from_weights
 
     k1, k2 = jax.random.split(key)
     lw_start = np.asarray(_log_weights(target, start, k1, n), np.float64)
@@ -578,7 +574,6 @@ def _fingerprint(target: Target, q: Family, objective, optimizer, stop, num_rest
     compute (:func:`veil.checkpoint.digest`: the traced program, closed-over constants, data
     and starting values), not by name, so a changed model, data set, step size or starting
     point is told apart from the same fit run again in a new process."""
-    from veil.checkpoint import _hash_array, digest
 
     def clean(x) -> str:
         return re.sub(r" at 0x[0-9a-fA-F]+", "", repr(x))
@@ -619,7 +614,6 @@ def _objective_fingerprint(objective, params, rest, key, clean) -> str:
     """The objective's text and the program it makes on a stand-in target (a standard normal,
     so that a change of target shows as the target's difference alone); the text alone for
     an objective that needs more of its target (a likelihood apart from the prior)."""
-    from veil.checkpoint import digest
 
     try:
         h = digest(lambda p, k: objective(eqx.combine(p, rest), _standard_normal, k)[0], params, key)

@@ -47,8 +47,8 @@ import numpy as np
 
 from veil.families.base import Family
 from veil.families.gaussian import FullRank, LowRank, MeanField
-from veil.target import Target
-from veil.pathfinder import gaussian_to_family
+from veil.target import Target, log_density_rows
+from veil.families.gaussian import gaussian_to_family
 
 __all__ = ["shard_targets", "fit_shards", "consensus", "smc_fusion", "fuse_fits", "FusedDraws", "FusionNode"]
 
@@ -481,7 +481,6 @@ def fuse_fits(parts: Sequence, *, key: jax.Array, num_draws: int = 2000, oversam
     ``p_s`` itself, up to the importance sampling's own error (large where ``q_s`` misses
     mass: check each part's k-hat). ``kwargs`` go to :func:`smc_fusion`.
     """
-    from veil.target import log_density_rows
 
     targets, draws = [], []
     for s, res in enumerate(parts):

@@ -38,7 +38,7 @@ from veil.diagnostics import StopRule
 from veil.families.gaussian import FullRank
 from veil.result import VIResult
 from veil.target import Target
-from veil.pathfinder import gaussian_to_family
+from veil.families.gaussian import gaussian_to_family
 
 __all__ = ["fbgvi", "fbgvi_step"]
 

@@ -67,7 +67,10 @@ import numpy as np
 from veil._checks import check_key as _check_key
 from veil._checks import check_positive_int as _check_positive_int
 from veil.diagnostics import format_khat, khat_verdict, psis_khat
-from veil.families.gaussian import FullRank
+from veil._expectations import _estimate
+from veil.families.gaussian import FullRank, gaussian_to_family
+from veil.pathfinder import PathfinderResult, pathfinder
+from veil.result import VIResult
 from veil.target import Target
 
 __all__ = ["variational_newton", "NewtonResult"]
@@ -139,40 +142,6 @@ class NewtonResult:
                 f"num_halvings={self.num_halvings}, num_backtracks={self.num_backtracks})")
 
 
-@eqx.filter_jit
-def _estimate(target, mu, chol, key):
-    """What one iteration needs from ``2 dim`` orthogonal antithetic points of
-    ``N(mu, chol chol^T)``: the mean gradient, the cross moment ``E[g eps^T]`` and the points'
-    second moment (the expected Hessian is solved from these on the host), whether every
-    value and gradient was finite, the ELBO estimate with its standard error, and the mean
-    gradient's covariance."""
-    d = mu.shape[0]
-    k_rot, k_rad = jax.random.split(key)
-    q, r = jnp.linalg.qr(jax.random.normal(k_rot, (d, d)))
-    q = q * jnp.sign(jnp.diagonal(r))  # Haar-distributed rotation (sign fix of the QR)
-    radii = jnp.sqrt(jax.random.chisquare(k_rad, d, (d,)))
-    half = (q * radii).T  # rows r_i Q e_i: each exactly N(0, I)
-    eps = jnp.concatenate([half, -half])
-    values, grads = jax.vmap(jax.value_and_grad(target.log_density))(mu + eps @ chol.T)
-    finite = jnp.all(jnp.isfinite(grads)) & jnp.all(jnp.isfinite(values))
-    # The ELBO of this Gaussian from the same points, free with the gradients: the mean of
-    # log p plus the entropy. Its standard error from the antithetic pairs' means (one
-    # independent-ish value per direction).
-    entropy = 0.5 * d * (1.0 + jnp.log(2 * jnp.pi)) + jnp.sum(jnp.log(jnp.abs(jnp.diagonal(chol))))
-    pairs = 0.5 * (values[:d] + values[d:])
-    elbo, elbo_se = jnp.mean(values) + entropy, jnp.std(pairs) / jnp.sqrt(d)
-    g_mean = jnp.mean(grads, axis=0)
-    # E[g eps^T] = E[hess] L E[eps eps^T]: solve with the points' own second moment, which
-    # for these points is Q diag(r^2 / d) Q^T, not exactly I.
-    cross = grads.T @ eps / eps.shape[0]
-    second = eps.T @ eps / eps.shape[0]
-    # The mean gradient's noise: its covariance from the pairs' mean gradients (the pairs
-    # are exchangeable, each an unbiased estimate of E_q[grad log p]).
-    g_pairs = 0.5 * (grads[:d] + grads[d:])
-    g_cov = jnp.cov(g_pairs, rowvar=False).reshape(d, d) / d
-    return g_mean, cross, second, finite, elbo, elbo_se, g_cov
-
-
 def _gaussian_kl(mu0, cov0, mu1, prec1, logdet1) -> float:
     """KL(N(mu0, cov0) || N(mu1, prec1^{-1})), ``logdet1 = log |cov1|``."""
     d = mu0.shape[0]
@@ -183,9 +152,6 @@ def _gaussian_kl(mu0, cov0, mu1, prec1, logdet1) -> float:
 
 def _start(target, init, key):
     """``(mu, cov, grad_evals)`` of the starting Gaussian."""
-    from veil.pathfinder import PathfinderResult, pathfinder
-    from veil.result import VIResult
-
     if init is None:
         init = pathfinder(target, key=key)
     if isinstance(init, VIResult):  # a fit's q (its own gradient evaluations are the user's)
@@ -362,8 +328,6 @@ def variational_newton(
 
 def _checked(target, mu, cov, key):
     """``N(mu, cov)`` as a ``FullRank``, with its ELBO and k-hat from ``CHECK_DRAWS`` draws."""
-    from veil.pathfinder import gaussian_to_family
-
     q = gaussian_to_family(FullRank(mu.shape[0]), jnp.asarray(mu, jnp.float32), jnp.asarray(cov, jnp.float32))
     log_w = np.asarray(_log_weights(target, q, key), np.float64)
     if not np.isfinite(log_w).all():

@@ -48,7 +48,7 @@ from veil.families.empirical import Empirical
 from veil.kernels import RBF, Kernel, _sq_dists
 from veil.mirror import MirrorMap
 from veil.result import VIResult, _flat_columns, _warn_nonfinite
-from veil.target import Target
+from veil.target import Target, log_density_rows
 from veil.families.base import Family
 from veil.families.mixture import Mixture
 from veil.objectives import Objective
@@ -1212,7 +1212,6 @@ class _EnsembleLoss(eqx.Module):
 
 @eqx.filter_jit
 def _member_elbos(target, members, key, n: int):
-    from veil.target import log_density_rows
 
     def one(q, kk):
         z, log_q = q.sample_and_log_prob(kk, n)

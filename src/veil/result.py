@@ -17,7 +17,7 @@ from veil._checks import check_key as _check_key
 from veil._checks import check_positive_int as _check_positive_int
 from veil.diagnostics import MomentShift, format_khat, khat_ok, khat_verdict, moment_shift, psis_khat, psis_weights
 from veil.target import log_density_rows
-from veil.newton import _estimate
+from veil._expectations import _estimate
 from veil.health import coordinate_names
 
 __all__ = ["VIResult", "Summary", "LogEvidence"]

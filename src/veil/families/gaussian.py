@@ -384,3 +384,35 @@ class LowRank(Family):
     def scale_rmatvec(self, g):
         """``A^T g``, of length ``dim + rank``: the gradient in the noise."""
         return jnp.concatenate([jnp.exp(self.log_diag) * g, g @ self.cov_factor])
+
+
+def gaussian_to_family(q, loc, cov):
+    """``q`` with its parameters set to (the closest it can hold to) ``N(loc, cov)``.
+
+    ``FullRank`` holds it exactly (Cholesky factor); ``MeanField`` takes the marginal
+    variances; ``LowRank(rank)`` takes the top ``rank`` eigen-directions of ``cov`` above the
+    smallest kept eigenvalue as its factor and the rest of the variance as its diagonal.
+    """
+    loc = jnp.asarray(loc, float)
+    cov = 0.5 * (jnp.asarray(cov, float) + jnp.asarray(cov, float).T)
+    var = jnp.diagonal(cov)
+    if isinstance(q, FullRank):
+        chol = jnp.linalg.cholesky(cov)
+        d = jnp.diagonal(chol)
+        unit = (chol / d[:, None] - jnp.eye(q.dim)) * math.sqrt(q.dim)
+        return eqx.tree_at(lambda m: (m.loc, m.log_scale, m.unit_tril), q, (loc, jnp.log(d), unit))
+    if isinstance(q, MeanField):
+        return eqx.tree_at(lambda m: (m.loc, m.log_scale), q, (loc, 0.5 * jnp.log(var)))
+    if isinstance(q, LowRank):
+        vals, vecs = jnp.linalg.eigh(cov)
+        top, top_vecs = vals[-q.rank :], vecs[:, -q.rank :]
+        floor = vals[-q.rank - 1] if q.rank < q.dim else 0.5 * vals[0]
+        factor = top_vecs * jnp.sqrt(jnp.maximum(top - floor, 0.0))
+        rest = jnp.maximum(var - jnp.sum(factor**2, axis=1), 1e-3 * var)
+        return eqx.tree_at(
+            lambda m: (m.loc, m.log_diag, m.cov_factor), q, (loc, 0.5 * jnp.log(rest), factor)
+        )
+    raise TypeError(
+        f"Cannot move a {type(q).__name__} to a Gaussian; only MeanField, FullRank "
+        "and LowRank can be."
+    )
