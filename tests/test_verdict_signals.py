@@ -19,6 +19,15 @@ def _mixture(weights, means, sds):
     return veil.Target.from_logdensity(log_p, dim=2)
 
 
+def _correlated(rho):
+    """A 2-d Gaussian with mean (30, 30), sds 20 and correlation ``rho``: the target, its mean
+    and covariance."""
+    cov = np.array([[1.0, rho], [rho, 1.0]]) * 400.0
+    mu = np.array([30.0, 30.0])
+    prec = jnp.asarray(np.linalg.inv(cov), jnp.float32)
+    return veil.Target.from_logdensity(lambda z: -0.5 * (z - mu) @ prec @ (z - mu), dim=2), mu, cov
+
+
 def test_two_separated_modes_of_equal_mass_are_flagged():
     # Modes at -3 and +3 (sd 1, 6 sds apart), equal mass. q holds one; k-hat from q's draws
     # sees a good fit (the other mode is invisible to them). Of the independent starts in
@@ -57,11 +66,7 @@ def test_a_long_ill_conditioned_direction_is_followed_to_the_end():
     # stochastic run stops short along the long direction; the Newton refinement must land
     # on the exact mean (tolerance 0.05 sd: float32 round-off and the refinement's noise
     # are far below it) and say how far it moved.
-    rho = 0.9999
-    cov = np.array([[1.0, rho], [rho, 1.0]]) * 400.0
-    mu = np.array([30.0, 30.0])
-    prec = jnp.asarray(np.linalg.inv(cov), jnp.float32)
-    t = veil.Target.from_logdensity(lambda z: -0.5 * (z - mu) @ prec @ (z - mu), dim=2)
+    t, mu, cov = _correlated(0.9999)
     res = veil.fit(t, veil.FullRank(2), key=jax.random.key(0), progress=False)
     sd = np.sqrt(np.diagonal(cov))
     assert np.all(np.abs(np.asarray(res.q.mean) - mu) / sd < 0.05), res.q.mean
@@ -77,11 +82,7 @@ def test_a_mean_that_stopped_short_is_flagged_where_nothing_refines_it():
     # ELBO's optimum, so a Newton step on the mean measures how far short the run stopped. A
     # run cut at 300 steps of Adam is sds short of the mean 30 (sd 20): flagged. The
     # converged fit of an isotropic Gaussian is not (its step is noise, ~0.01 sd).
-    rho = 0.5
-    cov = np.array([[1.0, rho], [rho, 1.0]]) * 400.0
-    mu = np.array([30.0, 30.0])
-    prec = jnp.asarray(np.linalg.inv(cov), jnp.float32)
-    t = veil.Target.from_logdensity(lambda z: -0.5 * (z - mu) @ prec @ (z - mu), dim=2)
+    t, mu, cov = _correlated(0.5)
     res = veil.fit(t, veil.MeanField(2), key=jax.random.key(0), progress=False, max_steps=300)
     assert res.mean_drift is not None and res.mean_drift.off
     assert res.khat < 0.7

@@ -389,7 +389,7 @@ def fit(
     if (refine and _refinable(target, best_q, objective, stop, mesh)
             and (res.converged or res.stop_reason == "max_steps")):
         _refine(res, jax.random.fold_in(diag_key, 9))
-        _check_starts(res, jax.random.fold_in(diag_key, 10), refine)
+        _check_starts(res, jax.random.fold_in(diag_key, 10))
     return res
 
 
@@ -412,7 +412,7 @@ _START_PATHS = 4
 _START_SCALE = 0.1
 
 
-def _check_starts(res: VIResult, key, refine: bool) -> None:
+def _check_starts(res: VIResult, key) -> None:
     """Where independent starts lead, against where the fit ended (in place, ``res.starts``).
 
     ``variational_newton`` runs from ``_START_PATHS`` narrow Gaussians at dispersed points;
@@ -448,7 +448,7 @@ def _check_starts(res: VIResult, key, refine: bool) -> None:
         return
     moved_from = None
     loc, cov, best = max(paths, key=lambda p: p[2])
-    if best > fit_elbo + _MODE_NATS and refine:
+    if best > fit_elbo + _MODE_NATS:
         moved_from, fit_elbo = float(best - fit_elbo), best
         res.q = gaussian_to_family(FullRank(res.target.dim), jnp.asarray(loc, jnp.float32), jnp.asarray(cov, jnp.float32))
         res.final_loss = -float(best)
