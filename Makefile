@@ -23,8 +23,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist worksteal
 
+# ruff (style, pyflakes, no function-level imports but optional ones) and import-linter (the
+# layers in pyproject.toml: imports run one way).
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks examples
+	$(VENV)/bin/lint-imports
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist worksteal -m slow

@@ -3,7 +3,7 @@ unrolled, and a sort (as BlackJAX does), inside veil's whole SVGD run.
 
     python benchmarks/bandwidth.py [--particles 200,1000,4000] [--dims 4,50] [--steps 1000]
 
-Each variant replaces ``veil.particles._pair_median`` for one run of ``SVGD`` (``stop=None``,
+Each variant replaces ``veil.particles.base._pair_median`` for one run of ``SVGD`` (``stop=None``,
 fixed steps, the same start); each run is called twice and the second timed; medians of
 ``--repeats``. Prints ms per step and the ratio to the rolled bisection. Why it matters:
 XLA's CPU sort is slow (4.5 ms for 20,000 numbers), but a rolled loop is one kernel launch
@@ -24,7 +24,7 @@ import numpy as np
 def variants():
     import functools
 
-    import veil.particles as vp
+    import veil.particles.base as vp
 
     return {"bisection (rolled)": vp._pair_median_bisection,
             "bisection (unrolled)": functools.partial(vp._pair_median_bisection, unroll=True),
@@ -44,7 +44,7 @@ def main():
     import optax
 
     import veil
-    import veil.particles as vp
+    import veil.particles.base as vp
 
     print(f"# {platform.machine()}, {os.cpu_count()} cpus, {jax.devices()[0].device_kind}; jax {jax.__version__}")
     print("| n | d | variant | ms per step | vs rolled |")

@@ -6,7 +6,7 @@ closed-over arrays out of the program (the default) and with them embedded as co
 ``jax.jit`` embeds the arrays a traced function closes over into the program as literal
 constants: compile time and memory grow with the data. ``Target.from_logdensity`` traces the
 function once and passes arrays over 1 MiB to the program as inputs instead
-(``veil.target._hoist``). Each row: wall time of ``veil.fit`` for a few steps (nearly all of
+(``veil.target.core._hoist``). Each row: wall time of ``veil.fit`` for a few steps (nearly all of
 it compilation), in a fresh process per setting so no compiled program is reused.
 """
 
@@ -28,7 +28,7 @@ def one(n: int, d: int, steps: int, hoist: bool) -> dict:
     import veil.target
 
     if not hoist:
-        veil.target._HOIST_BYTES = 1 << 62
+        veil.target.core._HOIST_BYTES = 1 << 62
     X = jax.random.normal(jax.random.key(0), (n, d))
     y = (X[:, 0] > 0).astype(jnp.float32)
 

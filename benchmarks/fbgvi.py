@@ -13,7 +13,7 @@ Targets (both strongly log-concave, where the FB-GVI paper proves its rates):
   aim at the same best Gaussian).
 
 Tools, every default: ``veil.fit(target, FullRank(d), key=...)`` (ELBO, 4 STL draws, Adam 0.05,
-stopping rule) and ``veil.gaussian.fbgvi(target, key=...)`` (2 antithetic draws, step 0.5 / L
+stopping rule) and ``veil.fbgvi(target, key=...)`` (2 antithetic draws, step 0.5 / L
 with L the curvature at the start, the same stopping rule). Wall time of a fresh call after
 one warm-up call of each (compilation excluded), gradient evaluations (FB-GVI's Hessian costs
 ``d`` more per draw, counted), and accuracy: max over coordinates of
@@ -67,7 +67,7 @@ def main():
             d = spec["dim"]
             tools = {
                 "adam-elbo": (lambda k: veil.fit(t, veil.FullRank(d), key=k, progress=False), 4),
-                "fbgvi": (lambda k: veil.gaussian.fbgvi(t, key=k, progress=False), 2 * (1 + d)),
+                "fbgvi": (lambda k: veil.fbgvi(t, key=k, progress=False), 2 * (1 + d)),
             }
             for tool, (fn, grads_per_step) in tools.items():
                 jax.block_until_ready(fn(jax.random.key(999)).q)  # compile

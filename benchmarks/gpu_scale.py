@@ -137,17 +137,17 @@ def veil_branches_tool(X, y, B, branches: bool):
     import contextlib
 
     import veil
-    import veil.batching
-    import veil.driver
+    import veil.loop.batching
+    import veil.loop.driver
 
     @contextlib.contextmanager
     def forced():
-        saved = veil.driver.cheap_branches, veil.batching.cheap_branches
-        veil.driver.cheap_branches = veil.batching.cheap_branches = lambda: branches
+        saved = veil.loop.driver.cheap_branches, veil.loop.batching.cheap_branches
+        veil.loop.driver.cheap_branches = veil.loop.batching.cheap_branches = lambda: branches
         try:
             yield
         finally:
-            veil.driver.cheap_branches, veil.batching.cheap_branches = saved
+            veil.loop.driver.cheap_branches, veil.loop.batching.cheap_branches = saved
 
     d = X.shape[1]
     # New functions: a program of its own, not the other variant's from the cache.

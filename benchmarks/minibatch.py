@@ -13,7 +13,7 @@ reparameterised draw per step, Adam (step 0.01), a batch of B rows per step scal
   its batches come from ``fused-perm``: ``jax.random.permutation`` once per epoch (by
   ``lax.cond`` in the scan; what a user would write first), ``fused-randint``: ``B`` uniform
   indices per step, with replacement (the cheapest batching there is, not epochs), or
-  ``fused-feistel``: veil's own per-epoch permutation (``veil.batching.permute``), so that
+  ``fused-feistel``: veil's own per-epoch permutation (``veil.loop.batching.permute``), so that
   ``veil / fused-feistel`` is the cost of veil's engine alone. The scan returns only the
   parameters, so XLA never computes the loss's value (its gradient needs none of it);
   ``fused-feistel-losses`` is the same scan returning its per-step losses too, the work
@@ -94,7 +94,7 @@ def fused_tool(X, y, B, order, keep_losses=False):
     parameters, as a loop that reports its loss trace does; without, XLA drops the loss's
     value (only its gradient is used), which at large ``B`` is most of what separates it
     from ``veil`` (BENCHMARKS.md section 38)."""
-    from veil.batching import ROUNDS, permute
+    from veil.loop.batching import ROUNDS, permute
 
     X, y = jnp.asarray(X), jnp.asarray(y)
     n, d = X.shape

@@ -6,7 +6,7 @@ The same model as ``minibatch.py`` (logistic regression, d = 10, mean-field, one
 draw, Adam 0.01). Variants, each a plain ``jax.jit``-ed ``lax.scan`` unless named ``veil.fit``:
 
 * ``fused-feistel``: ``minibatch.fused_tool`` (veil's permutation, hand-written gather and loss);
-* ``scan + veil source``: the step's rows from ``veil.batching.Shuffled.next``;
+* ``scan + veil source``: the step's rows from ``veil.loop.batching.Shuffled.next``;
 * ``scan + veil loss``: the driver's loss ``veil.fit._VILoss`` on the minibatched target, its
   rows from the target's own source;
 * ``veil.fit``: ``minibatch.veil_tool``.
@@ -44,7 +44,7 @@ def veil_loss(X, y, B):
 
 
 def scan_tool(X, y, B, piece):
-    from veil.batching import Shuffled
+    from veil.loop.batching import Shuffled
 
     n, d = X.shape
     loss, params = veil_loss(X, y, B)

@@ -74,7 +74,7 @@ def host_loop_tool(Xm, ym, B):
 
 
 def read_tool(data, B):
-    from veil.batching import DiskBatches, Feeder, OnDisk
+    from veil.loop.batching import DiskBatches, Feeder, OnDisk
 
     source = DiskBatches(OnDisk(data), B)
     cap = source.steps_per_chunk(1)

@@ -116,7 +116,7 @@ def dirichlet():
 
     import veil
 
-    simplex = veil.mirror.Simplex()
+    simplex = veil.particles.mirror.Simplex()
     alpha = jnp.asarray(DIRICHLET_ALPHA, jnp.float32)
 
     def log_theta(t):
@@ -203,7 +203,7 @@ class Veil:
             return p.SVNG(0.5 * (prec + prec.T), optimizer=self._sgd(step))
         if self.mirrored:
             cls = p.MirroredSVGD if self.method_name == "msvgd" else p.SVMD
-            return cls(self.veil.mirror.Simplex(), step_size=step)
+            return cls(self.veil.particles.mirror.Simplex(), step_size=step)
         return p.SVGD(step_size=step)
 
     def _sgd(self, step):
@@ -217,10 +217,10 @@ class Veil:
         auto = self.method_name == "coin-auto"
         init = x0
         if self.mirrored:
-            init = np.asarray(self.veil.mirror.Simplex().primal(x0))
+            init = np.asarray(self.veil.particles.mirror.Simplex().primal(x0))
         res = self.veil.particles.run(
             self.target, self.method(step, x0), key=jax.random.key(0), n_particles=x0.shape[0], init=init,
-            max_steps=20_000 if auto else steps, stop=self.veil.particles._DEFAULT_STOP if auto else None,
+            max_steps=20_000 if auto else steps, stop=self.veil.particles.runner._DEFAULT_STOP if auto else None,
             progress=False)
         out = res.coordinates if self.mirrored else res.particles
         return jax.block_until_ready(out), res.num_steps

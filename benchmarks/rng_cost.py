@@ -1,4 +1,4 @@
-"""What a step's random draws cost on CPU: JAX's rolled threefry loop against veil._rng.
+"""What a step's random draws cost on CPU: JAX's rolled threefry loop against veil.loop.rng.
 
     python benchmarks/rng_cost.py [--targets IllConditionedGaussian,...] [--rounds 7]
 
@@ -6,12 +6,12 @@ Two tables (medians over interleaved rounds; the machine is noisy, read ratios):
 
 1. **Draws alone.** A compiled loop of 4,000 steps, each drawing one step's (4, 97) normals
    from its own key and summing them: JAX's default keys (the hash lowered as a rolled loop
-   on CPU) against the same keys re-wrapped by ``veil._rng.unrolled`` (the rounds written
+   on CPU) against the same keys re-wrapped by ``veil.loop.rng.unrolled`` (the rounds written
    out, stored once), and the rounds written out but not stored (``plain``: XLA may then
    fuse them into every consumer).
 2. **Whole default fits.** ``veil.fit`` on each Inference Gym target (as
    ``time_to_accuracy.py`` loads them), seed 0, MeanField and FullRank, with the driver's
-   conversion on and patched off (``veil.driver.unrolled``; each setting compiles its own
+   conversion on and patched off (``veil.loop.driver.unrolled``; each setting compiles its own
    loop with its own optimizer object). Steps, whether the fitted parameters are equal, and
    wall times.
 """
@@ -33,7 +33,7 @@ def draws_alone(rounds):
     import jax.numpy as jnp
     from jax import lax
 
-    import veil._rng as rng
+    import veil.loop.rng as rng
 
     d, s, steps = 97, 4, 4000
 
@@ -45,7 +45,7 @@ def draws_alone(rounds):
         return run
 
     stored = rng._stored
-    variants = {"jax default (rolled)": loop(lambda k: k), "veil._rng.unrolled": loop(rng.unrolled)}
+    variants = {"jax default (rolled)": loop(lambda k: k), "veil.loop.rng.unrolled": loop(rng.unrolled)}
     try:  # the same rounds without the stored copy: an in-process patch, traced here
         rng._stored = lambda bits: bits
         variants["unrolled, not stored"] = loop(rng.unrolled)
@@ -70,7 +70,7 @@ def whole_fits(targets, rounds):
     import optax
 
     import veil
-    import veil.driver as driver
+    import veil.loop.driver as driver
     import veil.optim as vo
     from time_to_accuracy import load_target
 

@@ -11,7 +11,7 @@ import optax
 import pytest
 
 import veil
-from veil.checkpoint import Checkpoint
+from veil.loop.checkpoint import Checkpoint
 
 COV = jnp.array([[1.0, 0.8, 0.0], [0.8, 1.0, 0.3], [0.0, 0.3, 0.5]])
 PREC = jnp.linalg.inv(COV)

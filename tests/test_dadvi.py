@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import veil
-from veil.dadvi import _fixed_draws
+from veil.geometry.dadvi import _fixed_draws
 
 D = 4
 

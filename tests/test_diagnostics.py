@@ -7,7 +7,7 @@ import pytest
 
 import veil
 from veil.diagnostics import _drift_statistic
-from veil.driver import MAX_PROBE, probe_indices
+from veil.loop.driver import MAX_PROBE, probe_indices
 
 
 def test_drift_statistic_is_small_without_drift_and_large_with_it():

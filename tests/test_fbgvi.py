@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import veil
-from veil.gaussian import fbgvi, fbgvi_step
+from veil.geometry.fbgvi import fbgvi, fbgvi_step
 
 RNG = np.random.default_rng(0)
 _A = RNG.normal(size=(4, 4))

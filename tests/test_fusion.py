@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import veil
-from veil.pathfinder import gaussian_to_family
+from veil.geometry.pathfinder import gaussian_to_family
 
 N, D, S = 2000, 3, 4
 NOISE = 1.0

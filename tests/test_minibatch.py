@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import veil
-from veil.batching import ROUNDS, Shuffled, permute
+from veil.loop.batching import ROUNDS, Shuffled, permute
 from veil.target import log_density_rows
 
 N, B = 2000, 100
@@ -299,7 +299,7 @@ def test_numpyro_local_latents_in_subsampled_plate_are_refused():
 def test_unrolled_cycle_walk_is_the_loop(n):
     """The branch-free walk (a b - n unconditional rounds) gives the loop's permutation
     exactly: a walk visits each value above n at most once."""
-    from veil.batching import MAX_EXCESS, _split, permute_host
+    from veil.loop.batching import MAX_EXCESS, _split, permute_host
 
     a, b = _split(n)
     assert 0 <= a * b - n <= MAX_EXCESS
@@ -313,7 +313,7 @@ def test_unrolled_cycle_walk_is_the_loop(n):
 
 def test_feistel_split_is_tight_and_balanced():
     """Every n below 20000: the walk is short enough to unroll, the halves within 4x."""
-    from veil.batching import MAX_EXCESS, _split
+    from veil.loop.batching import MAX_EXCESS, _split
 
     for n in range(4, 20_000):
         a, b = _split(n)
@@ -323,8 +323,8 @@ def test_feistel_split_is_tight_and_balanced():
 def test_branch_free_loop_gives_the_same_fit(monkeypatch):
     """With branches dear (a GPU), the loop selects instead of branching: skipped steps, the
     epochs' turns and the partial last block of steps (300 = 2 x 128 + 44) come out the same."""
-    import veil.batching
-    import veil.driver
+    import veil.loop.batching
+    import veil.loop.driver
 
     x = _gauss_data()
     bad = np.zeros(N, np.float32)
@@ -341,10 +341,10 @@ def test_branch_free_loop_gives_the_same_fit(monkeypatch):
 
     branchy = run()
     asked = []
-    for mod in (veil.driver, veil.batching):
+    for mod in (veil.loop.driver, veil.loop.batching):
         monkeypatch.setattr(mod, "cheap_branches", lambda mod=mod: asked.append(mod.__name__) or False)
     flat = run()
-    assert {"veil.driver", "veil.batching"} <= set(asked)  # both places took the select path
+    assert {"veil.loop.driver", "veil.loop.batching"} <= set(asked)  # both places took the select path
     assert branchy.num_skipped > 0
     np.testing.assert_array_equal(flat.trace, branchy.trace)
     np.testing.assert_array_equal(flat.q.mean, branchy.q.mean)

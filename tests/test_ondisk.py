@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 import veil
-from veil.batching import DiskBatches, Feeder, OnDisk, ROUNDS, ShuffledIndices, epoch_keys, permute, permute_host
-from veil.checkpoint import Checkpoint
+from veil.loop.batching import DiskBatches, Feeder, OnDisk, ROUNDS, ShuffledIndices, epoch_keys, permute, permute_host
+from veil.loop.checkpoint import Checkpoint
 from veil.target import log_density_rows
 
 from test_checkpoint import _CrashAfter  # a Checkpoint that dies after its n-th save

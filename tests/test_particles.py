@@ -16,16 +16,8 @@ import pytest
 import veil
 from veil.diagnostics import _drift_statistic, kernel_stein_discrepancy
 from veil.kernels import IMQ, RBF, _sq_dists
-from veil.particles import (
-    SVGD,
-    CoinSVGD,
-    _pair_median,
-    _pair_median_bisection,
-    _pair_median_sorted,
-    run,
-    stein_direction,
-    svgd_bandwidth,
-)
+from veil.particles import SVGD, CoinSVGD, run, stein_direction, svgd_bandwidth
+from veil.particles.base import _pair_median, _pair_median_bisection, _pair_median_sorted
 
 COV = np.array([[1.0, 0.6], [0.6, 2.0]])
 MU = np.array([1.0, -1.0])
@@ -283,7 +275,7 @@ def test_mirror_maps_are_inverse_pairs_with_their_jacobians():
     eta = jax.random.normal(jax.random.key(0), (5, 3))
     k = jnp.exp(-_sq_dists(eta, eta))
     v = jax.random.normal(jax.random.key(1), (5, 3))
-    for m in [veil.mirror.Simplex(), veil.mirror.Positive(), veil.mirror.Box(-1.0, 2.0)]:
+    for m in [veil.particles.mirror.Simplex(), veil.particles.mirror.Positive(), veil.particles.mirror.Box(-1.0, 2.0)]:
         theta = m.primal(eta)
         assert not m.outside(np.asarray(theta)).any()
         np.testing.assert_allclose(m.dual(theta), eta, atol=1e-5)
@@ -297,10 +289,10 @@ def test_mirror_maps_are_inverse_pairs_with_their_jacobians():
 
 
 @pytest.mark.parametrize("method", [
-    veil.particles.MirroredSVGD(veil.mirror.Simplex(), step_size=0.5),
+    veil.particles.MirroredSVGD(veil.particles.mirror.Simplex(), step_size=0.5),
     # ~10 s (an eigendecomposition per step); its direction is checked against the paper's
     # exactly in the default run.
-    pytest.param(veil.particles.SVMD(veil.mirror.Simplex()), marks=pytest.mark.slow),
+    pytest.param(veil.particles.SVMD(veil.particles.mirror.Simplex()), marks=pytest.mark.slow),
 ], ids=["msvgd", "svmd"])
 def test_mirrored_methods_keep_particles_in_the_simplex_and_match_a_dirichlet(method):
     # Dirichlet(2, 3, 5, 0.7): SVGD-type particles are slightly underdispersed (measured sd
@@ -319,14 +311,14 @@ def test_mirrored_methods_keep_particles_in_the_simplex_and_match_a_dirichlet(me
 
 
 def test_mirrored_init_outside_the_set_is_refused():
-    m = veil.particles.MirroredSVGD(veil.mirror.Simplex())
+    m = veil.particles.MirroredSVGD(veil.particles.mirror.Simplex())
     bad = jnp.array([[0.2, 0.3, 0.1], [0.5, 0.6, 0.1], [0.1, 0.1, 0.1]])  # row 1 sums past 1
     with pytest.raises(ValueError, match="outside the open simplex.*row 1"):
         run(_dirichlet_target(), m, key=jax.random.key(0), n_particles=3, init=bad, progress=False)
     with pytest.raises(TypeError, match="mirror"):
         veil.particles.MirroredSVGD("simplex")
     with pytest.raises(ValueError, match="low < high"):
-        veil.mirror.Box(1.0, 0.0)
+        veil.particles.mirror.Box(1.0, 0.0)
 
 
 @eqx.filter_jit
@@ -369,7 +361,7 @@ def test_svmd_and_svng_are_the_papers_direction():
     # making up 90% of the trace kept (of 6), so the truncation is tested too.
     threshold = 0.9
     eta = jax.random.normal(jax.random.key(3), (6, 3))
-    simplex = veil.mirror.Simplex()
+    simplex = veil.particles.mirror.Simplex()
     theta = simplex.primal(eta)
     t = _dirichlet_target()
 
@@ -421,7 +413,7 @@ def test_svng_is_right_where_scales_differ_by_100():
 
 def test_adaptive_kernel_bad_input():
     with pytest.raises(ValueError, match="eigen_threshold"):
-        veil.particles.SVMD(veil.mirror.Simplex(), eigen_threshold=1.5)
+        veil.particles.SVMD(veil.particles.mirror.Simplex(), eigen_threshold=1.5)
     with pytest.raises(ValueError, match="not positive definite"):
         veil.particles.SVNG(jnp.diag(jnp.array([1.0, -1.0])))
     with pytest.raises(ValueError, match="not symmetric"):
@@ -517,12 +509,13 @@ def test_watch_plan_cache_matches_a_fresh_trace():
     # The driver caches what the drift test watches by the loss's static structure and array
     # shapes; a cached answer must be the one a fresh trace gives, and losses that differ in
     # dimension or method must not share an entry.
-    from veil import driver
-    from veil.particles import MirroredSVGD, _ParticleLoss
+    from veil.loop import driver
+    from veil.particles import MirroredSVGD
+    from veil.particles.runner import _ParticleLoss
 
     for dim in (2, 3):
         t = veil.Target.from_logdensity(lambda z: -0.5 * jnp.sum(z**2), dim=dim)
-        for method in (SVGD(), MirroredSVGD(veil.mirror.Simplex())):
+        for method in (SVGD(), MirroredSVGD(veil.particles.mirror.Simplex())):
             loss, params = _ParticleLoss(method, t), jnp.full((1, 7, dim), 0.1)
             fresh = jax.eval_shape(jax.vmap(lambda p: driver._watched(loss, p)), params)
             shapes, probe, groups = driver._watch_plan(loss, params)

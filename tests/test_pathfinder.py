@@ -7,7 +7,7 @@ import numpyro.distributions as dist
 import pytest
 
 import veil
-from veil.pathfinder import (
+from veil.geometry.pathfinder import (
     Gaussian,
     gaussian_from_lbfgs,
     gaussian_to_family,

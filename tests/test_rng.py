@@ -1,4 +1,4 @@
-"""The unrolled threefry generator (veil._rng) gives exactly JAX's default draws."""
+"""The unrolled threefry generator (veil.loop.rng) gives exactly JAX's default draws."""
 
 import jax
 import jax.numpy as jnp
@@ -7,8 +7,8 @@ import optax
 import pytest
 
 import veil
-import veil.driver
-from veil._rng import UNROLLED_THREEFRY, hash2x32, unrolled
+import veil.loop.driver
+from veil.loop.rng import UNROLLED_THREEFRY, hash2x32, unrolled
 
 
 def test_hash_known_answers():
@@ -100,11 +100,11 @@ def test_fit_equals_fit_with_jax_default_keys(monkeypatch):
     # before converting them, so the same arithmetic follows.
     target = veil.Target.from_logdensity(lambda z: -0.5 * jnp.sum((z - 1.0) ** 2 / jnp.arange(1.0, 6.0)), dim=5)
     converted = []
-    monkeypatch.setattr(veil.driver, "unrolled", lambda keys: converted.append(keys.shape) or unrolled(keys))
+    monkeypatch.setattr(veil.loop.driver, "unrolled", lambda keys: converted.append(keys.shape) or unrolled(keys))
     ours = veil.fit(target, veil.MeanField(5), key=jax.random.key(0), optimizer=optax.adam(0.05),
                     max_steps=200, stop=None, progress=False)
     assert converted  # the CPU path converts each block's keys
-    monkeypatch.setattr(veil.driver, "unrolled", lambda keys: keys)
+    monkeypatch.setattr(veil.loop.driver, "unrolled", lambda keys: keys)
     theirs = veil.fit(target, veil.MeanField(5), key=jax.random.key(0), optimizer=optax.adam(0.05),
                       max_steps=200, stop=None, progress=False)
     for a, b in zip(jax.tree.leaves(ours.q), jax.tree.leaves(theirs.q)):

@@ -18,7 +18,7 @@ from numpyro.infer.util import log_density as numpyro_log_joint
 
 import veil
 from reference_checks import assert_fits_german_credit
-from veil import _stan
+from veil.target import stan as _stan
 from veil.demo import eight_schools, eight_schools_data, german_credit, german_credit_data
 
 pytest.importorskip("httpstan")

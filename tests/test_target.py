@@ -160,7 +160,7 @@ def test_a_fit_on_a_large_closure_matches_the_same_fit_written_with_a_small_one(
     logp, _, X = _closure_target()
     t = veil.Target.from_logdensity(logp, dim=20)
     # The same density with everything embedded (hoisting off by a higher threshold).
-    import veil.target as vt
+    import veil.target.core as vt
 
     old, vt._HOIST_BYTES = vt._HOIST_BYTES, 1 << 62
     try:

@@ -37,15 +37,16 @@ from veil.families import (
     LowRank,
     MeanField,
     MixFlow,
-    MixFlowResult,
     Mixture,
     SemiImplicit,
     VonMises,
-    mixflow,
     flows,
 )
-from veil.dadvi import DADVIResult, dadvi
+from veil.geometry.dadvi import DADVIResult, dadvi
 from veil.fit import default_optimizer, fit
+from veil.geometry.fbgvi import fbgvi
+from veil.loop.checkpoint import Checkpoint
+from veil.mixflow import MixFlowResult, mixflow
 from veil.objectives import (
     ELBO,
     IWAE,
@@ -61,11 +62,14 @@ from veil.objectives import (
     estimate,
     log_mean_exp,
 )
-from veil.newton import NewtonResult, variational_newton
-from veil.pathfinder import PathfinderResult, pathfinder
+from veil.geometry.newton import NewtonResult, variational_newton
+from veil.geometry.pathfinder import PathfinderResult, pathfinder
 from veil.result import LogEvidence, Summary, VIResult
 from veil.target import Target
-from veil import batching, demo, families, fusion, gaussian, kernels, mirror, optim, particles
+from veil import demo, families, fusion, geometry, kernels, loop, optim, particles
+from veil.geometry import fbgvi as gaussian  # the module's name before issue 30 (veil.gaussian.fbgvi)
+from veil.loop import batching
+from veil.particles import mirror
 
 __version__ = "0.1.0"
 
@@ -111,6 +115,10 @@ __all__ = [
     "mirror",
     "optim",
     "gaussian",
+    "fbgvi",
+    "geometry",
+    "loop",
+    "Checkpoint",
     "families",
     "fusion",
     "batching",

@@ -22,6 +22,7 @@ import functools
 import os
 
 import jax
+import threadpoolctl
 
 
 def _threads() -> int:
@@ -41,10 +42,6 @@ def _threads() -> int:
 def _controller():
     # Built once (it scans the loaded libraries: ~1 ms), at the first fit, when JAX and SciPy's
     # LAPACK are loaded; entering its limit afterwards costs ~25 us.
-    try:
-        import threadpoolctl
-    except ImportError:
-        return None
     return threadpoolctl.ThreadpoolController()
 
 

@@ -1,10 +1,10 @@
 """Expectations under a Gaussian from gradients alone, shared by variational Newton
-(:mod:`veil.newton`) and the mean-drift check of a fit's result (:mod:`veil.result`).
+(:mod:`veil.geometry.newton`) and the mean-drift check of a fit's result (:mod:`veil.result`).
 
 For ``q = N(mu, L L^T)`` and points ``z = mu + L eps``, Stein's lemma gives
 ``E[grad log p(z) eps^T] = E[hess log p(z)] L``: the expected Hessian from gradients, without
 second derivatives. The points are orthogonal antithetic pairs (a stochastic spherical-radial
-rule, Genz & Monahan 1998), each exactly ``N(0, I)``; see :mod:`veil.newton`.
+rule, Genz & Monahan 1998), each exactly ``N(0, I)``; see :mod:`veil.geometry.newton`.
 """
 
 from __future__ import annotations

@@ -17,13 +17,21 @@ import importlib.util
 import json
 import os
 import sys
+from importlib.metadata import PackageNotFoundError, version
+
+import jax
+import numpy as np
+
+from veil.demo import run_demo
+from veil.families.gaussian import FullRank, LowRank, MeanField
+from veil.fit import fit
+from veil.result import _flat_columns
+from veil.target import Target
 
 FAMILIES = ("fullrank", "meanfield", "lowrank")
 
 
 def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         return version("veil")
     except PackageNotFoundError:  # run from a source tree that was not installed
@@ -39,22 +47,20 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--out", default="veil_demo.png", help="PNG of traces and marginals ('' for none)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    fit = sub.add_parser("fit", help="fit a NumPyro model in a Python file: veil fit model.py:model --data data.json")
-    fit.add_argument("model", help="FILE.py:NAME, a NumPyro model function NAME defined in FILE.py, "
+    fit_cmd = sub.add_parser("fit", help="fit a NumPyro model in a Python file: veil fit model.py:model --data data.json")
+    fit_cmd.add_argument("model", help="FILE.py:NAME, a NumPyro model function NAME defined in FILE.py, "
                                    "or FILE.stan, a Stan program")
-    fit.add_argument("--data", help="the model's keyword arguments: .json (an object), .npz or .csv (a header row)")
-    fit.add_argument("--family", choices=FAMILIES, default="fullrank", help="the variational family (default fullrank)")
-    fit.add_argument("--rank", type=int, default=4, help="rank of --family lowrank (default 4)")
-    fit.add_argument("--seed", type=int, default=0, help="the fit's key: jax.random.key(seed)")
-    fit.add_argument("--max-steps", type=int, default=20_000, help="cap on optimisation steps")
-    fit.add_argument("--draws", type=int, default=4000, help="draws written with --out (default 4000)")
-    fit.add_argument("--out", help="write draws: .csv (one column per constrained scalar) or .nc (ArviZ NetCDF)")
-    fit.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    fit_cmd.add_argument("--data", help="the model's keyword arguments: .json (an object), .npz or .csv (a header row)")
+    fit_cmd.add_argument("--family", choices=FAMILIES, default="fullrank", help="the variational family (default fullrank)")
+    fit_cmd.add_argument("--rank", type=int, default=4, help="rank of --family lowrank (default 4)")
+    fit_cmd.add_argument("--seed", type=int, default=0, help="the fit's key: jax.random.key(seed)")
+    fit_cmd.add_argument("--max-steps", type=int, default=20_000, help="cap on optimisation steps")
+    fit_cmd.add_argument("--draws", type=int, default=4000, help="draws written with --out (default 4000)")
+    fit_cmd.add_argument("--out", help="write draws: .csv (one column per constrained scalar) or .nc (ArviZ NetCDF)")
+    fit_cmd.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = parser.parse_args(argv)
     try:
         if args.command == "demo":
-            from veil.demo import run_demo
-
             run_demo(max_steps=args.max_steps, out=args.out or None, seed=args.seed,
                      progress=not args.no_progress)
             return 0
@@ -85,16 +91,12 @@ def run_fit(args) -> int:
         model = load_model(args.model)
         data = load_data(args.data) if args.data else {}
 
-    import jax
-
-    import veil
-
-    target = (veil.Target.from_stan(args.model, args.data) if stan
-              else veil.Target.from_numpyro(model, **data))
-    q = {"fullrank": lambda: veil.FullRank(target.dim), "meanfield": lambda: veil.MeanField(target.dim),
-         "lowrank": lambda: veil.LowRank(target.dim, min(args.rank, target.dim))}[args.family]()
-    res = veil.fit(target, q, key=jax.random.key(args.seed), max_steps=args.max_steps,
-                   progress=not args.no_progress)
+    target = (Target.from_stan(args.model, args.data) if stan
+              else Target.from_numpyro(model, **data))
+    q = {"fullrank": lambda: FullRank(target.dim), "meanfield": lambda: MeanField(target.dim),
+         "lowrank": lambda: LowRank(target.dim, min(args.rank, target.dim))}[args.family]()
+    res = fit(target, q, key=jax.random.key(args.seed), max_steps=args.max_steps,
+              progress=not args.no_progress)
     summary = res.summary()
     print(summary)
     if args.out is not None:
@@ -126,8 +128,6 @@ def load_model(spec: str):
 def load_data(path: str) -> dict:
     """The model's keyword arguments from a ``.json``, ``.npz`` or ``.csv`` file, as arrays
     (integers stay integers: index arrays, counts)."""
-    import numpy as np
-
     if not os.path.isfile(path):
         raise FileNotFoundError(f"No data file {path!r}.")
     ext = os.path.splitext(path)[1].lower()
@@ -156,13 +156,9 @@ def load_data(path: str) -> dict:
 
 
 def _write_draws(res, out: str, n: int, key) -> None:
-    import numpy as np
-
     if out.endswith(".nc"):
         res.to_arviz(n, key=key).to_netcdf(out)
         return
-    from veil.result import _flat_columns
-
     names, x = _flat_columns({k: np.asarray(v) for k, v in res.draws(n, key=key).items()})
     np.savetxt(out, x, delimiter=",", header=",".join(names), comments="")
 

@@ -21,7 +21,10 @@ import numpyro
 import numpyro.distributions as dist
 
 from veil.diagnostics import format_khat
+from veil.families.gaussian import FullRank
+from veil.fit import fit
 from veil.result import _flat_columns
+from veil.target import Target
 
 __all__ = ["eight_schools", "eight_schools_data", "german_credit", "german_credit_data",
            "load_reference", "run_demo"]
@@ -78,8 +81,6 @@ def run_demo(*, max_steps: int = 20_000, out: str | None = "veil_demo.png", seed
     Returns a dict ``name -> VIResult``. Writes a PNG of traces and marginals to ``out``
     (skipped when ``out`` is None).
     """
-    import veil
-
     if out is not None:  # before any fitting: a path that cannot be written fails now, not after
         folder = os.path.dirname(os.path.abspath(out))
         if not os.path.isdir(folder):
@@ -90,8 +91,8 @@ def run_demo(*, max_steps: int = 20_000, out: str | None = "veil_demo.png", seed
     figs = []
     for i, (name, (model, data)) in enumerate(MODELS.items()):
         t0 = time.perf_counter()
-        target = veil.Target.from_numpyro(model, *data())
-        res = veil.fit(target, veil.FullRank(target.dim), key=jax.random.key(seed + i),
+        target = Target.from_numpyro(model, *data())
+        res = fit(target, FullRank(target.dim), key=jax.random.key(seed + i),
                        max_steps=max_steps, progress=progress)
         wall = time.perf_counter() - t0
         results[name] = res

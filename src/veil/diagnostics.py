@@ -12,6 +12,9 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import numpy as np
+import equinox as eqx
+import jax
+import jax.numpy as jnp
 
 PROBE_BATCH = 25  # steps per probe row; the driver's batch length (kept equal by a test)
 
@@ -490,8 +493,6 @@ def kernel_stein_discrepancy(x, scores, c: float = 1.0, beta: float = -0.5):
         >>> bool(near < 0.1 < far)
         True
     """
-    import jax.numpy as jnp
-
     n, d = x.shape
     r2 = jnp.maximum(jnp.sum(x**2, -1)[:, None] + jnp.sum(x**2, -1)[None, :] - 2.0 * x @ x.T, 0.0)
     u = c**2 + r2
@@ -522,9 +523,6 @@ class GradientVariance(NamedTuple):
 
 
 def _gradient_samples(objective, q, target, keys):
-    import equinox as eqx
-    import jax
-
     def one(key):
         return eqx.filter_grad(lambda q: objective(q, target, key)[0])(q)
 
@@ -548,10 +546,6 @@ def gradient_variance(objective, q, target, key, n: int = 1000) -> GradientVaria
         >>> gv.total < 1e-10  # STL: zero variance at an exact fit
         True
     """
-    import equinox as eqx
-    import jax
-    import jax.numpy as jnp
-
     if isinstance(n, bool) or not isinstance(n, int) or n < 2:
         raise ValueError(f"n must be an integer >= 2 (a variance needs two samples), got {n!r}.")
     grads = eqx.filter_jit(_gradient_samples)(objective, q, target, jax.random.split(key, n))

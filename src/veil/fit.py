@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import re
@@ -13,15 +14,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh
 
-from veil import driver
+from veil.loop import driver
 from veil._checks import check_key as _check_key
 from veil._checks import check_positive_int as _check_positive_int
-from veil.checkpoint import Checkpoint, _hash_array, digest
+from veil.loop.checkpoint import Checkpoint, _hash_array, digest
 from veil.diagnostics import StopRule
 from veil.families.base import Family
 from veil.families.gaussian import FullRank, LowRank, MeanField
-from veil.health import Assessment, assess_run
+from veil.target.health import Assessment, assess_run
 from veil.families.flows import Flow, FlowJAX
 from veil.families.mixture import Mixture
 from veil.families.mixflows import MixFlow
@@ -30,8 +32,9 @@ from veil.estimators import Reparam, ScoreFunction, Stratified
 from veil.objectives import ELBO, ChiSquare, FunctionObjective, Objective
 from veil.optim import clip_outliers, whitened_factor, whitened_location
 from veil.result import Refinement, StartCheck, VIResult, _log_weights, log_evidence_from_weights
-from veil.target import Target, _row_sharding, log_density_rows
-from veil.newton import _checked, variational_newton
+from veil.target import Target, log_density_rows
+from veil.target.core import _row_sharding
+from veil.geometry.newton import _checked, variational_newton
 from veil.families.gaussian import gaussian_to_family
 
 __all__ = ["fit", "default_optimizer", "DEFAULT_STEP_SIZE"]
@@ -188,7 +191,7 @@ def fit(
 ) -> VIResult:
     """Fit the family ``q`` to ``target`` by stochastic optimisation, all steps compiled.
 
-    The loop runs in compiled chunks (see :mod:`veil.driver`) and stops by itself with the
+    The loop runs in compiled chunks (see :mod:`veil.loop.driver`) and stops by itself with the
     noise-robust rule of :class:`~veil.diagnostics.StopRule`: step-size decay in stages,
     stop when lowering the step no longer lowers the loss, then iterate averaging.
 
@@ -226,7 +229,7 @@ def fit(
             for a full-data target the restarts are sharded instead (``num_restarts`` a
             multiple of the device count). Parameters are replicated. The same key gives
             the same fit as on one device, up to the order of floating-point sums.
-        checkpoint: a path (or a :class:`veil.checkpoint.Checkpoint` for the save interval):
+        checkpoint: a path (or a :class:`veil.loop.checkpoint.Checkpoint` for the save interval):
             the fit saves its whole state there at chunk boundaries (every 60 s by default,
             and at the end) and, if the file exists when the fit starts, resumes from it,
             continuing exactly as the uninterrupted fit would. A checkpoint written by a
@@ -321,7 +324,7 @@ def fit(
 
     if checkpoint is not None and not isinstance(checkpoint, Checkpoint):
         if not isinstance(checkpoint, (str, os.PathLike)):
-            raise TypeError(f"checkpoint must be a path or a veil.checkpoint.Checkpoint, got {checkpoint!r}.")
+            raise TypeError(f"checkpoint must be a path or a veil.loop.checkpoint.Checkpoint, got {checkpoint!r}.")
         checkpoint = Checkpoint(checkpoint)
     restart_sharding = None
     if mesh is not None:
@@ -571,7 +574,7 @@ def _check_upper_bound(target: Target, start: Family, fitted: Family, key, n: in
 def _fingerprint(target: Target, q: Family, objective, optimizer, stop, num_restarts: int, key) -> dict:
     """What a checkpoint must match to be resumed by this fit (JSON-able): everything that
     decides the fit. The target, family, objective and optimizer are hashed by what they
-    compute (:func:`veil.checkpoint.digest`: the traced program, closed-over constants, data
+    compute (:func:`veil.loop.checkpoint.digest`: the traced program, closed-over constants, data
     and starting values), not by name, so a changed model, data set, step size or starting
     point is told apart from the same fit run again in a new process."""
 
@@ -584,7 +587,6 @@ def _fingerprint(target: Target, q: Family, objective, optimizer, stop, num_rest
     probe_key = jax.random.key(0)
     target_hash = digest(lambda t, z: t.log_density(z), target, z0)
     if target.store is not None:  # rows on disk: by file, size and modification time
-        import hashlib
 
         h = hashlib.sha256(target_hash.encode())
         for leaf in jax.tree.leaves(target.store.data):
@@ -626,8 +628,6 @@ def _place_on_mesh(target: Target, mesh, num_restarts: int):
     """Where ``fit(..., mesh=mesh)`` puts the work: ``None`` when the target's rows are to be
     sharded (a minibatched target), else the sharding of the restart axis, after checking
     that the restarts split evenly."""
-    from jax.sharding import Mesh
-
     if not isinstance(mesh, Mesh):
         raise TypeError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}.")
     if target.is_minibatched:

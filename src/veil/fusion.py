@@ -49,6 +49,7 @@ from veil.families.base import Family
 from veil.families.gaussian import FullRank, LowRank, MeanField
 from veil.target import Target, log_density_rows
 from veil.families.gaussian import gaussian_to_family
+from veil.fit import fit
 
 __all__ = ["shard_targets", "fit_shards", "consensus", "smc_fusion", "fuse_fits", "FusedDraws", "FusionNode"]
 
@@ -110,8 +111,6 @@ def fit_shards(
 
     Returns the list of :class:`~veil.VIResult`; pass it to :func:`consensus`.
     """
-    from veil.fit import fit
-
     targets = shard_targets(log_prior, log_lik, data, dim=dim, num_shards=num_shards, batch_size=batch_size)
     keys = jax.random.split(key, len(targets))
     return [fit(t, q, key=k, **fit_kwargs) for t, k in zip(targets, keys)]

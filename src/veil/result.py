@@ -18,7 +18,7 @@ from veil._checks import check_positive_int as _check_positive_int
 from veil.diagnostics import MomentShift, format_khat, khat_ok, khat_verdict, moment_shift, psis_khat, psis_weights
 from veil.target import log_density_rows
 from veil._expectations import _estimate
-from veil.health import coordinate_names
+from veil.target.health import coordinate_names
 
 __all__ = ["VIResult", "Summary", "LogEvidence"]
 
@@ -353,7 +353,7 @@ class VIResult:
 
     @classmethod
     def from_run(cls, out, target, q, diagnostic_key, *, restart: int = 0, wall_time=None, **extra):
-        """The result of restart ``restart`` of a driver run ``out`` (``veil.driver.RunOutput``)
+        """The result of restart ``restart`` of a driver run ``out`` (``veil.loop.driver.RunOutput``)
         whose fitted family is ``q``; ``extra`` are a subclass's own fields."""
         return cls(
             target=target, q=q, trace=out.traces[restart], num_steps=int(out.num_steps[restart]),
@@ -428,7 +428,7 @@ class VIResult:
         covariance; away from it, with ``H = E_q[hess log p]`` (from gradients alone, by
         Stein's lemma), ``delta = -H^{-1} E_q[grad log p]`` is the step to where it vanishes (exact on a
         Gaussian target). Estimated from ``_DRIFT_ROUNDS`` rounds of ``2 dim`` orthogonal
-        antithetic points (:mod:`veil.newton`); its standard error from the rounds' spread of the
+        antithetic points (:mod:`veil.geometry.newton`); its standard error from the rounds' spread of the
         gradient. The Adam steps' iterate average creeps along a posterior's long directions
         and can stop short there, where the ELBO is flat and k-hat sees nothing wrong."""
         if not self.checks_mean or self.target.is_minibatched:

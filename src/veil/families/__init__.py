@@ -10,10 +10,10 @@ from veil.families.hierarchical import HierarchicalGaussian
 from veil.families import flows
 from veil.families.mixture import Mixture
 from veil.families.semi_implicit import SemiImplicit
-from veil.families.mixflows import MixFlow, MixFlowResult, mixflow
+from veil.families.mixflows import MixFlow
 
 __all__ = [
     "Family", "MeanField", "FullRank", "LowRank", "HierarchicalGaussian", "Gamma", "Beta", "Dirichlet", "VonMises",
-    "Empirical", "Composite", "Flow", "FlowJAX", "flows", "Mixture", "SemiImplicit", "MixFlow", "MixFlowResult", "mixflow",
+    "Empirical", "Composite", "Flow", "FlowJAX", "flows", "Mixture", "SemiImplicit", "MixFlow",
     "stop_gradient",
 ]

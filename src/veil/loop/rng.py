@@ -44,7 +44,7 @@ def hash2x32(k1: ArrayLike, k2: ArrayLike, x1: ArrayLike, x2: ArrayLike) -> tupl
 
     Example:
         >>> import jax, numpy as np
-        >>> from veil._rng import hash2x32
+        >>> from veil.loop.rng import hash2x32
         >>> k1, k2 = jax.random.key_data(jax.random.key(0))
         >>> a = hash2x32(k1, k2, np.uint32([0, 0]), np.uint32([0, 1]))
         >>> b = jax.extend.random.threefry_2x32((k1, k2), np.uint32([0, 0, 0, 1]))
@@ -137,7 +137,7 @@ def unrolled(keys: jax.Array) -> jax.Array:
 
     Example:
         >>> import jax
-        >>> from veil._rng import unrolled
+        >>> from veil.loop.rng import unrolled
         >>> key = jax.random.key(3)
         >>> bool((jax.random.normal(unrolled(key), (5,)) == jax.random.normal(key, (5,))).all())
         True

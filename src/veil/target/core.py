@@ -21,11 +21,16 @@ import jax
 import jax.extend.core as jex_core
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from numpyro import handlers
+from numpyro.distributions import biject_to
+from numpyro.infer.util import constrain_fn, potential_energy, transform_fn
+from numpyro.primitives import Messenger
 
-from veil import _pymc, _stan
+from veil.target import pymc as _pymc, stan as _stan
 from veil._checks import check_dim as _check_dim
-from veil.batching import DiskBatches, OnDisk, Shuffled, ShuffledIndices
-from veil.health import check_log_density
+from veil.loop.batching import DiskBatches, OnDisk, Shuffled, ShuffledIndices
+from veil.target.health import check_log_density
 
 __all__ = ["Target", "Site", "log_density_rows"]
 
@@ -140,7 +145,6 @@ def _with_rows(model, plate: str | None, num_data: int | None, rows):
     is one. ``model`` itself when it has no subsampled plate."""
     if plate is None:
         return model
-    from numpyro.primitives import Messenger
 
     indices = jnp.arange(num_data) if rows is None else rows
 
@@ -158,8 +162,6 @@ def _with_rows(model, plate: str | None, num_data: int | None, rows):
 
 
 def _numpyro_logdensity(model, sites, z, data):
-    from numpyro.infer.util import potential_energy
-
     args, kwargs = data
     return -potential_energy(model, args, kwargs, _unflatten(sites, z))
 
@@ -167,9 +169,6 @@ def _numpyro_logdensity(model, sites, z, data):
 def _numpyro_loglikelihood(model, sites, z, data):
     """Sum of the observed sites' log densities (with their ``scale``), at the latent values
     ``z`` maps to: NumPyro's own trace of the model, observed sites only."""
-    from numpyro import handlers
-    from numpyro.infer.util import constrain_fn
-
     args, kwargs = data
     values = constrain_fn(model, args, kwargs, _unflatten(sites, z))
     tr = handlers.trace(handlers.substitute(model, data=values)).get_trace(*args, **kwargs)
@@ -192,7 +191,7 @@ def _minibatch_logdensity(log_prior, log_lik, num_data, z, data):
 
 def _streamed_loglik(log_lik, store, z: jax.Array) -> jax.Array:
     """``sum_{i=1}^N log_lik(z_k, x_i)`` for each row ``z_k`` of ``z`` (shape ``(n, dim)``),
-    the ``N`` rows read from an on-disk ``store`` (:class:`veil.batching.OnDisk`) a block at a
+    the ``N`` rows read from an on-disk ``store`` (:class:`veil.loop.batching.OnDisk`) a block at a
     time by a host callback inside the program, so they are never all in memory.
 
     A block holds at most ``store.stream_rows()`` rows and ``2**24 / n`` of them (the
@@ -264,7 +263,7 @@ class Target(eqx.Module):
     store: Any = eqx.field(static=True, default=None)  # rows kept on disk (batching.OnDisk)
     constrain: Callable | None = eqx.field(static=True, default=None)  # a PyMC model's map to its variables
     arviz_dims: tuple | None = eqx.field(static=True, default=None)  # (coords, dims) for ArviZ, as tuples
-    source: Any = eqx.field(static=True, default=None)  # a Stan model instance (veil._stan.StanModel)
+    source: Any = eqx.field(static=True, default=None)  # a Stan model instance (veil.target.stan.StanModel)
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -325,7 +324,7 @@ class Target(eqx.Module):
                 ``|B|``). veil scales it by ``N / |B|``; do not scale it yourself.
             data: a pytree (array, tuple or dict of arrays) whose leaves share a leading axis
                 of length ``N``, the rows. Memory-mapped arrays (``np.load(path,
-                mmap_mode="r")``), or a :class:`veil.batching.OnDisk`, stay on disk: each chunk
+                mmap_mode="r")``), or a :class:`veil.loop.batching.OnDisk`, stay on disk: each chunk
                 of the fit reads its batches' rows ahead on a background thread, and full-data
                 evaluations stream the rows in blocks (same fit, same key, as in memory).
             dim: dimension of ``z``.
@@ -477,8 +476,6 @@ class Target(eqx.Module):
             ValueError: the target is not minibatched, the batch size is not a multiple of
                 the number of devices, or (NumPyro) ``N`` is not.
         """
-        from jax.sharding import Mesh
-
         if not isinstance(mesh, Mesh):
             raise TypeError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}.")
         if not self.is_minibatched:
@@ -532,10 +529,6 @@ class Target(eqx.Module):
             NotImplementedError: the model has a discrete latent site.
             ValueError: an array argument holds NaN or inf, or the model has no latent site.
         """
-        from numpyro import handlers
-        from numpyro.infer.util import transform_fn
-        from numpyro.distributions import biject_to
-
         if not callable(model):
             raise TypeError(f"model must be a NumPyro model function, got {type(model).__name__}.")
         _check_data_finite(args, kwargs)
@@ -667,6 +660,10 @@ class Target(eqx.Module):
         return target
 
     # ------------------------------------------------------------------ evaluation
+    def log_density_rows(self, z: jax.Array) -> jax.Array:
+        """``log p`` of each row of ``z`` (shape ``(n, dim)``); see :func:`log_density_rows`."""
+        return log_density_rows(self, z)
+
     def log_density(self, z: jax.Array) -> jax.Array:
         """``log p(z)`` for one flat unconstrained vector ``z`` of shape ``(dim,)``."""
         if self.kind == "stan":
@@ -723,8 +720,6 @@ class Target(eqx.Module):
             out = self.constrain(*(values[s.name] for s in self.sites), *self.data)
             return dict(zip(self.names, out))
         if self.kind == "numpyro":
-            from numpyro.infer.util import constrain_fn
-
             args, kwargs = self.data
             return constrain_fn(
                 self._model(), args, kwargs, _unflatten(self.sites, z), return_deterministic=True
@@ -738,8 +733,6 @@ class Target(eqx.Module):
 
 def _row_sharding(mesh):
     """Leading axis (rows) split over every axis of ``mesh``; the other axes whole."""
-    from jax.sharding import NamedSharding, PartitionSpec
-
     return NamedSharding(mesh, PartitionSpec(mesh.axis_names))
 
 

@@ -14,12 +14,12 @@ returns the initial state; it is then called as ``loss_fn(params, key, state) ->
 (loss, new_state)``, and the loop carries the state (kept unchanged on skipped steps).
 
 A loss fitted on minibatches has a ``batches`` attribute, a batch source (see
-:mod:`veil.batching`: ``init(key) -> state``, ``next(state) -> (batch, state)``); the loop
+:mod:`veil.loop.batching`: ``init(key) -> state``, ``next(state) -> (batch, state)``); the loop
 carries the source's state, takes the next batch at every step (skipped steps included) and
 calls ``loss_fn(params, key, batch=batch)`` (after the loss's state, if it has one). Each
 restart draws its own batch order. A source marked ``host_fed`` (rows on disk,
-:class:`veil.batching.DiskBatches`) is not called in the loop: a
-:class:`veil.batching.Feeder` thread reads the next piece's batches while the current piece
+:class:`veil.loop.batching.DiskBatches`) is not called in the loop: a
+:class:`veil.loop.batching.Feeder` thread reads the next piece's batches while the current piece
 runs, and each compiled call takes its batches as an input array. A piece holds at most
 ``source.steps_per_chunk(restarts)`` steps; a longer chunk runs as several pieces whose
 outputs are joined on the host before the stopping rule sees them.
@@ -49,12 +49,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from tqdm.auto import tqdm
 
 from veil import _blas
-from veil import checkpoint as ckpt
+from veil.loop import checkpoint as ckpt
 from veil._config import cheap_branches
-from veil._rng import unrolled
-from veil.batching import Feeder
+from veil.loop.rng import unrolled
+from veil.loop.batching import Feeder
 from veil.diagnostics import PROBE_BATCH, StopRule
 
 __all__ = ["run", "RunOutput", "CHUNK_CAPACITY", "PLAIN_CAPACITY", "chunk_schedule"]
@@ -239,7 +240,7 @@ def _chunk(loss_fn, optimizer, state: LoopState, n_steps, probe, capacity: int, 
     # lengths do not change a fit. The keys are made KEY_BLOCK at a time, vectorised (one
     # fold_in inside the step cost 1.3 us of a 6.5 us step; BENCHMARKS.md section 14), and
     # on CPU handed to the loss as keys of the same generator with its rounds unrolled: the
-    # same draws without the rolled loop JAX's CPU lowering gives every draw (veil._rng; a
+    # same draws without the rolled loop JAX's CPU lowering gives every draw (veil.loop.rng; a
     # GPU's lowering is already unrolled).
     first = state.step
 
@@ -369,7 +370,7 @@ def run(
         stop_rule: a :class:`~veil.diagnostics.StopRule`, or ``None`` to run ``max_steps``
             steps and return the last iterate.
         progress: show a tqdm progress bar (updated once per chunk).
-        checkpoint: a :class:`veil.checkpoint.Checkpoint`: save the run's state there at chunk
+        checkpoint: a :class:`veil.loop.checkpoint.Checkpoint`: save the run's state there at chunk
             boundaries, and resume from it if it exists (after checking ``fingerprint``, a
             JSON-able description of the caller's fit, and the state's shapes).
     """
@@ -678,6 +679,5 @@ def _window_average(history, r: int, start_step: int):
 def _progress_bar(progress: bool, total: int, description: str):
     if not progress:
         return None
-    from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=description, unit="step", leave=False, dynamic_ncols=True)

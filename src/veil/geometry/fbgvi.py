@@ -33,7 +33,7 @@ import optax
 
 from veil._checks import check_key as _check_key
 from veil._checks import check_positive_int as _check_positive_int
-from veil import driver
+from veil.loop import driver
 from veil.diagnostics import StopRule
 from veil.families.gaussian import FullRank
 from veil.result import VIResult
@@ -66,7 +66,7 @@ def fbgvi_step(target: Target, loc, cov, key, step_size, num_samples: int = 2):
         >>> import jax, jax.numpy as jnp, veil
         >>> t = veil.Target.from_logdensity(lambda z: -0.5 * jnp.sum(z**2) / 4.0, dim=2)  # sd 2
         >>> loc, cov = jnp.zeros(2), jnp.eye(2)
-        >>> step = jax.jit(veil.gaussian.fbgvi_step, static_argnums=(0, 4))
+        >>> step = jax.jit(veil.geometry.fbgvi.fbgvi_step, static_argnums=(0, 4))
         >>> for i in range(200):
         ...     loc, cov, _ = step(t, loc, cov, jax.random.key(i), 0.5)
         >>> [round(float(v), 3) for v in jnp.diagonal(cov)]
@@ -170,7 +170,7 @@ def fbgvi(
     Example:
         >>> import jax, jax.numpy as jnp, veil
         >>> t = veil.Target.from_logdensity(lambda z: -0.5 * jnp.sum((z - 1.0) ** 2), dim=2)
-        >>> res = veil.gaussian.fbgvi(t, key=jax.random.key(0), progress=False)
+        >>> res = veil.fbgvi(t, key=jax.random.key(0), progress=False)
         >>> bool(jnp.allclose(res.q.mean, 1.0, atol=0.05)), bool(jnp.allclose(res.q.cov, jnp.eye(2), atol=0.02))
         (True, True)
     """

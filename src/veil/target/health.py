@@ -115,10 +115,8 @@ class Assessment(NamedTuple):
 
 @eqx.filter_jit
 def _draw_values(target, q, key, n: int):
-    from veil.target import log_density_rows
-
     z = q.sample(key, n)
-    log_p = log_density_rows(target, z)
+    log_p = target.log_density_rows(z)
     grads = jax.vmap(jax.grad(target.log_density))(z) if not target.is_minibatched else jnp.zeros_like(z)
     return z, log_p, jnp.isfinite(grads).all(axis=1)
 

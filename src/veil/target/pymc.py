@@ -24,6 +24,7 @@ import weakref
 from typing import NamedTuple
 
 import numpy as np
+import jax
 
 
 class PyMCParts(NamedTuple):
@@ -40,8 +41,6 @@ class PyMCParts(NamedTuple):
 
 def _jax_backend():
     """PyTensor's JAX dispatch and rewrite mode, imported without changing JAX's x64 flag."""
-    import jax
-
     x64 = jax.config.jax_enable_x64
     try:
         from pytensor.compile.mode import JAX

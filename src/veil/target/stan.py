@@ -37,6 +37,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import jax
 
 _BRIDGE = Path(__file__).with_name("_stan_bridge.cpp")
 _DEFINES = ["BOOST_DISABLE_ASSERTS", "BOOST_PHOENIX_NO_VARIADIC_EXPRESSION", "STAN_THREADS", "_REENTRANT",
@@ -268,8 +269,6 @@ def _group(flat_names) -> list[tuple[str, int]]:
 
 # ----------------------------------------------------------------------------- JAX side
 def _callback(fn, shapes, *args):
-    import jax
-
     try:
         return jax.pure_callback(fn, shapes, *args, vmap_method="expand_dims")
     except TypeError:  # jax < 0.4.34 spells it vectorized=True
@@ -278,8 +277,6 @@ def _callback(fn, shapes, *args):
 
 def jax_functions(sm: StanModel):
     """``log_density(z)`` (differentiable once, by Stan) and ``constrain(z) -> flat values``."""
-    import jax
-
     def value_and_grad(z):
         shapes = (jax.ShapeDtypeStruct((), z.dtype), jax.ShapeDtypeStruct(z.shape, z.dtype))
         return _callback(sm.host_log_density_grad, shapes, z)

@@ -1,7 +1,7 @@
 """Batch sources: where the compiled loop gets each step's rows of data.
 
 A batch source is a pure pair ``init(key) -> state`` and ``next(state) -> (batch, state)``
-that the driver (:mod:`veil.driver`) calls inside its compiled loop, once per step. Nothing
+that the driver (:mod:`veil.loop.driver`) calls inside its compiled loop, once per step. Nothing
 goes back to the host between steps, so a minibatch step costs what the step's arithmetic
 costs.
 
@@ -202,7 +202,7 @@ class Shuffled(eqx.Module):
 
     Example:
         >>> import jax, jax.numpy as jnp
-        >>> from veil.batching import Shuffled
+        >>> from veil.loop.batching import Shuffled
         >>> src = Shuffled(jnp.arange(10.0), batch_size=5)
         >>> s = src.init(jax.random.key(0))
         >>> b1, s = src.next(s); b2, s = src.next(s)
@@ -275,7 +275,7 @@ class OnDisk:
 
     Example:
         >>> import numpy as np, tempfile, os
-        >>> from veil.batching import OnDisk
+        >>> from veil.loop.batching import OnDisk
         >>> path = os.path.join(tempfile.mkdtemp(), "x.npy")
         >>> np.save(path, np.arange(12.0).reshape(6, 2))
         >>> rows = OnDisk(np.load(path, mmap_mode="r"))

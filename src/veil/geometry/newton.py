@@ -69,7 +69,7 @@ from veil._checks import check_positive_int as _check_positive_int
 from veil.diagnostics import format_khat, khat_verdict, psis_khat
 from veil._expectations import _estimate
 from veil.families.gaussian import FullRank, gaussian_to_family
-from veil.pathfinder import PathfinderResult, pathfinder
+from veil.geometry.pathfinder import PathfinderResult, pathfinder
 from veil.result import VIResult
 from veil.target import Target
 
