@@ -45,7 +45,7 @@ def main():
     import threadpoolctl
 
     import veil
-    from veil.families.base import stop_gradient
+    from veil.family import stop_gradient
     from veil.families.gaussian import _std_normal_logpdf
 
     controller = threadpoolctl.ThreadpoolController()

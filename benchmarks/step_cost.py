@@ -42,7 +42,7 @@ def _generic_mean_field_class():
     stopped parameters) instead of its own noise-based form. One class: a fit's compiled loop
     is keyed by it, so a class made per call would recompile every call."""
     import veil
-    from veil.families.base import Family
+    from veil.family import Family
 
     class GenericMeanField(veil.MeanField):
         transform_with_stopped_log_prob = Family.transform_with_stopped_log_prob

@@ -72,7 +72,7 @@ def test_stopped_log_prob_draws_match_the_generic_form(family, key):
     # value and in the gradient it passes to the parameters through the draws (FullRank
     # reuses the noise to save a triangular solve). Both sides are the same quantity in
     # float32 arithmetic along different paths: round-off ~1e-6 relative, tolerance 1e-4.
-    from veil.families.base import stop_gradient
+    from veil.family import stop_gradient
 
     def loss(q, use_method):
         if use_method:

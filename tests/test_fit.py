@@ -12,6 +12,7 @@ import numpyro.distributions as dist
 import pytest
 
 import veil
+from unchecked import unchecked
 
 
 def gaussian_target(d, cond, seed=0):
@@ -281,7 +282,9 @@ def test_nonfinite_log_density_at_start_is_an_error(bad):
 def test_bad_arguments_are_rejected(kwargs, match):
     t = veil.Target.from_logdensity(lambda z: -jnp.sum(z**2), dim=2)
     args = {"key": jax.random.key(0), "progress": False} | kwargs
-    with pytest.raises((ValueError, TypeError), match=match):
+    with pytest.raises((ValueError, TypeError), match=match):  # veil's own message, as a user sees it
+        unchecked(veil.fit)(t, veil.MeanField(2), **args)
+    with pytest.raises((ValueError, TypeError)):  # and the annotated call refuses it too
         veil.fit(t, veil.MeanField(2), **args)
 
 

@@ -12,6 +12,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+__all__ = ["Int", "Real", "Default", "DEFAULT", "check_key", "check_positive_int", "check_dim", "check_positive"]
+
+# What entry points annotate (the test suite checks every call against the annotations): the
+# numbers veil's own checks accept. Values (positive, finite) are checked by the functions.
+Int = int | np.integer
+Real = int | float | np.integer | np.floating
+
+
+class Default:
+    """The type of :data:`DEFAULT`, the value of an argument left out for which veil picks
+    (``stop=DEFAULT``: the method's stopping rule; ``stop=None`` is a value: no rule)."""
+
+    def __repr__(self) -> str:
+        return "DEFAULT"
+
+
+DEFAULT = Default()
+
 
 def check_key(key) -> None:
     """A single JAX PRNG key: a typed key (``jax.random.key``) or a raw ``uint32[2]`` one."""

@@ -31,8 +31,7 @@ import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
 from scipy.stats import qmc
 
-from veil.families.base import Family, stop_gradient
-from veil.families.mixture import Mixture
+from veil.family import Components, Family, RejectionSampled, stop_gradient
 
 __all__ = [
     "Estimator",
@@ -178,8 +177,8 @@ class Estimator(eqx.Module):
 
 
 def _require_path(estimator, q) -> None:
-    if not getattr(q, "reparameterized", True):
-        hint = getattr(q, "suggested_estimator", "veil.ScoreFunction()")
+    if not q.reparameterized:
+        hint = q.suggested_estimator
         raise ValueError(
             f"{type(estimator).__name__}() differentiates through the draws, but "
             f"{type(q).__name__} draws have no reparameterisation path. Use "
@@ -332,7 +331,7 @@ class Stratified(Estimator):
 
     def check_family(self, q):
 
-        if not isinstance(q, Mixture):
+        if not isinstance(q, Components):
             raise ValueError(f"veil.Stratified() needs a veil.Mixture, got {type(q).__name__}.")
         _require_path(self, q.components)
 
@@ -510,7 +509,7 @@ class RSVI(Estimator):
         _require_path(self, q)
 
     def estimate(self, f, q, log_density, key, n):
-        if not hasattr(q, "rsvi_draws"):
+        if not isinstance(q, RejectionSampled):
             raise ValueError(
                 f"veil.RSVI() needs a family drawn by acceptance-rejection (veil.Gamma, Beta, Dirichlet); "
                 f"{type(q).__name__} is reparameterised directly: use veil.STL() or veil.Reparam()."

@@ -6,7 +6,6 @@ import hashlib
 import math
 import os
 import re
-import typing
 import warnings
 
 import equinox as eqx
@@ -16,26 +15,22 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from veil.loop import driver
+from veil._checks import DEFAULT, Default, Int
 from veil._checks import check_key as _check_key
 from veil._checks import check_positive_int as _check_positive_int
-from veil.loop.checkpoint import Checkpoint, _hash_array, digest
 from veil.diagnostics import StopRule
-from veil.families.base import Family
-from veil.families.gaussian import FullRank, LowRank, MeanField
-from veil.target.health import Assessment, assess_run
-from veil.families.flows import Flow, FlowJAX
-from veil.families.mixture import Mixture
-from veil.families.mixflows import MixFlow
-from veil.families.semi_implicit import SemiImplicit
-from veil.estimators import Reparam, ScoreFunction, Stratified
-from veil.objectives import ELBO, ChiSquare, FunctionObjective, Objective
+from veil.estimators import ScoreFunction
+from veil.family import Family, FitDefaults, Gaussian, Staged
+from veil.geometry.refine import MODE_NATS, check_starts, refinable
+from veil.geometry.refine import refine as refine_fit
+from veil.loop import driver
+from veil.loop.checkpoint import Checkpoint, _hash_array, digest
+from veil.objectives import ELBO, ChiSquare, FunctionObjective, Objective, is_plain_elbo
 from veil.optim import clip_outliers, whitened_factor, whitened_location
-from veil.result import Refinement, StartCheck, VIResult, _log_weights, log_evidence_from_weights
+from veil.result import VIResult, _log_weights, log_evidence_from_weights
 from veil.target import Target, log_density_rows
 from veil.target.core import _row_sharding
-from veil.geometry.newton import _checked, variational_newton
-from veil.families.gaussian import gaussian_to_family
+from veil.target.health import Assessment, assess_run
 
 __all__ = ["fit", "default_optimizer", "DEFAULT_STEP_SIZE"]
 
@@ -48,27 +43,12 @@ _DEFAULT_OBJECTIVE = ELBO()
 # For families whose draws have no reparameterisation path (e.g. VonMises).
 _DEFAULT_SCORE_OBJECTIVE = ELBO(num_samples=8, estimator=ScoreFunction())
 _DEFAULT_STOP = StopRule()
-# Flows (a 2-d banana, `python benchmarks/flows.py --settings`, BENCHMARKS.md section 8): with
-# STL and Adam 0.05 a coupling flow ended at KL 6.5 and an autoregressive one diverged (STL also
-# needs each draw's inverse: sequential for autoregressive layers, absent for tanh planar
-# ones); with plain reparameterisation and 200-step windows the rule stopped (or hit the cap)
-# at KL 0.12-0.59. 8 draws, Adam 0.01 and 1000-step windows: KL 0.015 and 0.033.
-_FLOW_OBJECTIVE = ELBO(num_samples=8, estimator=Reparam())
-_FLOW_OPTIMIZER = optax.adam(0.01)
-# The drift limit stays at 2 where it was measured (flows, minibatches); 3, the Gaussian
-# default, was measured on full-data Gaussian fits only (BENCHMARKS.md section 33).
-_FLOW_STOP = StopRule(min_window=1000, max_drift=2.0)
-# Mixtures: the ELBO with draws from every component (gradients reach the weights without the
-# score function); a mixture of flows also takes the flow defaults below.
-_MIXTURE_OBJECTIVE = ELBO(estimator=Stratified())
-_FLOW_MIXTURE_OBJECTIVE = ELBO(num_samples=8, estimator=Stratified(inner=Reparam()))
 # Minibatched targets: each step's loss is a batch's, so the loss is dominated by batch noise
 # and "a smaller step no longer lowers the loss" shows after one halving, while the iterates
 # still jitter by more than a tall dataset's posterior width. At least 4 halvings (up to 8):
 # on 1e5-row logistic regression the mean error fell from 0.87-0.95 to 0.13-0.24 posterior sd
 # for 2x the steps (BENCHMARKS.md section 14).
 _MINIBATCH_STOP = StopRule(min_decays=4, max_decays=8, max_drift=2.0)
-_MISSING = object()
 
 
 def default_optimizer() -> optax.GradientTransformation:
@@ -171,9 +151,6 @@ def _select(stacked, index):
     return jax.tree.map(lambda x: x[index], stacked)
 
 
-# Runtime type checking (the test suite's jaxtyping hook) would pre-empt the argument checks
-# below with a generic message; `fit` validates its own arguments and says what to do instead.
-@typing.no_type_check
 def fit(
     target: Target,
     q: Family,
@@ -181,12 +158,12 @@ def fit(
     key: jax.Array,
     objective: Objective | None = None,
     optimizer: optax.GradientTransformation | None = None,
-    max_steps: int = 20_000,
-    num_restarts: int = 1,
+    max_steps: Int = 20_000,
+    num_restarts: Int = 1,
     progress: bool = True,
-    stop=_MISSING,
-    mesh=None,
-    checkpoint=None,
+    stop: StopRule | None | Default = DEFAULT,
+    mesh: Mesh | None = None,
+    checkpoint: str | os.PathLike | Checkpoint | None = None,
     refine: bool = True,
 ) -> VIResult:
     """Fit the family ``q`` to ``target`` by stochastic optimisation, all steps compiled.
@@ -276,11 +253,7 @@ def fit(
         )
     if not isinstance(q, Family):
         raise TypeError(f"q must be a veil family such as veil.FullRank(dim), got {type(q).__name__}.")
-    if isinstance(q, MixFlow):
-        raise TypeError(
-            "A MixFlow has nothing to train by gradient (its map is fixed by the target and "
-            "its step size); build and tune it with veil.mixflow(target, reference, key=...)."
-        )
+    q.check_fittable()
     if q.dim != target.dim:
         raise ValueError(
             f"The family has dim={q.dim} but the target has dim={target.dim}; "
@@ -289,10 +262,10 @@ def fit(
     _check_key(key)
     max_steps = _check_positive_int("max_steps", max_steps)
     num_restarts = _check_positive_int("num_restarts", num_restarts)
-    # Flows and semi-implicit families share the defaults for neural families (see above).
-    is_flow = isinstance(q.components if isinstance(q, Mixture) else q, (Flow, FlowJAX, SemiImplicit))
-    if objective is None and isinstance(q, Mixture):
-        objective = _FLOW_MIXTURE_OBJECTIVE if is_flow else _MIXTURE_OBJECTIVE
+    # What the family declares for itself (flows, semi-implicit families, mixtures), then the
+    # engine's defaults for what it leaves out.
+    declared = q.fit_defaults(minibatched=target.is_minibatched) or FitDefaults()
+    objective = declared.objective if objective is None else objective
     if objective is None and not q.reparameterized:
         warnings.warn(
             f"{type(q).__name__} draws are not reparameterised, so veil uses the score-function "
@@ -304,7 +277,7 @@ def fit(
         )
         objective = _DEFAULT_SCORE_OBJECTIVE
     if objective is None:
-        objective = _FLOW_OBJECTIVE if is_flow else _DEFAULT_OBJECTIVE
+        objective = _DEFAULT_OBJECTIVE
     if callable(objective) and not isinstance(objective, (Objective, eqx.Module)):
         objective = FunctionObjective(objective)  # a plain function (q, target, key) -> loss
     if not isinstance(objective, Objective):
@@ -314,11 +287,11 @@ def fit(
         )
     objective.check_family(q)
     if optimizer is None:
-        optimizer = _FLOW_OPTIMIZER if is_flow else _DEFAULT_OPTIMIZER
+        optimizer = _DEFAULT_OPTIMIZER if declared.optimizer is None else declared.optimizer
     if not isinstance(optimizer, optax.GradientTransformation):
         raise TypeError(f"optimizer must be an optax GradientTransformation, got {optimizer!r}.")
-    if stop is _MISSING:
-        stop = _FLOW_STOP if is_flow else _MINIBATCH_STOP if target.is_minibatched else _DEFAULT_STOP
+    if stop is DEFAULT:
+        stop = declared.stop if declared.stop is not None else _MINIBATCH_STOP if target.is_minibatched else _DEFAULT_STOP
     if stop is not None and not isinstance(stop, StopRule):
         raise TypeError(f"stop must be a veil.StopRule or None, got {stop!r}.")
 
@@ -332,7 +305,7 @@ def fit(
         if restart_sharding is None:
             target = target.shard(mesh)
     base_res = None
-    if isinstance(q, (Flow, SemiImplicit)) and q.fit_base_first:
+    if isinstance(q, Staged) and q.fit_base_first:
         # The Gaussian stage: fit the default base alone, then the flow over it (section 8 of
         # BENCHMARKS.md: over the unfitted base the layers must stretch sd 0.1 to the target's
         # scale, and failed to).
@@ -388,128 +361,20 @@ def fit(
     if other_modes:
         res.other_modes = other_modes
         warnings.warn(other_modes, RuntimeWarning, stacklevel=2)
-    res.checks_mean = _plain_elbo(objective) and isinstance(best_q, _GAUSSIANS) and not target.is_minibatched
-    if (refine and _refinable(target, best_q, objective, stop, mesh)
+    res.checks_mean = is_plain_elbo(objective) and isinstance(best_q, Gaussian) and not target.is_minibatched
+    if (refine and refinable(target, best_q, objective, stop, mesh)
             and (res.converged or res.stop_reason == "max_steps")):
-        _refine(res, jax.random.fold_in(diag_key, 9))
-        _check_starts(res, jax.random.fold_in(diag_key, 10))
+        refine_fit(res, jax.random.fold_in(diag_key, 9))
+        check_starts(res, jax.random.fold_in(diag_key, 10))
     return res
 
 
-_REFINE_MAX_DIM = 2000
-_GAUSSIANS = (MeanField, FullRank, LowRank)
-
-
-def _refinable(target: Target, q: Family, objective, stop, mesh) -> bool:
-    """Whether Newton's refinement targets the same optimum as the fit: a FullRank Gaussian,
-    the plain ELBO (no likelihood weight or beta), a full-data target on one device, and a
-    run that was left to the stopping rule (``stop=None`` asks for exactly the last iterate)."""
-    return (type(q) is FullRank and _plain_elbo(objective) and stop is not None and mesh is None
-            and not target.is_minibatched and target.dim <= _REFINE_MAX_DIM)
-
-
-# Independent starts: variational Newton from N(x0, 0.1^2 I), x0 ~ Uniform(-2, 2)^dim (the
-# range of Stan's and Pathfinder's inits), each ending at a Gaussian with its ELBO, compared
-# with the fit's from the same draws.
-_START_PATHS = 4
-_START_SCALE = 0.1
-
-
-def _check_starts(res: VIResult, key) -> None:
-    """Where independent starts lead, against where the fit ended (in place, ``res.starts``).
-
-    ``variational_newton`` runs from ``_START_PATHS`` narrow Gaussians at dispersed points;
-    each ends at a Gaussian whose ELBO is estimated here from the same standard-normal draws
-    as the fit's (``newton.CHECK_DRAWS``). One more than ``_MODE_NATS`` above the fit means the
-    fit settled in a poor local optimum: q becomes that Gaussian. One whose mean lies more
-    than 3 sds from the (final) fit's in some coordinate with an ELBO within ``_MODE_NATS`` of
-    it sits on another mode of comparable mass, which q's own draws (and k-hat) cannot see.
-
-    Why Newton and not Pathfinder's L-BFGS paths: the refinement has compiled Newton's
-    programs for this target already, so the starts cost their gradients and no compilation;
-    Pathfinder added 1.0 s of tracing per new target (eight schools) and found the same
-    optima on all 31 posteriordb dev posteriors (BENCHMARKS.md section 43)."""
-
-    check_key = jax.random.fold_in(key, 1)
-    fit_elbo = _checked(res.target, np.asarray(res.q.mean, np.float64), np.asarray(res.q.cov, np.float64), check_key)[1]
-    starts = np.asarray(jax.random.uniform(key, (_START_PATHS, res.target.dim), minval=-2.0, maxval=2.0), np.float64)
-    paths, evals, wall = [], 0, 0.0
-    for i, x0 in enumerate(starts):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # a start that does not settle is simply compared as it ends
-            try:
-                nw = variational_newton(res.target, key=jax.random.fold_in(key, 10 + i),
-                                        init=FullRank(res.target.dim, init_loc=x0, init_scale=_START_SCALE))
-            except (ValueError, np.linalg.LinAlgError):  # not finite at this start
-                continue
-        evals, wall = evals + nw.num_grad_evals, wall + nw.wall
-        loc, cov = np.asarray(nw.q.mean, np.float64), np.asarray(nw.q.cov, np.float64)
-        if np.isfinite(loc).all() and np.isfinite(cov).all():
-            paths.append((loc, cov, _checked(res.target, loc, cov, check_key)[1]))
-    paths = [p for p in paths if np.isfinite(p[2])]
-    if not paths or not np.isfinite(fit_elbo):
-        return
-    moved_from = None
-    loc, cov, best = max(paths, key=lambda p: p[2])
-    if best > fit_elbo + _MODE_NATS:
-        moved_from, fit_elbo = float(best - fit_elbo), best
-        res.q = gaussian_to_family(FullRank(res.target.dim), jnp.asarray(loc, jnp.float32), jnp.asarray(cov, jnp.float32))
-        res.final_loss = -float(best)
-    mu, sd = np.asarray(res.q.mean, np.float64), np.asarray(res.q.stddev, np.float64)
-    gaps = [(float(np.max(np.abs(p[0] - mu) / np.maximum(sd, np.sqrt(np.diagonal(p[1]))))), float(p[2] - fit_elbo))
-            for p in paths]
-    others = [(gap, nats) for gap, nats in gaps if gap > 3.0 and nats > -_MODE_NATS]
-    res.wall_time += wall
-    res.starts = StartCheck(num_paths=_START_PATHS, grad_evals=int(evals),
-                            best_nats_above=float(max(n for _, n in gaps)), moved_nats=moved_from,
-                            other_mode=max(others) if others else None)
-
-
-def _plain_elbo(objective) -> bool:
-    return type(objective) is ELBO and objective.likelihood_weight == 1 and objective.beta == 1
-
-
-def _refine(res: VIResult, key) -> None:
-    """Variational Newton from ``res.q``; where it settled and did not lower the ELBO, its
-    Gaussian replaces ``res.q``. Records what changed in ``res.refinement`` (in place)."""
-
-    before = res.q
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # variational_newton's own advice is about using veil.fit
-        try:
-            nw = variational_newton(res.target, key=key, init=before)
-        except (ValueError, np.linalg.LinAlgError):  # a start it cannot use: keep the fit
-            return
-    mu0, sd0 = np.asarray(before.mean, np.float64), np.asarray(before.stddev, np.float64)
-    mu1, sd1 = np.asarray(nw.q.mean, np.float64), np.asarray(nw.q.stddev, np.float64)
-    shift = np.abs(mu1 - mu0) / sd1
-    ratio = np.abs(np.log(sd1 / sd0))
-    finite = bool(np.isfinite(shift).all() and np.isfinite(ratio).all())
-    applied = bool(nw.converged and finite)
-    res.refinement = Refinement(
-        applied=applied, iterations=nw.num_iters, grad_evals=int(nw.num_grad_evals),
-        mean_shift=float(shift.max()) if finite else float("nan"), mean_shift_at=int(np.argmax(shift)) if finite else -1,
-        sd_change=float(np.expm1(ratio.max())) if finite else float("nan"), wall_time=float(nw.wall),
-    )
-    res.wall_time += nw.wall
-    if applied:
-        res.q = nw.q
-        res.final_loss = -float(nw.elbo)  # the header's ELBO is the refined q's
-        if res.stop_reason == "max_steps":
-            res.stop_reason = (f"converged: variational Newton from where the stochastic run hit "
-                               f"max_steps={res.num_steps}")
-
-
-# A restart whose ELBO is within this many nats of the best one's sits on a mode holding at
-# least e^-3 = 5% of the best mode's mass (each restart's ELBO approximates the log mass of
-# the mode it fitted): not a local optimum to discard.
-_MODE_NATS = 3.0
 
 
 def _other_modes(params, rest, bounds: np.ndarray, best: int) -> str:
     """A sentence when a restart other than ``best`` ended at another place (its mean more
     than 3 of either fit's sds from the best one's in some coordinate) with an ELBO within
-    ``_MODE_NATS`` of the best: the target has several modes and ``q`` holds one. ``""``
+    ``MODE_NATS`` of the best: the target has several modes and ``q`` holds one. ``""``
     otherwise, and for families without a mean and sd."""
     try:
         members = eqx.combine(params, rest)
@@ -519,7 +384,7 @@ def _other_modes(params, rest, bounds: np.ndarray, best: int) -> str:
         return ""
     far = []
     for j in range(len(bounds)):
-        if j == best or not np.isfinite(bounds[j]) or bounds[j] < bounds[best] - _MODE_NATS:
+        if j == best or not np.isfinite(bounds[j]) or bounds[j] < bounds[best] - MODE_NATS:
             continue
         gap = np.abs(means[j] - means[best]) / np.maximum(sds[j], sds[best])
         if np.isfinite(gap).all() and gap.max() > 3.0:
@@ -689,11 +554,8 @@ def _restart_params(q: Family, k: int, key: jax.Array):
     stacked = jax.tree.map(lambda x: jnp.broadcast_to(x, (k,) + x.shape) if eqx.is_array(x) else x, q)
     if k == 1:
         return stacked
-    if hasattr(q, "loc"):
-        where = lambda m: m.loc  # noqa: E731
-    elif hasattr(getattr(q, "base", None), "loc"):
-        where = lambda m: m.base.loc  # noqa: E731
-    else:
+    where = q.location_field()
+    if where is None:
         return stacked
     jitter = jax.random.uniform(key, (k, q.dim), minval=-2.0, maxval=2.0).at[0].set(0.0)
     return eqx.tree_at(where, stacked, replace_fn=lambda loc: loc + jitter)

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import functools
 import math
-import typing
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -44,8 +43,10 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike
 
-from veil.families.base import Family
+from veil._checks import Int, Real
+from veil.family import Family
 from veil.families.gaussian import FullRank, LowRank, MeanField
 from veil.target import Target, log_density_rows
 from veil.families.gaussian import gaussian_to_family
@@ -370,15 +371,14 @@ def _whitening(parts: Sequence[jax.Array], names: Sequence[tuple[int, ...]]):
     return cov @ sum(shifted), np.linalg.cholesky(cov)
 
 
-@typing.no_type_check  # validates its own arguments, with messages that say what to do
 def smc_fusion(
     targets: Sequence[Target],
-    draws: Sequence[jax.Array],
+    draws: Sequence[ArrayLike],
     *,
     key: jax.Array,
-    num_steps: int = 32,
-    ess_threshold: float = 0.5,
-    cess_threshold: float = 0.9,
+    num_steps: Int = 32,
+    ess_threshold: Real = 0.5,
+    cess_threshold: Real = 0.9,
 ) -> FusedDraws:
     """Draws of ``p(z) ∝ prod_s p_s(z)`` from draws of each sub-posterior ``p_s``: Fusion by
     sequential Monte Carlo, pairwise in a divide-and-conquer tree.
@@ -471,8 +471,7 @@ def smc_fusion(
     return FusedDraws(level[0][2], nodes)
 
 
-@typing.no_type_check
-def fuse_fits(parts: Sequence, *, key: jax.Array, num_draws: int = 2000, oversample: int = 4, **kwargs) -> FusedDraws:
+def fuse_fits(parts: Sequence, *, key: jax.Array, num_draws: Int = 2000, oversample: Int = 4, **kwargs) -> FusedDraws:
     """Fuse fitted sub-posteriors (the results of :func:`fit_shards`) by :func:`smc_fusion`.
 
     Each fit's ``q_s`` gives ``oversample x num_draws`` draws, importance-resampled towards its

@@ -29,9 +29,9 @@ from jax.scipy.special import logsumexp
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from veil.estimators import STL, DReG, Draws, Estimator, Reparam, ScoreFunction, _values
-from veil.families.base import stop_gradient
+from veil.family import stop_gradient
 from veil.kernels import RBF, Kernel
-from veil.families.base import Family
+from veil.family import Family
 
 __all__ = [
     "Objective",
@@ -672,7 +672,7 @@ class MMD(Objective):
             )
 
     def check_family(self, q):
-        if not getattr(q, "reparameterized", True):
+        if not q.reparameterized:
             raise ValueError(
                 f"MMD differentiates through q's draws; {type(q).__name__} draws have no "
                 "reparameterisation path."
@@ -696,3 +696,9 @@ class MMD(Objective):
             - 2.0 * jnp.mean(kxy)
         )
         return mmd2, ObjectiveAux(jax.lax.stop_gradient(mmd2), jnp.zeros(0, x.dtype))
+
+
+def is_plain_elbo(objective) -> bool:
+    """Whether ``objective`` is the plain ELBO (no likelihood weight, no KL weight): the
+    objective whose optimum variational Newton and the mean-drift check aim at."""
+    return type(objective) is ELBO and objective.likelihood_weight == 1 and objective.beta == 1

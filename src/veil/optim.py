@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import optax
 
 from veil._config import cheap_branches
+from veil.family import FactorSteps, LocationScale
 
 __all__ = [
     "clip_outliers",
@@ -123,7 +124,7 @@ class WhitenedLocationState(typing.NamedTuple):
 
 def _location_scale(params) -> bool:
     """Whether ``params`` is a family drawn as ``z = loc + A eps`` with ``A`` available."""
-    return hasattr(params, "loc") and hasattr(params, "scale_matvec") and hasattr(params, "scale_rmatvec")
+    return isinstance(params, LocationScale)
 
 
 def _check_settings(learning_rate, b1, b2, threshold) -> None:
@@ -252,7 +253,7 @@ class WhitenedFactorState(typing.NamedTuple):
 
 def _has_factor(params) -> bool:
     """Whether ``params`` is a family with a whitened factor step (``FullRank``)."""
-    return hasattr(params, "factor_rmatvec") and hasattr(params, "factor_matvec")
+    return isinstance(params, FactorSteps)
 
 
 def factor_step_interval(dim: int) -> int:

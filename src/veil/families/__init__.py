@@ -1,6 +1,6 @@
 """Variational families."""
 
-from veil.families.base import Family, stop_gradient
+from veil.family import Family, stop_gradient
 from veil.families.composite import Composite
 from veil.families.empirical import Empirical
 from veil.families.constrained import Beta, Dirichlet, Gamma, VonMises

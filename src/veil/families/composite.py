@@ -7,13 +7,13 @@ import jax
 import jax.numpy as jnp
 import jax.scipy.linalg
 
-from veil.families.base import Family
+from veil.family import Family, RejectionSampled
 from veil.families.gaussian import MeanField
 
 __all__ = ["Composite"]
 
 
-class Composite(Family):
+class Composite(RejectionSampled):
     """``q(z) = prod_b q_b(z_b)``: independent families on consecutive blocks of ``z``.
 
     Use it to give each part of a model the family its support calls for, e.g. a
@@ -121,7 +121,7 @@ class Composite(Family):
         keys = jax.random.split(key, len(self.blocks))
         zs, log_pi = [], 0.0
         for b, k in zip(self.blocks, keys):
-            if hasattr(b, "rsvi_draws"):
+            if isinstance(b, RejectionSampled):
                 z, lp = b.rsvi_draws(k, n, boost)
                 log_pi = log_pi + lp
             else:

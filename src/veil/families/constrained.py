@@ -23,7 +23,7 @@ import numpyro.distributions as dist
 from jax.scipy.special import digamma, gammaln, polygamma
 from jaxtyping import Array, Float
 
-from veil.families.base import Family
+from veil.family import Family, RejectionSampled
 from veil.families.gaussian import _check_dim, _check_scale
 
 __all__ = ["Gamma", "Beta", "Dirichlet", "VonMises"]
@@ -65,7 +65,7 @@ def _init_shape_for_scale(scale: float) -> float:
     return a
 
 
-class Gamma(Family):
+class Gamma(RejectionSampled):
     """Mean-field Gamma on positive values, as a family on their logs ``u = log x``.
 
     ``x_i ~ Gamma(a_i, b_i)`` (shape ``a``, rate ``b``) independently; the family's draws are
@@ -160,7 +160,7 @@ def _rsvi_log_gamma(key, a, shape, boost: int):
     return log_x, jnp.sum(_mt_log_pi(eps, a + boost), -1)
 
 
-class Beta(Family):
+class Beta(RejectionSampled):
     """Mean-field Beta on ``(0, 1)`` values, as a family on their logits ``u = logit x``.
 
     ``x_i ~ Beta(a_i, b_i)``; ``u = log G_a - log G_b`` for independent ``G_a ~ Gamma(a)``,
@@ -303,7 +303,7 @@ class VonMises(Family):
         return jnp.diag(jnp.var(u, 0))
 
 
-class Dirichlet(Family):
+class Dirichlet(RejectionSampled):
     """Dirichlet on the simplex of ``k`` components, as a family on ``k - 1`` unconstrained
     coordinates: NumPyro's stick-breaking map (``biject_to(simplex)``), so it matches a
     NumPyro simplex site.

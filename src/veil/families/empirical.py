@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from veil.families.base import Family
+from veil.family import Family
 
 __all__ = ["Empirical"]
 

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpyro.distributions as dist
 from jaxtyping import Array, Float
 
-from veil.families.base import Family, stop_gradient
+from veil.family import FactorSteps, Gaussian, stop_gradient
 from veil._checks import check_dim as _check_dim
 
 __all__ = ["MeanField", "FullRank", "LowRank"]
@@ -52,7 +52,7 @@ def _std_normal_logpdf(eps: jax.Array) -> jax.Array:
     return -0.5 * jnp.sum(eps**2, axis=-1) - eps.shape[-1] * _HALF_LOG_2PI
 
 
-class MeanField(Family):
+class MeanField(Gaussian):
     """Diagonal Gaussian ``q(z) = prod_i N(z_i; mu_i, sigma_i^2)``, ``sigma = exp(log_scale)``.
 
     Example:
@@ -137,7 +137,7 @@ class MeanField(Family):
         return self.distribution.log_prob(z)
 
 
-class FullRank(Family):
+class FullRank(Gaussian, FactorSteps):
     """Gaussian ``N(mu, L L^T)`` with ``L = diag(exp(log_scale)) (I + tril(unit_tril, -1))``.
 
     The Cholesky factor is a positive row scale times a unit lower-triangular matrix (the
@@ -305,7 +305,7 @@ def _spread_basis(dim: int, rank: int) -> jax.Array:
     return jnp.sqrt(2.0 / dim) * jnp.cos(jnp.pi * i * j / dim)
 
 
-class LowRank(Family):
+class LowRank(Gaussian):
     """Gaussian ``N(mu, diag(d^2) + W W^T)`` with ``d = exp(log_diag)`` and ``W`` of shape
     ``(dim, rank)``: covariance in ``O(dim * rank)`` parameters.
 

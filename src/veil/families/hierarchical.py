@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from veil.families.base import Family
+from veil.family import Family
 from veil.families.gaussian import _check_scale, _init_loc, _std_normal_logpdf
 from veil._checks import check_dim as _check_dim
 
@@ -104,6 +104,9 @@ class HierarchicalGaussian(Family):
     @property
     def noise_dim(self) -> int:
         return self.dim
+
+    def location_field(self):
+        return lambda m: m.loc
 
     def transform_and_log_prob(self, eps):
         log_scale = self.log_scale + eps @ self.slopes().T

@@ -74,7 +74,7 @@ import numpy as np
 from jaxtyping import PRNGKeyArray
 
 from veil._checks import check_positive_int as _check_positive_int
-from veil.families.base import Family, MonteCarloMoments
+from veil.family import Family, MonteCarloMoments
 from veil.families.gaussian import FullRank, MeanField
 from veil.target import Target
 
@@ -178,6 +178,12 @@ class MixFlow(MonteCarloMoments, Family):
         self.dim = target.dim
 
     # ------------------------------------------------------------------ coordinates
+    def check_fittable(self) -> None:
+        raise TypeError(
+            "A MixFlow has nothing to train by gradient (its map is fixed by the target and "
+            "its step size); build and tune it with veil.mixflow(target, reference, key=...)."
+        )
+
     def _to_x(self, y):
         return self.reference.transform_and_log_prob(y[None])[0][0]
 

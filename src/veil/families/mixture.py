@@ -19,6 +19,8 @@ Mixtures"). ``veil.fit`` uses it by default for a mixture.
 
 from __future__ import annotations
 
+import functools
+
 from collections.abc import Sequence
 from typing import ClassVar
 
@@ -27,9 +29,20 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from veil.families.base import Family
+from veil.estimators import Stratified
+from veil.family import Components, Family, FitDefaults
+from veil.objectives import ELBO
 
 __all__ = ["Mixture"]
+
+
+@functools.cache
+def _stratified(objective) -> ELBO:
+    """The ELBO of ``objective`` (the components' default, ``None`` for the engine's) with its
+    estimator stratified over the components. Cached: one objective per components' default."""
+    if objective is None:
+        return ELBO(estimator=Stratified())
+    return ELBO(num_samples=objective.num_samples, estimator=Stratified(inner=objective.estimator))
 
 
 def _stack(families: Sequence[Family]) -> Family:
@@ -44,7 +57,7 @@ def _stack(families: Sequence[Family]) -> Family:
     return jax.tree.map(lambda *xs: jnp.stack(xs) if eqx.is_array(xs[0]) else xs[0], *families)
 
 
-class Mixture(Family):
+class Mixture(Components):
     """Mixture ``sum_k softmax(logits)_k q_k(z)`` of ``K`` components of one family.
 
     Args:
@@ -93,14 +106,17 @@ class Mixture(Family):
         if isinstance(k, bool) or not isinstance(k, int) or k < 2:
             raise ValueError(f"k must be an integer >= 2, got {k!r}.")
         jitter = jax.random.uniform(key, (k, q.dim), minval=-radius, maxval=radius)
-        where = (lambda m: m.loc) if hasattr(q, "loc") else (lambda m: m.base.loc)
-        try:
-            where(q)
-        except AttributeError:
-            raise TypeError(
-                f"{type(q).__name__} has no location to spread; build the list yourself."
-            ) from None
+        where = q.location_field()
+        if where is None:
+            raise TypeError(f"{type(q).__name__} has no location to spread; build the list yourself.")
         return cls([eqx.tree_at(where, q, where(q) + j) for j in jitter])
+
+    def fit_defaults(self, *, minibatched: bool) -> FitDefaults:
+        """The components' defaults with every draw stratified over the components (the ELBO
+        with draws from every component, so gradients reach the weights without the score
+        function); for flow components their draw count, optimizer and stopping rule too."""
+        inner = self.components.fit_defaults(minibatched=minibatched) or FitDefaults()
+        return inner._replace(objective=_stratified(inner.objective))
 
     @property
     def weights(self) -> Float[Array, " k"]:

@@ -37,7 +37,8 @@ import jax.numpy as jnp
 from jaxtyping import PRNGKeyArray
 
 from veil._checks import check_positive_int as _check_positive_int
-from veil.families.base import Family, MonteCarloMoments
+from veil.family import Family, FitDefaults, MonteCarloMoments, Staged
+from veil.families.flows import NEURAL_DEFAULTS
 from veil.families.gaussian import FullRank, MeanField
 from veil._checks import check_dim as _check_dim
 
@@ -53,7 +54,7 @@ def _normal_logpdf(u, mean, log_sd):
     )
 
 
-class SemiImplicit(MonteCarloMoments, Family):
+class SemiImplicit(MonteCarloMoments, Staged):
     """Semi-implicit family ``z = G(m(eps) + sigma * eta)`` (see the module docstring).
 
     Args:
@@ -122,6 +123,10 @@ class SemiImplicit(MonteCarloMoments, Family):
         self.net = net
         self.log_noise = jnp.full(self.dim, math.log(init_noise))
         self.base = base
+
+    def fit_defaults(self, *, minibatched: bool) -> FitDefaults:
+        del minibatched
+        return NEURAL_DEFAULTS
 
     def with_base(self, base: Family) -> "SemiImplicit":
         """The same network and noise over another base (``fit``'s second stage); the base

@@ -38,7 +38,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-import typing
 import warnings
 
 import equinox as eqx
@@ -47,7 +46,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from veil.families.base import Family
+from veil._checks import Int, Real
+from veil.family import Family
 from veil.result import VIResult
 from veil.target import Target, log_density_rows
 
@@ -156,9 +156,8 @@ def _fresh_elbo(target, q, key):
 
 # Runtime type checking (the test suite's jaxtyping hook) would pre-empt the argument checks
 # below with a generic message; `dadvi` validates its own arguments.
-@typing.no_type_check
-def dadvi(target: Target, q: Family, *, key, num_draws: int = 1024, max_iters: int = 1000,
-          tol: float = 1e-7) -> DADVIResult:
+def dadvi(target: Target, q: Family, *, key: jax.Array, num_draws: Int = 1024, max_iters: Int = 1000,
+          tol: Real = 1e-7) -> DADVIResult:
     """Fit ``q`` to ``target`` by maximising the ELBO on ``num_draws`` fixed draws with L-BFGS
     (deterministic ADVI, Giordano, Ingram & Broderick 2024).
 

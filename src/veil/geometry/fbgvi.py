@@ -24,13 +24,13 @@ negative ELBO estimate as its value and ``-(move)`` as its gradient, applied unc
 from __future__ import annotations
 
 import math
-import typing
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import optax
 
+from veil._checks import DEFAULT, Default, Int, Real
 from veil._checks import check_key as _check_key
 from veil._checks import check_positive_int as _check_positive_int
 from veil.loop import driver
@@ -50,7 +50,6 @@ _IDENTITY = optax.sgd(1.0)
 # units of the sd and the log sd (``_FBGVILoss.watch``), and a coordinate whose half-window
 # means differ by less than 0.01 of those (1% of an sd) counts as settled.
 _DEFAULT_STOP = StopRule(drift_atol=0.01, max_drift=2.0)  # 2: as measured in section 21
-_MISSING = object()
 
 
 def fbgvi_step(target: Target, loc, cov, key, step_size, num_samples: int = 2):
@@ -127,17 +126,16 @@ def _start(target: Target, loc):
     return value, jnp.sum(~jnp.isfinite(grad)) + jnp.sum(~jnp.isfinite(hess)), top
 
 
-@typing.no_type_check
 def fbgvi(
     target: Target,
     *,
     key: jax.Array,
     init: FullRank | None = None,
-    step_size: float | None = None,
-    num_samples: int = 2,
-    max_steps: int = 20_000,
+    step_size: Real | None = None,
+    num_samples: Int = 2,
+    max_steps: Int = 20_000,
     progress: bool = True,
-    stop=_MISSING,
+    stop: StopRule | None | Default = DEFAULT,
 ) -> VIResult:
     """Fit a full-rank Gaussian by stochastic forward-backward Gaussian VI (see the module
     docstring), in veil's compiled driver.
@@ -183,7 +181,7 @@ def fbgvi(
     q = FullRank(target.dim) if init is None else init
     if not isinstance(q, FullRank) or q.dim != target.dim:
         raise TypeError(f"init must be a veil.FullRank({target.dim}), got {init!r}.")
-    if stop is _MISSING:
+    if stop is DEFAULT:
         stop = _DEFAULT_STOP
     if stop is not None and not isinstance(stop, StopRule):
         raise TypeError(f"stop must be a veil.StopRule or None, got {stop!r}.")

@@ -328,6 +328,3 @@ def _log_density_and_scores(method, target: Target, z):
 def _constrained(target: Target, x):
     return jax.vmap(target.to_constrained)(x)
 
-
-# The default of a ``stop=`` argument that was not given (``None`` is a value: no stopping rule).
-_MISSING = object()

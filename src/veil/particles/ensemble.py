@@ -4,14 +4,15 @@ parameters (:func:`repulsive_ensemble`)."""
 from __future__ import annotations
 
 import math
-import typing
 from typing import Any
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
+from veil._checks import DEFAULT, Default, Int, Real
 from veil._checks import check_key as _check_key
 from veil._checks import check_positive_int as _check_positive_int
 from veil.loop import driver
@@ -19,11 +20,11 @@ from veil.diagnostics import StopRule
 from veil.kernels import _sq_dists
 from veil.result import VIResult
 from veil.target import Target, log_density_rows
-from veil.families.base import Family
+from veil.family import Components, Family
 from veil.families.mixture import Mixture
 from veil.objectives import Objective
 from veil.fit import _ADAM_OPTIMIZER, _DEFAULT_OBJECTIVE
-from veil.particles.base import _MISSING
+from veil.particles.base import svgd_bandwidth
 
 
 # ------------------------------------------------------------------ repulsive ensembles
@@ -81,21 +82,20 @@ def _sharing(members) -> np.ndarray:
     return (np.sqrt(np.mean(z**2, axis=2)) < 2.0).sum(axis=1)
 
 
-@typing.no_type_check
 def repulsive_ensemble(
     target: Target,
-    q,
-    k: int,
+    q: Family,
+    k: Int,
     *,
     key: jax.Array,
-    strength: float = 10.0,
+    strength: Real = 10.0,
     polish: bool = True,
-    radius: float = 2.0,
-    objective=None,
-    optimizer=None,
-    max_steps: int = 20_000,
+    radius: Real = 2.0,
+    objective: Objective | None = None,
+    optimizer: optax.GradientTransformation | None = None,
+    max_steps: Int = 20_000,
     progress: bool = True,
-    stop=_MISSING,
+    stop: StopRule | None | Default = DEFAULT,
 ) -> VIResult:
     """Fit ``k`` copies of the family ``q`` together, kept apart by a kernel repulsion between
     their means, and return them as one mixture (after "Repulsive Score Distillation for
@@ -136,7 +136,7 @@ def repulsive_ensemble(
 
     if not isinstance(target, Target):
         raise TypeError(f"target must be a veil.Target, got {type(target).__name__}.")
-    if not isinstance(q, Family) or isinstance(q, Mixture) or not hasattr(q, "loc"):
+    if not isinstance(q, Family) or isinstance(q, Components) or q.location_field() is None:
         raise TypeError(f"q must be a veil family with a location (MeanField, FullRank, LowRank), got {q!r}.")
     if q.dim != target.dim:
         raise ValueError(f"The family has dim={q.dim} but the target has dim={target.dim}.")
@@ -151,7 +151,7 @@ def repulsive_ensemble(
         raise TypeError(f"objective must be a veil objective such as veil.ELBO(), got {objective!r}.")
     objective.check_family(q)
     optimizer = _ADAM_OPTIMIZER if optimizer is None else optimizer  # the components are stacked: no single location
-    if stop is _MISSING:
+    if stop is DEFAULT:
         stop = StopRule(max_drift=2.0)  # the limit this was measured with (BENCHMARKS.md section 22)
     if stop is not None and not isinstance(stop, StopRule):
         raise TypeError(f"stop must be a veil.StopRule or None, got {stop!r}.")

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-import typing
+import os
+
 import warnings
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike
 
+from veil._checks import DEFAULT, Default, Int
 from veil._checks import check_key as _check_key
 from veil._checks import check_positive_int as _check_positive_int
 from veil.loop import driver
@@ -17,7 +20,7 @@ from veil.loop.checkpoint import Checkpoint
 from veil.diagnostics import StopRule
 from veil.families.empirical import Empirical
 from veil.target import Target
-from veil.particles.base import _MISSING, ParticleMethod, _check_count, _checked_init, _start
+from veil.particles.base import ParticleMethod, _check_count, _checked_init, _start
 from veil.particles.kalman import EKI, InverseProblem
 from veil.particles.result import ParticleResult
 from veil.particles.svgd import CoinSVGD
@@ -64,18 +67,17 @@ class _ParticleLoss(eqx.Module):
 _DEFAULT_STOP = StopRule(min_window=150, min_decays=0, max_decays=0, drift_atol=0.01, max_drift=2.0)
 
 
-@typing.no_type_check
 def run(
-    target: Target,
+    target: Target | InverseProblem,
     method: ParticleMethod | None = None,
     *,
     key: jax.Array,
-    n_particles: int = 100,
-    max_steps: int | None = None,
-    init=None,
+    n_particles: Int = 100,
+    max_steps: Int | None = None,
+    init: ArrayLike | None = None,
     progress: bool = True,
-    stop=_MISSING,
-    checkpoint=None,
+    stop: StopRule | None | Default = DEFAULT,
+    checkpoint: str | os.PathLike | Checkpoint | None = None,
 ) -> "ParticleResult":
     """Move ``n_particles`` particles with ``method`` (default :class:`CoinSVGD`, which has
     no step size) in veil's compiled driver, and return them as a :class:`ParticleResult`.
@@ -136,7 +138,7 @@ def run(
             "posterior; set EKI(problem, num_steps=...) instead."
         )
     max_steps = _check_positive_int("max_steps", method.default_max_steps if max_steps is None else max_steps)
-    if stop is _MISSING:
+    if stop is DEFAULT:
         stop = _DEFAULT_STOP if method.averageable else None
     if stop is not None and not isinstance(stop, StopRule):
         raise TypeError(f"stop must be a veil.StopRule or None, got {stop!r}.")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import typing
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -28,6 +27,7 @@ from numpyro.infer.util import constrain_fn, potential_energy, transform_fn
 from numpyro.primitives import Messenger
 
 from veil.target import pymc as _pymc, stan as _stan
+from veil._checks import Int
 from veil._checks import check_dim as _check_dim
 from veil.loop.batching import DiskBatches, OnDisk, Shuffled, ShuffledIndices
 from veil.target.health import check_log_density
@@ -296,15 +296,14 @@ class Target(eqx.Module):
         return cls("logdensity", dim, fn, None, (site,), ("z",), data, log_likelihood)
 
     @classmethod
-    @typing.no_type_check  # validates its own arguments, with messages that say what to do
     def minibatched(
         cls,
         log_prior: Callable[[jax.Array], jax.Array],
         log_lik: Callable[[jax.Array, Any], jax.Array],
         data: Any,
         *,
-        dim: int,
-        batch_size: int,
+        dim: Int,
+        batch_size: Int,
     ) -> "Target":
         """A posterior over global latents whose likelihood is a sum over ``N`` data rows,
         fitted on minibatches.
