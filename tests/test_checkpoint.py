@@ -11,6 +11,7 @@ import optax
 import pytest
 
 import veil
+from unchecked import unchecked
 from veil.loop.checkpoint import Checkpoint
 
 COV = jnp.array([[1.0, 0.8, 0.0], [0.8, 1.0, 0.3], [0.0, 0.3, 0.5]])
@@ -155,7 +156,7 @@ def test_damaged_checkpoint_is_refused(tmp_path, damage):
 
 
 def test_bad_checkpoint_arguments():
-    with pytest.raises(TypeError, match="checkpoint must be a path"):
-        veil.fit(TARGET, veil.MeanField(3), key=jax.random.key(0), progress=False, checkpoint=3)
+    with pytest.raises(TypeError, match="checkpoint must be a path"):  # veil's message, as a user sees it
+        unchecked(veil.fit)(TARGET, veil.MeanField(3), key=jax.random.key(0), progress=False, checkpoint=3)
     with pytest.raises(ValueError, match="every must be"):
         Checkpoint("x", every=-1)

@@ -117,7 +117,11 @@ def test_reports_elbo_and_khat_of_the_result():
     res = veil.variational_newton(t, key=jax.random.key(1), init=veil.FullRank(3))
     log_z = 0.5 * 3 * np.log(2 * np.pi) + 0.5 * np.linalg.slogdet(cov)[1]
     assert abs(res.elbo - log_z) < 1e-3 and res.num_check_draws == 2000  # the result and the start
-    assert res.khat == -np.inf and "constant" in res.verdict
+    lines, ok = res.verdict()
+    assert res.khat == -np.inf and "constant" in lines[0] and ok
+    # The result's common core (veil.result.Result): draws, summary, ArviZ, plot.
+    assert res.draws(8, key=jax.random.key(2))["z"].shape == (8, 3)
+    assert res.summary().trustworthy and res.to_arviz(40, key=jax.random.key(3)).posterior["z"].shape == (4, 10, 3)
 
 
 def test_never_returns_worse_than_its_start():

@@ -14,6 +14,7 @@ import numpyro.distributions as dist
 import pytest
 
 import veil
+from veil.result import NotApplicable
 from veil.diagnostics import _drift_statistic, kernel_stein_discrepancy
 from veil.kernels import IMQ, RBF, _sq_dists
 from veil.particles import SVGD, CoinSVGD, run, stein_direction, svgd_bandwidth
@@ -233,8 +234,12 @@ def test_result_with_constrained_sites(tmp_path):
     assert res.draws(7, key=jax.random.key(1))["mu"].shape == (7, 2)
     with pytest.raises(TypeError, match="key"):
         res.draws(7)
-    assert math.isnan(res.khat) and math.isnan(res.elbo)
-    with pytest.raises(TypeError, match="no density"):
+    # No density: k-hat, the ELBO and the evidence do not apply, and say so (not NaN).
+    for name in ("khat", "elbo"):
+        with pytest.raises(NotApplicable, match="particles"):
+            getattr(res, name)
+    assert getattr(res, "khat", None) is None  # an AttributeError: absent, for code that asks
+    with pytest.raises(NotApplicable, match="no density"):
         res.log_evidence(key=jax.random.key(2))
     summary = res.summary()
     assert "kernel Stein discrepancy" in str(summary) and summary.names[0] == "mu[0]"
@@ -461,7 +466,8 @@ def test_gradient_free_ensembles_recover_a_linear_gaussian_posterior(method):
     x = np.asarray(res.particles)
     assert np.abs(x.mean(0) - mean).max() / sd.min() < 0.15
     assert np.abs(x.std(0) / sd - 1).max() < 0.1
-    assert math.isnan(res.ksd)
+    with pytest.raises(NotApplicable, match="gradient"):  # gradient-free: no KSD, said so
+        res.ksd
     assert res.num_steps == (20 if method == "eki" else 1500)
 
 

@@ -182,7 +182,7 @@ def test_summary_and_arviz(key):
     s = pf.summary()
     assert s.trustworthy and "pathfinder" in s.header and len(s.names) == 4
     idata = pf.to_arviz(200, key=key)
-    assert idata.posterior["z"].shape == (1, 200, 4)
+    assert idata.posterior["z"].shape == (4, 50, 4)  # exchangeable draws, split as 4 chains
     assert "PathfinderResult(dim=4, 4 paths" in repr(pf)
 
 

@@ -64,7 +64,7 @@ from veil.objectives import (
 )
 from veil.geometry.newton import NewtonResult, variational_newton
 from veil.geometry.pathfinder import PathfinderResult, pathfinder
-from veil.result import LogEvidence, Summary, VIResult
+from veil.result import LogEvidence, NotApplicable, Result, Summary, VIResult
 from veil.target import Target
 from veil import demo, families, fusion, geometry, kernels, loop, optim, particles
 from veil.geometry import fbgvi as gaussian  # the module's name before issue 30 (veil.gaussian.fbgvi)
@@ -143,6 +143,8 @@ __all__ = [
     "NewtonResult",
     "default_optimizer",
     "VIResult",
+    "Result",
+    "NotApplicable",
     "Summary",
     "LogEvidence",
     "psis_khat",

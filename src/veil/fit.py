@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 import math
 import os
 import re
@@ -156,7 +157,7 @@ def fit(
     q: Family,
     *,
     key: jax.Array,
-    objective: Objective | None = None,
+    objective: Objective | Callable | None = None,
     optimizer: optax.GradientTransformation | None = None,
     max_steps: Int = 20_000,
     num_restarts: Int = 1,

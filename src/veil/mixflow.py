@@ -14,7 +14,6 @@ from collections.abc import Sequence
 import functools
 import math
 import time
-import warnings
 from typing import Any
 
 import equinox as eqx
@@ -30,7 +29,7 @@ from veil.families.gaussian import MeanField
 from veil.families.mixflows import MixFlow
 from veil.fit import fit
 from veil.geometry.pathfinder import PathfinderResult
-from veil.result import Summary, VIResult, _check_chains, _warn_nonfinite, as_chains, summary_table
+from veil.result import Result, VIResult, _warn_nonfinite
 from veil.target import Target
 
 __all__ = ["MixFlowResult", "mixflow"]
@@ -53,7 +52,7 @@ def _constrained_draws(q: MixFlow, key, n: int):
 
 # ---------------------------------------------------------------------- tuning and result
 @dataclasses.dataclass(eq=False)
-class MixFlowResult:
+class MixFlowResult(Result):
     """The outcome of :func:`mixflow`.
 
     Attributes:
@@ -142,30 +141,18 @@ class MixFlowResult:
         _warn_nonfinite(draws)  # a trajectory can leave the finite region at a large step
         return draws
 
-    def to_arviz(self, n: int, *, key: jax.Array, chains: int = 4):
-        """An ``arviz.InferenceData`` with ``n`` independent draws in ``posterior``, as
-        ``chains`` chains of ``n / chains`` (see :meth:`veil.VIResult.to_arviz`)."""
+    _subject = "these draws"
+    _arviz_note = "independent draws of the MixFlow"
 
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            import arviz as az
-        _check_chains(_check_positive_int("n", n), chains)
-        draws = self.draws(n, key=key)
-        return az.from_dict(posterior=as_chains(draws, chains),
-                            attrs={"inference_library": "veil", "draws": "independent draws of the MixFlow"})
-
-    def summary(self, prob: float = 0.9):
-        """Mean, sd and central interval of every constrained scalar from 4000 draws, with the
-        k-hat verdict, the step-size search and the round-trip error in plain words."""
-
-        if not 0 < prob < 1:
-            raise ValueError(f"prob must lie in (0, 1), got {prob}.")
-        draws = self.draws(_SUMMARY_DRAWS, key=jax.random.fold_in(self.diagnostic_key, 1))
-        names, table, cols = summary_table(draws, prob)
-        header = (
+    def _summary_header(self) -> str:
+        return (
             f"veil MixFlow: dim {self.q.dim}, {self.q.num_maps} maps x {self.q.num_leapfrog} "
             f"leapfrog steps of {self.step_size:.3g}, ELBO {self.elbo:.2f} ± {self.elbo_se:.2f}"
         )
+
+    def verdict(self) -> tuple[list[str], bool]:
+        """The k-hat on the extended space, the step-size search and the round-trip error in
+        plain words, and a yes/no."""
         khat = self.khat
         ok = khat_ok(khat)
         grid = ", ".join(f"{s:g}: {e:.2f}" for s, e in zip(self.step_sizes, self.elbos))
@@ -184,8 +171,11 @@ class MixFlowResult:
         if self.num_nonfinite:
             ok = False
             lines.append(f"{self.num_nonfinite} of {_KHAT_DRAWS} draws had non-finite log weights.")
-        lines.append("Verdict: OK to use." if ok else "Verdict: do NOT trust these draws as they stand.")
-        return Summary(names, table, cols, lines, ok, header)
+        lines.append("Verdict: OK to use." if ok else f"Verdict: do NOT trust {self._subject} as they stand.")
+        return lines, ok
+
+    def _plot_title(self) -> str:
+        return f"MixFlow, step size {self.step_size:.3g}; k-hat {format_khat(self.khat)}"
 
 
 def _as_reference(reference):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import functools
 import math
@@ -20,7 +21,7 @@ from veil.target import log_density_rows
 from veil._expectations import _estimate
 from veil.target.health import coordinate_names
 
-__all__ = ["VIResult", "Summary", "LogEvidence"]
+__all__ = ["Result", "NotApplicable", "VIResult", "Summary", "LogEvidence"]
 
 # Draws behind k-hat, the ELBO and the reweighting check. 8,000, not 2,000, and 32,000 where
 # k-hat reads "fair": k-hat's estimate of a tail near 0.7-0.8 scatters by ~0.15 at 2,000 draws,
@@ -303,8 +304,167 @@ class Summary:
     __repr__ = __str__
 
 
+class NotApplicable(AttributeError):
+    """A diagnostic that does not apply to this kind of result, said in plain words (particles
+    have no density, so no k-hat), where a NaN would read as a computation that failed. An
+    ``AttributeError``: ``getattr(res, "khat", None)`` is ``None`` for such a result."""
+
+
+class Result(abc.ABC):
+    """The core every veil method's result shares.
+
+    ``draws(n, key=...)`` (constrained draws, a dict ``name -> [n, ...]``), ``verdict()``
+    (plain-words lines and whether to trust the result), ``summary()`` (the table of every
+    constrained scalar with that verdict), ``to_arviz(n, key=...)`` and ``plot()``. The
+    diagnostics that apply are attributes of the subclass (``khat`` and ``elbo`` where ``q`` has
+    a density, ``ksd`` for particles); one that does not apply raises :class:`NotApplicable`.
+
+    A subclass holds ``target`` and ``diagnostic_key`` and writes :meth:`draws`,
+    :meth:`verdict` and :meth:`_summary_header`; it may add ``sample_stats`` for ArviZ
+    (:meth:`_arviz_parts`), a trace to plot (:meth:`_plot_trace`) and weighted columns
+    (``_psis``).
+    """
+
+    target: Any
+    diagnostic_key: jax.Array
+
+    _subject = "this result"
+    _arviz_note = "independent draws"
+
+    @abc.abstractmethod
+    def draws(self, n: int, *, key: jax.Array) -> dict[str, jax.Array]:
+        """``n`` constrained draws: a dict ``name -> [n, ...]``."""
+
+    @abc.abstractmethod
+    def verdict(self) -> tuple[list[str], bool]:
+        """Plain-words lines on whether to trust the result, the last one the verdict, and
+        a yes/no."""
+
+    @abc.abstractmethod
+    def _summary_header(self) -> str:
+        """The summary's first line: the method, its size and its cost."""
+
+    # ------------------------------------------------------------------ hooks with defaults
+    _psis = None  # (constrained draws, normalised weights) for the psis columns, where they apply
+
+    def _summary_draws(self) -> dict:
+        """The constrained draws the summary's table is made of."""
+        return self.draws(_SUMMARY_DRAWS, key=jax.random.fold_in(self.diagnostic_key, 1))
+
+    def _nonfinite_line(self, bad: int) -> str:
+        return (f"{bad} of {_SUMMARY_DRAWS} draws hold non-finite values (the table leaves them out): "
+                "the approximation overflows somewhere it puts mass.")
+
+    def _arviz_parts(self, n: int, key: jax.Array) -> tuple[dict, dict]:
+        """The ``n`` draws for ArviZ and their ``sample_stats`` (arrays of length ``n``)."""
+        return self.draws(n, key=key), {}
+
+    def _plot_trace(self) -> tuple[np.ndarray, str, str] | None:
+        """``(values, label, x-axis label)`` of the run's trace for :meth:`plot`, or ``None``."""
+        return None
+
+    def _plot_title(self) -> str:
+        return ""
+
+    def _plot_draws(self):
+        """Named columns of the draws the marginal histograms show."""
+        return _flat_columns(self.draws(_SUMMARY_DRAWS, key=jax.random.fold_in(self.diagnostic_key, 2)))
+
+    # ------------------------------------------------------------------ shared
+    def to_arviz(self, n: int, *, key: jax.Array, chains: int = 4):
+        """An ``arviz.InferenceData`` with ``n`` draws in ``posterior`` (and, where the result
+        has them, each draw's ``lp``, ``log_q`` and ``log_weight`` in ``sample_stats``).
+
+        The draws are independent, so any split into chains is a valid one: they come as
+        ``chains`` chains of ``n / chains`` draws (``n`` must divide), so that ArviZ's
+        diagnostics run as for MCMC output without its one-chain warnings, and say what holds
+        for independent draws (``r_hat`` about 1, ESS about ``n``)."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # ArviZ's import banner
+            import arviz as az
+        n = _check_positive_int("n", n)
+        _check_chains(n, chains)
+        draws, stats = self._arviz_parts(n, key)
+        _warn_nonfinite(draws)
+        coords, dims = getattr(self.target, "arviz_dims", None) or ((), ())
+        dims = {k: list(v) for k, v in dims if k in draws}
+        return az.from_dict(posterior=as_chains(draws, chains),
+                            sample_stats=as_chains(stats, chains) if stats else None,
+                            coords={k: list(v) for k, v in coords} or None, dims=dims or None,
+                            attrs={"inference_library": "veil", "draws": self._arviz_note})
+
+    def summary(self, prob: float = 0.9) -> Summary:
+        """Mean, sd and central ``prob`` interval of every constrained scalar, from 4000
+        draws, with the verdict in plain words. Where the result has Pareto-smoothed
+        importance weights (k-hat below 0.7) two more columns give the weighted mean and sd
+        (``psis mean``, ``psis sd``: the target's, as far as the draws cover it)."""
+        if not 0 < prob < 1:
+            raise ValueError(f"prob must lie in (0, 1), got {prob}.")
+        draws = self._summary_draws()
+        keep = _finite_rows(draws)
+        bad = int((~keep).sum())
+        if bad:  # the table from the finite draws; the verdict says how many were dropped
+            draws = jax.tree.map(lambda x: np.asarray(x)[keep], draws)
+        names, table, cols = summary_table(draws, prob)
+        if self._psis is not None:  # beside the draws' own: the importance-weighted mean and sd
+            pnames, psis_mean, psis_sd = _weighted_columns(*self._psis)
+            if pnames == names:
+                table = np.column_stack([table, psis_mean, psis_sd])
+                cols = cols + ["psis mean", "psis sd"]
+        lines, ok = self.verdict()
+        if bad:
+            ok = False
+            lines.insert(-1, self._nonfinite_line(bad))
+            lines[-1] = f"Verdict: do NOT trust {self._subject} as it stands."
+        return Summary(names, table, cols, lines, ok, self._summary_header())
+
+    def plot(self, max_marginals: int | None = 12):
+        """A matplotlib figure: the run's trace (where the method has one) and up to
+        ``max_marginals`` marginal histograms of the draws in constrained space (``None``: all
+        of them); the figure says how many it left out."""
+        import matplotlib.pyplot as plt
+
+        names, x = self._plot_draws()
+        m = len(names) if max_marginals is None else min(max_marginals, len(names))
+        trace = self._plot_trace()
+        ncol = 4
+        nrow = 1 + math.ceil(m / ncol)
+        fig = plt.figure(figsize=(3.2 * ncol, 2.4 * nrow), layout="constrained")
+        grid = fig.add_gridspec(nrow, ncol)
+        ax = fig.add_subplot(grid[0, :])
+        left_out = (f"; {len(names) - m} of {len(names)} marginals not shown (max_marginals=None shows all)"
+                    if m < len(names) else "")
+        if trace is not None:
+            tr, label, xlabel = trace
+            tr = np.asarray(tr, float)
+            ax.plot(tr, lw=0.5, alpha=0.5, label=label)
+            if len(tr) > 50:
+                w = max(10, len(tr) // 50)
+                smooth = np.convolve(np.nan_to_num(tr, nan=np.nanmean(tr)), np.ones(w) / w, "valid")
+                ax.plot(np.arange(w - 1, len(tr)), smooth, lw=1.5, label=f"running mean ({w})")
+            lo, hi = np.nanquantile(tr, [0.0, 0.98]) if np.isfinite(tr).any() else (0, 1)
+            if hi > lo:
+                ax.set_ylim(lo - 0.05 * (hi - lo), hi)
+            ax.set_xlabel(xlabel)
+            ax.legend(fontsize=8)
+        else:
+            ax.axis("off")
+        ax.set_title(f"{self._plot_title()}{left_out}", fontsize=9)
+        for i in range(m):
+            a = fig.add_subplot(grid[1 + i // ncol, i % ncol])
+            col = x[:, i][np.isfinite(x[:, i])]
+            if col.size:
+                a.hist(col, bins=40, density=True, alpha=0.7)
+            if col.size < x.shape[0]:  # shown, not hidden: the draws that are not finite
+                a.text(0.5, 0.5, f"{x.shape[0] - col.size} of {x.shape[0]}\ndraws not finite",
+                       transform=a.transAxes, ha="center", va="center", color="C3", fontsize=8)
+            a.set_title(names[i], fontsize=9)
+            a.set_yticks([])
+        return fig
+
+
 @dataclasses.dataclass(eq=False)
-class VIResult:
+class VIResult(Result):
     """The outcome of :func:`veil.fit`.
 
     Attributes:
@@ -564,29 +724,12 @@ class VIResult:
         _warn_nonfinite(draws)
         return draws
 
-    def to_arviz(self, n: int, *, key: jax.Array, chains: int = 4):
-        """An ``arviz.InferenceData`` with ``n`` draws in ``posterior`` and each draw's ``lp``
-        (log target), ``log_q`` and ``log_weight`` in ``sample_stats``.
-
-        The draws are independent, so any split into chains is a valid one: they come as
-        ``chains`` chains of ``n / chains`` draws (``n`` must divide), so that ArviZ's
-        diagnostics run as for MCMC output without its one-chain warnings, and say what holds
-        for independent draws (``r_hat`` about 1, ESS about ``n``)."""
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # ArviZ's import banner
-            import arviz as az
-        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-            raise ValueError(f"n must be a positive integer, got {n!r}.")
-        _check_chains(n, chains)
-        draws, log_p, log_q = _draw(self.target, self.q, key, int(n))
-        _warn_nonfinite(draws)
+    def _arviz_parts(self, n: int, key: jax.Array) -> tuple[dict, dict]:
+        draws, log_p, log_q = _draw(self.target, self.q, key, n)
         log_p, log_q = np.asarray(log_p), np.asarray(log_q)
-        stats = {"lp": log_p, "log_q": log_q, "log_weight": log_p - log_q}
-        coords, dims = getattr(self.target, "arviz_dims", None) or ((), ())
-        dims = {k: list(v) for k, v in dims if k in draws}
-        return az.from_dict(posterior=as_chains(draws, chains), sample_stats=as_chains(stats, chains),
-                            coords={k: list(v) for k, v in coords} or None, dims=dims or None,
-                            attrs={"inference_library": "veil", "draws": "independent draws of q"})
+        return draws, {"lp": log_p, "log_q": log_q, "log_weight": log_p - log_q}
+
+    _arviz_note = "independent draws of q"
 
     # ------------------------------------------------------------------ reports
     def verdict(self) -> tuple[list[str], bool]:
@@ -685,31 +828,6 @@ class VIResult:
         lines.append("Verdict: OK to use." if ok else f"Verdict: do NOT trust {subject} as it stands.")
         return lines, ok
 
-    def summary(self, prob: float = 0.9) -> Summary:
-        """Mean, sd and central ``prob`` interval of every constrained scalar, from 4000
-        draws, with the k-hat verdict and the stopping reason in plain words. Where k-hat is
-        below 0.7 two more columns give the Pareto-smoothed importance-weighted mean and sd
-        (``psis mean``, ``psis sd``: the target's, as far as q covers it), beside q's own."""
-        if not 0 < prob < 1:
-            raise ValueError(f"prob must lie in (0, 1), got {prob}.")
-        draws = self._summary_draws()
-        keep = _finite_rows(draws)
-        bad = int((~keep).sum())
-        if bad:  # the table from the finite draws; the verdict says how many were dropped
-            draws = jax.tree.map(lambda x: np.asarray(x)[keep], draws)
-        names, table, cols = summary_table(draws, prob)
-        if self._psis is not None:  # beside q's own: the importance-weighted mean and sd
-            pnames, psis_mean, psis_sd = _weighted_columns(*self._psis)
-            if pnames == names:
-                table = np.column_stack([table, psis_mean, psis_sd])
-                cols = cols + ["psis mean", "psis sd"]
-        lines, ok = self.verdict()
-        if bad:
-            ok = False
-            lines.insert(-1, self._nonfinite_line(bad))
-            lines[-1] = f"Verdict: do NOT trust {self._subject} as it stands."
-        return Summary(names, table, cols, lines, ok, self._summary_header())
-
     _subject = "this fit"
 
     def _summary_draws(self) -> dict:
@@ -729,48 +847,14 @@ class VIResult:
     _loss_label = "−ELBO estimate"
 
     def _plot_draws(self):
-        """Named columns of the draws the marginal histograms show."""
         key = jax.random.fold_in(self.diagnostic_key, 2)
         return _flat_columns(_draw(self.target, self.q, key, _SUMMARY_DRAWS)[0])
 
     def _plot_quality(self) -> str:
         return f"k-hat {format_khat(self.khat)}"
 
-    def plot(self, max_marginals: int | None = 12):
-        """A matplotlib figure: the loss trace and up to ``max_marginals`` marginal
-        histograms of ``q`` in constrained space (``None``: all of them); the figure says how
-        many it left out."""
-        import matplotlib.pyplot as plt
+    def _plot_trace(self):
+        return self.trace, f"loss ({self._loss_label})", "step"
 
-        names, x = self._plot_draws()
-        m = len(names) if max_marginals is None else min(max_marginals, len(names))
-        ncol = 4
-        nrow = 1 + math.ceil(m / ncol)
-        fig = plt.figure(figsize=(3.2 * ncol, 2.4 * nrow), layout="constrained")
-        grid = fig.add_gridspec(nrow, ncol)
-        ax = fig.add_subplot(grid[0, :])
-        tr = np.asarray(self.trace)
-        ax.plot(tr, lw=0.5, alpha=0.5, label=f"loss ({self._loss_label})")
-        if len(tr) > 50:
-            w = max(10, len(tr) // 50)
-            smooth = np.convolve(np.nan_to_num(tr, nan=np.nanmean(tr)), np.ones(w) / w, "valid")
-            ax.plot(np.arange(w - 1, len(tr)), smooth, lw=1.5, label=f"running mean ({w})")
-        lo, hi = np.nanquantile(tr, [0.0, 0.98]) if np.isfinite(tr).any() else (0, 1)
-        if hi > lo:
-            ax.set_ylim(lo - 0.05 * (hi - lo), hi)
-        ax.set_xlabel("step")
-        left_out = (f"; {len(names) - m} of {len(names)} marginals not shown (max_marginals=None shows all)"
-                    if m < len(names) else "")
-        ax.set_title(f"stop: {self.stop_reason}; {self._plot_quality()}{left_out}", fontsize=9)
-        ax.legend(fontsize=8)
-        for i in range(m):
-            a = fig.add_subplot(grid[1 + i // ncol, i % ncol])
-            col = x[:, i][np.isfinite(x[:, i])]
-            if col.size:
-                a.hist(col, bins=40, density=True, alpha=0.7)
-            if col.size < x.shape[0]:  # shown, not hidden: the draws q could not make finite
-                a.text(0.5, 0.5, f"{x.shape[0] - col.size} of {x.shape[0]}\ndraws not finite",
-                       transform=a.transAxes, ha="center", va="center", color="C3", fontsize=8)
-            a.set_title(names[i], fontsize=9)
-            a.set_yticks([])
-        return fig
+    def _plot_title(self) -> str:
+        return f"stop: {self.stop_reason}; {self._plot_quality()}"

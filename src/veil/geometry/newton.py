@@ -66,11 +66,11 @@ import numpy as np
 
 from veil._checks import check_key as _check_key
 from veil._checks import check_positive_int as _check_positive_int
-from veil.diagnostics import format_khat, khat_verdict, psis_khat
+from veil.diagnostics import format_khat, khat_ok, khat_verdict, psis_khat
 from veil._expectations import _estimate
 from veil.families.gaussian import FullRank, gaussian_to_family
 from veil.geometry.pathfinder import PathfinderResult, pathfinder
-from veil.result import VIResult
+from veil.result import Result, VIResult, _draw, _warn_nonfinite
 from veil.target import Target
 
 __all__ = ["variational_newton", "NewtonResult"]
@@ -87,7 +87,7 @@ CHECK_DRAWS = 1000
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class NewtonResult:
+class NewtonResult(Result):
     """What :func:`variational_newton` returns.
 
     Attributes:
@@ -112,6 +112,11 @@ class NewtonResult:
             fixed point is not to be trusted.
         num_check_draws: density evaluations (no gradients) behind these two checks.
         wall: seconds spent, the starting Pathfinder's included.
+        target: the target.
+        diagnostic_key: the key the summary's and plot's draws are made with.
+
+    Like every veil result it gives ``draws(n, key=...)``, ``summary()``, ``to_arviz()``,
+    ``plot()`` (the steps' sizes) and ``verdict()``.
     """
 
     q: FullRank
@@ -127,10 +132,46 @@ class NewtonResult:
     khat: float
     num_check_draws: int
     wall: float
+    target: Target
+    diagnostic_key: jax.Array = dataclasses.field(repr=False)
 
-    @property
-    def verdict(self) -> str:
-        return khat_verdict(self.khat)
+    _subject = "this fit"
+    _arviz_note = "independent draws of q"
+
+    def draws(self, n: int, *, key: jax.Array) -> dict[str, jax.Array]:
+        """``n`` draws from ``q`` mapped to constrained space: a dict ``name -> [n, ...]``."""
+        _check_key(key)
+        draws = _draw(self.target, self.q, key, _check_positive_int("n", n))[0]
+        _warn_nonfinite(draws)
+        return draws
+
+    def _arviz_parts(self, n: int, key: jax.Array) -> tuple[dict, dict]:
+        draws, log_p, log_q = _draw(self.target, self.q, key, n)
+        log_p, log_q = np.asarray(log_p), np.asarray(log_q)
+        return draws, {"lp": log_p, "log_q": log_q, "log_weight": log_p - log_q}
+
+    def verdict(self) -> tuple[list[str], bool]:
+        """The k-hat of ``q`` in plain words, whether the iteration settled, and a yes/no."""
+        ok = khat_ok(self.khat)
+        lines = [f"PSIS k-hat = {format_khat(self.khat)}: {khat_verdict(self.khat)}"]
+        if not self.converged:
+            ok = False
+            lines.append(f"Not settled: the full steps did not stop contracting in {self.num_iters} iterations "
+                         "(res.kl_steps), or the start was better; see the warning variational_newton gave.")
+        if self.num_skipped:
+            lines.append(f"{self.num_skipped} iteration(s) were skipped (a non-finite gradient or precision).")
+        lines.append("Verdict: OK to use." if ok else f"Verdict: do NOT trust {self._subject} as it stands.")
+        return lines, ok
+
+    def _summary_header(self) -> str:
+        return (f"veil variational Newton: FullRank(dim={self.q.dim}), {self.num_iters} iterations, "
+                f"{self.num_grad_evals} gradients, {self.wall:.2f} s, ELBO {self.elbo:.2f}")
+
+    def _plot_trace(self):
+        return self.kl_steps, "KL(old q || new q) per iteration", "iteration"
+
+    def _plot_title(self) -> str:
+        return f"{'settled' if self.converged else 'not settled'}; k-hat {format_khat(self.khat)}"
 
     @property
     def num_iters(self) -> int:
@@ -323,7 +364,8 @@ def variational_newton(
             "(its expected Hessian is not estimated well): use veil.fit.", stacklevel=2)
         q, elbo, khat, converged = q_start, elbo_start, khat_start, False
     return NewtonResult(q, evals, init_evals, np.asarray(kls), np.asarray(rhos), halvings, skipped, backtracks,
-                        converged, elbo, khat, 2 * CHECK_DRAWS, time.perf_counter() - start)
+                        converged, elbo, khat, 2 * CHECK_DRAWS, time.perf_counter() - start,
+                        target=target, diagnostic_key=jax.random.fold_in(key, max_iters + 1))
 
 
 def _checked(target, mu, cov, key):

@@ -63,7 +63,7 @@ from veil._checks import check_key as _check_key
 from veil._checks import check_positive_int as _check_positive_int
 from veil.diagnostics import format_khat, khat_ok, khat_verdict, psis_khat
 from veil.families.gaussian import FullRank, LowRank, MeanField, gaussian_to_family  # noqa: F401 (re-exported)
-from veil.result import Summary, summary_table
+from veil.result import Result
 from veil.target import Target, log_density_rows
 
 __all__ = ["pathfinder", "PathfinderResult", "Gaussian"]
@@ -326,7 +326,7 @@ def _psis_log_weights(log_weights: np.ndarray) -> tuple[np.ndarray, float]:
 
 
 @dataclasses.dataclass(eq=False)
-class PathfinderResult:
+class PathfinderResult(Result):
     """The outcome of :func:`veil.pathfinder`.
 
     Attributes:
@@ -449,34 +449,30 @@ class PathfinderResult:
             z = z[:n]
         return jax.vmap(self.target.to_constrained)(z)
 
-    def to_arviz(self, n: int, *, key: jax.Array):
-        """An ``arviz.InferenceData`` with ``n`` resampled draws in ``posterior``."""
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            import arviz as az
-        draws = self.draws(n, key=key)
-        return az.from_dict(posterior={k: np.asarray(v)[None] for k, v in draws.items()})
+    _subject = "these draws"
+    _arviz_note = "importance-resampled draws of the paths' mixture"
 
-    def summary(self, prob: float = 0.9) -> Summary:
-        """Mean, sd and central interval of every constrained scalar from 4000 resampled
-        draws, with the k-hat verdict in plain words."""
-        if not 0 < prob < 1:
-            raise ValueError(f"prob must lie in (0, 1), got {prob}.")
-        draws = self.draws(_SUMMARY_DRAWS, key=jax.random.fold_in(self.diagnostic_key, 1))
-        names, table, cols = summary_table(draws, prob)
-        header = (
+    def _summary_header(self) -> str:
+        return (
             f"veil pathfinder: {self.num_paths} paths, dim {self.target.dim}, "
             f"{self.num_grad_evals} gradient + {self.num_logp_evals} density evaluations, "
             f"{self.wall_time:.2f} s, best ELBO {self.elbo:.2f}"
         )
+
+    def verdict(self) -> tuple[list[str], bool]:
+        """The k-hat of the paths' mixture in plain words, the paths that found nothing, and
+        a yes/no."""
         khat = self.khat
         ok = khat_ok(khat)
         lines = [f"PSIS k-hat of the paths' mixture = {format_khat(khat)}: {khat_verdict(khat)}"]
         dead = int(np.sum(~np.isfinite(np.asarray(self.paths.elbo))))
         if dead:
             lines.append(f"{dead} of {self.num_paths} paths found no approximation with a finite ELBO.")
-        lines.append("Verdict: OK to use." if ok else "Verdict: do NOT trust these draws as they stand.")
-        return Summary(names, table, cols, lines, ok, header)
+        lines.append("Verdict: OK to use." if ok else f"Verdict: do NOT trust {self._subject} as they stand.")
+        return lines, ok
+
+    def _plot_title(self) -> str:
+        return f"{self.num_paths} paths; k-hat {format_khat(self.khat)}"
 
 
 # ---------------------------------------------------------------------- moving a family

@@ -3,6 +3,8 @@ parameters (:func:`repulsive_ensemble`)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import math
 from typing import Any
 
@@ -91,7 +93,7 @@ def repulsive_ensemble(
     strength: Real = 10.0,
     polish: bool = True,
     radius: Real = 2.0,
-    objective: Objective | None = None,
+    objective: Objective | Callable | None = None,
     optimizer: optax.GradientTransformation | None = None,
     max_steps: Int = 20_000,
     progress: bool = True,

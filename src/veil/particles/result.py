@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import warnings
 from typing import Any
 
@@ -14,7 +13,7 @@ import numpy as np
 from jaxtyping import Array, Float
 
 from veil.diagnostics import kernel_stein_discrepancy
-from veil.result import VIResult, _flat_columns, _warn_nonfinite
+from veil.result import NotApplicable, VIResult, _flat_columns, _warn_nonfinite
 from veil.particles.base import _constrained, _log_density_and_scores
 from veil.particles.kalman import EKI
 
@@ -49,16 +48,22 @@ class ParticleResult(VIResult):
 
     @property
     def khat(self) -> float:
-        """Not defined for particles (no density): NaN. See :attr:`ksd`."""
-        return math.nan
+        """Does not apply: particles have no density (raises :class:`veil.result.NotApplicable`).
+        See :attr:`ksd`."""
+        raise NotApplicable(
+            "k-hat does not apply to particles: they have no density to weigh against the target's. "
+            "Their distance from the target is res.ksd (kernel Stein discrepancy)."
+        )
 
     @property
     def elbo(self) -> float:
-        """Not defined for particles (no density): NaN."""
-        return math.nan
+        """Does not apply: particles have no density (raises :class:`veil.result.NotApplicable`)."""
+        raise NotApplicable("The ELBO does not apply to particles: they have no density, so no entropy term.")
+
+    _psis = None  # no importance weights without a density
 
     def log_evidence(self, *, key, n=10_000, batch=10_000):
-        raise TypeError(
+        raise NotApplicable(
             "Particles have no density, so they cannot be an importance-sampling proposal; fit "
             "a parametric family (veil.fit) to estimate the evidence."
         )
@@ -71,7 +76,10 @@ class ParticleResult(VIResult):
         uses the full data. For a mirrored method it is that of the dual particles from the
         dual density, the space where they move."""
         if not self.method.uses_gradients:
-            return math.nan
+            raise NotApplicable(
+                f"The kernel Stein discrepancy needs the target's gradient, which "
+                f"{type(self.method).__name__} (gradient-free) does not use."
+            )
         z = self.coordinates
         return float(kernel_stein_discrepancy(z, _log_density_and_scores(self.method, self.target, z)[1]))
 
@@ -151,7 +159,7 @@ class ParticleResult(VIResult):
     _loss_label = "mean −log p of the particles (16 at random for gradient methods)"
 
     def _plot_quality(self) -> str:
-        return f"KSD {self.ksd:.3g}"
+        return f"KSD {self.ksd:.3g}" if self.method.uses_gradients else "gradient-free: no KSD"
 
 
 @eqx.filter_jit
