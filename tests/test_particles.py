@@ -517,16 +517,16 @@ def test_watch_plan_cache_matches_a_fresh_trace():
     # dimension or method must not share an entry.
     from veil.loop import driver
     from veil.particles import MirroredSVGD
-    from veil.particles.runner import _ParticleLoss
+    from veil.particles.runner import _ParticleKernel
 
     for dim in (2, 3):
         t = veil.Target.from_logdensity(lambda z: -0.5 * jnp.sum(z**2), dim=dim)
         for method in (SVGD(), MirroredSVGD(veil.particles.mirror.Simplex())):
-            loss, params = _ParticleLoss(method, t), jnp.full((1, 7, dim), 0.1)
-            fresh = jax.eval_shape(jax.vmap(lambda p: driver._watched(loss, p)), params)
+            loss, params = _ParticleKernel(method, t), jnp.full((1, 7, dim), 0.1)
+            fresh = jax.eval_shape(jax.vmap(loss.watched), params)
             shapes, probe, groups = driver._watch_plan(loss, params)
             assert shapes == fresh
-            assert driver._watch_plan(_ParticleLoss(method, t), params)[0] == fresh  # the cached one
+            assert driver._watch_plan(_ParticleKernel(method, t), params)[0] == fresh  # the cached one
             want_probe, want_groups = driver.probe_indices(fresh)
             np.testing.assert_array_equal(probe, want_probe)
             np.testing.assert_array_equal(groups, want_groups)

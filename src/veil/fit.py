@@ -26,6 +26,7 @@ from veil.geometry.refine import MODE_NATS, check_starts, refinable
 from veil.geometry.refine import refine as refine_fit
 from veil.loop import driver
 from veil.loop.checkpoint import Checkpoint, _hash_array, digest
+from veil.loop.kernel import GradientKernel, Loss
 from veil.objectives import ELBO, ChiSquare, FunctionObjective, Objective, is_plain_elbo
 from veil.optim import clip_outliers, whitened_factor, whitened_location
 from veil.result import VIResult, _log_weights, log_evidence_from_weights
@@ -87,8 +88,9 @@ def default_optimizer() -> optax.GradientTransformation:
     return _DEFAULT_OPTIMIZER
 
 
-class _VILoss(eqx.Module):
-    """``(params, key) -> (loss, aux)`` for the driver: an objective applied to a target.
+class _VILoss(Loss):
+    """The loss ``veil.fit`` hands the loop (in a :class:`GradientKernel`): an objective
+    applied to a target.
 
     The driver optimises ``params``, the floating-point arrays of the family; ``rest`` holds
     everything else (integer permutations, masks, activation functions of a flow's layers),
@@ -103,7 +105,7 @@ class _VILoss(eqx.Module):
         """The objective's own state (``None`` for most objectives)."""
         return self.objective.init_state(eqx.combine(params, self.rest))
 
-    def watch(self, params):
+    def watched(self, params):
         """What the stopping rule's drift test watches: the family's choice."""
         return eqx.combine(params, self.rest).watched()
 
@@ -113,12 +115,12 @@ class _VILoss(eqx.Module):
         each step's rows from it and passes them as ``batch``."""
         return self.target.batches
 
-    def __call__(self, params, key, state=None, *, batch=None):
+    def __call__(self, params, key, state=None, batch=None):
         q = eqx.combine(params, self.rest)
         # On a batch, the objective sees log_prior + (N/B) log_lik of the batch's rows.
         target = self.target if batch is None else self.target.on_batch(batch)
         if state is None:
-            return self.objective(q, target, key)
+            return self.objective(q, target, key)[0], None
         loss, _, new_state = self.objective.call_with_state(q, target, key, state)
         return loss, new_state
 
@@ -320,9 +322,8 @@ def fit(
         params = jax.device_put(params, restart_sharding)
     rest = eqx.filter(q, eqx.is_inexact_array, inverse=True)
     out = driver.run(
-        _VILoss(target, objective, rest),
+        GradientKernel(_VILoss(target, objective, rest), optimizer),
         params,
-        optimizer,
         key=run_key,
         max_steps=max_steps,
         stop_rule=stop,

@@ -28,12 +28,12 @@ import math
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import optax
 
 from veil._checks import DEFAULT, Default, Int, Real
 from veil._checks import check_key as _check_key
 from veil._checks import check_positive_int as _check_positive_int
 from veil.loop import driver
+from veil.loop.kernel import Kernel, StepInfo, all_finite, keep_if
 from veil.diagnostics import StopRule
 from veil.families.gaussian import FullRank
 from veil.result import VIResult
@@ -42,12 +42,10 @@ from veil.families.gaussian import gaussian_to_family
 
 __all__ = ["fbgvi", "fbgvi_step"]
 
-# The move is the loss's gradient negated; SGD with step 1 applies it unchanged.
-_IDENTITY = optax.sgd(1.0)
 # With antithetic draws the iterates move deterministically on a quadratic potential, so the
 # drift test has no noise to judge them by and any trend is "significant": the rule never
 # fired on a 50-d Gaussian in 20,000 steps (BENCHMARKS.md section 21). It watches the mean in
-# units of the sd and the log sd (``_FBGVILoss.watch``), and a coordinate whose half-window
+# units of the sd and the log sd (``_FBGVIKernel.watched``), and a coordinate whose half-window
 # means differ by less than 0.01 of those (1% of an sd) counts as settled.
 _DEFAULT_STOP = StopRule(drift_atol=0.01, max_drift=2.0)  # 2: as measured in section 21
 
@@ -93,8 +91,9 @@ def fbgvi_step(target: Target, loc, cov, key, step_size, num_samples: int = 2):
     return loc - step_size * g, new_cov, -jnp.mean(log_p) - entropy
 
 
-class _FBGVILoss(eqx.Module):
-    """The driver's loss: value the negative ELBO estimate, gradient minus the FB-GVI move."""
+class _FBGVIKernel(Kernel):
+    """FB-GVI as the loop runs it: each step is :func:`fbgvi_step` (its move scaled by the
+    stopping rule's factor), the traced value its negative ELBO estimate."""
 
     target: Target
     step_size: float
@@ -104,17 +103,22 @@ class _FBGVILoss(eqx.Module):
     def batches(self):
         return self.target.batches
 
-    def watch(self, params):
+    def init(self, params):
+        return ()  # the iteration carries nothing but the Gaussian itself
+
+    def watched(self, params):
         """What the stopping rule watches: each coordinate's mean in units of its sd, and the
         log sd (a drift of 0.01 is 1% of an sd in either)."""
         sd = jnp.sqrt(jnp.diagonal(params["cov"]))
         return {"location": params["loc"] / sd, "log_scale": jnp.log(sd)}
 
-    def value_and_grad(self, params, key, *, batch=None):
-        """``((loss, None), -(move))``, taken by the driver as is."""
+    def step(self, params, state, key, scale, batch):
         target = self.target if batch is None else self.target.on_batch(batch)
         loc, cov, loss = fbgvi_step(target, params["loc"], params["cov"], key, self.step_size, self.num_samples)
-        return (loss, None), {"loc": params["loc"] - loc, "cov": params["cov"] - cov}
+        move = {"loc": loc - params["loc"], "cov": cov - params["cov"]}
+        ok = all_finite(loss, move)
+        params = keep_if(ok, lambda p: jax.tree.map(lambda x, m: x + scale * m, p, move), params)
+        return params, state, StepInfo(loss, ok)
 
 
 
@@ -203,7 +207,7 @@ def fbgvi(
     run_key, diag_key = jax.random.split(key)
     params = {"loc": q.mean[None], "cov": q.cov[None]}
     out = driver.run(
-        _FBGVILoss(target, float(step_size), num_samples), params, _IDENTITY, key=run_key,
+        _FBGVIKernel(target, float(step_size), num_samples), params, key=run_key,
         max_steps=max_steps, stop_rule=stop, progress=progress, description="FB-GVI",
     )
     fitted = gaussian_to_family(FullRank(target.dim), out.params["loc"][0], out.params["cov"][0])

@@ -26,6 +26,7 @@ an input array.
 
 from __future__ import annotations
 
+import abc
 import concurrent.futures
 import functools
 import math
@@ -151,7 +152,23 @@ def permute_host(positions: np.ndarray, round_keys: np.ndarray, n: int) -> np.nd
     return x.astype(np.int64)
 
 
-class ShuffledIndices(eqx.Module):
+class BatchSource(eqx.Module):
+    """What the loop draws each step's batch from: ``init(key)`` gives the source's state,
+    ``next(state)`` the step's batch and the next state (inside the compiled loop). A
+    ``host_fed`` source is not called in the loop: its batches are read on the host, a piece
+    of ``steps_per_chunk(restarts)`` steps at a time (:class:`Feeder`)."""
+
+    host_fed: ClassVar[bool] = False
+
+    @abc.abstractmethod
+    def init(self, key: jax.Array) -> ShuffleState:
+        """The source's state at the start of a run (each restart its own key)."""
+
+    def next(self, state: ShuffleState) -> tuple[Any, ShuffleState]:
+        raise NotImplementedError(f"{type(self).__name__} is fed from the host, not called in the loop.")
+
+
+class ShuffledIndices(BatchSource):
     """Row indices of ``batch_size``-row batches of ``num_data`` rows, reshuffled every epoch.
 
     An epoch serves ``num_data // batch_size`` batches: the images of positions
@@ -193,7 +210,7 @@ class ShuffledIndices(eqx.Module):
         return idx, state._replace(position=state.position + 1)
 
 
-class Shuffled(eqx.Module):
+class Shuffled(BatchSource):
     """Batches of ``batch_size`` rows of ``data``, reshuffled every epoch: the rows that
     :class:`ShuffledIndices` picks, gathered from every leaf of ``data`` (a pytree whose
     leaves share a leading axis of length ``N``). ``num_data``, when given, is the number of
@@ -383,7 +400,7 @@ def _to_device(tree):
         return jax.device_put(tree)
 
 
-class DiskBatches(eqx.Module):
+class DiskBatches(BatchSource):
     """The batch source of an :class:`OnDisk` target: the batches :class:`Shuffled` would
     serve (same key, same rows in the same order), fed to the compiled loop a chunk at a
     time by a :class:`Feeder` instead of gathered inside it (``host_fed``)."""

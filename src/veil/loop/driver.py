@@ -1,39 +1,29 @@
-"""The chunked, compiled optimisation loop. It knows nothing of variational inference.
+"""The chunked, compiled loop that every veil method runs in. It knows nothing of variational
+inference.
 
-``run`` minimises a stochastic loss ``loss_fn(params, key) -> (loss, aux)`` with an optax
-optimizer. Steps run inside one compiled ``lax.fori_loop`` per *chunk*; the host is touched
-only between chunks (progress bar, stopping rule), never per step. Independent restarts are a
-leading batch axis of ``params`` and run under ``vmap`` in the same program.
+``run`` runs a :class:`veil.loop.kernel.Kernel` (``init``, ``step``, ``watched``, ``batches``:
+the loop contract, described there) from ``params``. Steps run inside one compiled
+``lax.fori_loop`` per *chunk*; the host is touched only between chunks (progress bar,
+stopping rule), never per step. Independent restarts are a leading batch axis of ``params``
+and run under ``vmap`` in the same program.
 
-Each step whose loss or gradient is not finite is skipped (parameters and optimizer state
-keep their previous values) and counted; ``max_consecutive_skips`` skipped steps in a row stop
-the run with ``stop_reason="nonfinite"``.
+Each step the kernel does not take (``StepInfo.ok`` false: its value or move was not finite)
+is counted; ``max_consecutive_skips`` of them in a row stop the run with
+``stop_reason="nonfinite"``.
 
-A loss with state (a moving-average baseline, say) has an ``init_state(params)`` method that
-returns the initial state; it is then called as ``loss_fn(params, key, state) ->
-(loss, new_state)``, and the loop carries the state (kept unchanged on skipped steps).
-
-A loss fitted on minibatches has a ``batches`` attribute, a batch source (see
-:mod:`veil.loop.batching`: ``init(key) -> state``, ``next(state) -> (batch, state)``); the loop
-carries the source's state, takes the next batch at every step (skipped steps included) and
-calls ``loss_fn(params, key, batch=batch)`` (after the loss's state, if it has one). Each
-restart draws its own batch order. A source marked ``host_fed`` (rows on disk,
-:class:`veil.loop.batching.DiskBatches`) is not called in the loop: a
-:class:`veil.loop.batching.Feeder` thread reads the next piece's batches while the current piece
-runs, and each compiled call takes its batches as an input array. A piece holds at most
+A kernel with a batch source (``kernel.batches``, see :mod:`veil.loop.batching`: ``init(key)
+-> state``, ``next(state) -> (batch, state)``) gets the next batch at every step (skipped
+steps included); each restart draws its own batch order. A source marked ``host_fed`` (rows on
+disk, :class:`veil.loop.batching.DiskBatches`) is not called in the loop: a
+:class:`veil.loop.batching.Feeder` thread reads the next piece's batches while the current
+piece runs, and each compiled call takes its batches as an input array. A piece holds at most
 ``source.steps_per_chunk(restarts)`` steps; a longer chunk runs as several pieces whose
 outputs are joined on the host before the stopping rule sees them.
 
-A loss with a ``value_and_grad(params, key, ...) -> ((loss, aux), grads)`` method is not
-differentiated: the driver uses what that method returns (a particle method's negated move).
-
-What the stopping rule's drift test watches is ``loss_fn.watch(params)`` when the loss has
-that method (a pytree of arrays; a flow watches where fixed noise points land rather than its
-unidentifiable network weights), else ``params`` itself.
-
-The update of every step is multiplied by a per-restart ``step_scale`` held in the loop's
-state. The host's stopping rule lowers it between chunks (step-size decay) without changing
-the compiled program, whatever optax optimizer the user chose.
+The stopping rule's drift test watches ``kernel.watched(params)`` (a flow watches where fixed
+noise points land rather than its unidentifiable network weights). Its step-size decay is a
+per-restart ``step_scale`` in the loop's state, handed to every step as ``scale``: the host
+lowers it between chunks without changing the compiled program.
 """
 
 from __future__ import annotations
@@ -48,7 +38,6 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from tqdm.auto import tqdm
 
 from veil import _blas
@@ -56,6 +45,7 @@ from veil.loop import checkpoint as ckpt
 from veil._config import cheap_branches
 from veil.loop.rng import unrolled
 from veil.loop.batching import Feeder
+from veil.loop.kernel import Kernel
 from veil.diagnostics import PROBE_BATCH, StopRule
 
 __all__ = ["run", "RunOutput", "CHUNK_CAPACITY", "PLAIN_CAPACITY", "chunk_schedule"]
@@ -85,13 +75,12 @@ MAX_PROBE = 4096
 
 class LoopState(NamedTuple):
     params: Any
-    opt_state: Any
+    kernel_state: Any  # the kernel's own state (optimizer moments, a loss's baseline)
     key: jax.Array
     step_scale: jax.Array
     skipped: jax.Array  # total skipped steps (int32)
     consecutive: jax.Array  # skipped steps in a row at the end of the chunk (int32)
     step: jax.Array  # steps taken so far (int32): the step's key is fold_in(key, step)
-    loss_state: Any = None  # the loss's own state, if it has one
     batch_state: Any = None  # the batch source's state (its epoch's permutation), if any
 
 
@@ -101,17 +90,11 @@ class ChunkOut(NamedTuple):
     probe_means: jax.Array  # [CHUNK_CAPACITY // PROBE_BATCH, num_probe]: batch means of the probe
 
 
-def _watched(loss_fn, params):
-    """What the drift test watches (one restart's ``params``)."""
-    watch = getattr(loss_fn, "watch", None)
-    return params if watch is None else watch(params)
-
-
 _WATCH_PLANS: collections.OrderedDict = collections.OrderedDict()
 _WATCH_PLANS_KEPT = 64
 
 
-def _watch_plan(loss_fn, params):
+def _watch_plan(kernel: Kernel, params):
     """``(shapes, probe, groups)``: the shapes of what the drift test watches (all restarts),
     the watched coordinates (on the device) and their leaves (:func:`probe_indices`).
 
@@ -121,7 +104,7 @@ def _watch_plan(loss_fn, params):
     another 0.3-0.5 ms on a GPU (BENCHMARKS.md section 27). The last ``_WATCH_PLANS_KEPT``
     structures are kept (their static leaves, such as a log density function, stay alive as
     long: ``filter_jit``'s own cache holds the same objects for the compiled chunk)."""
-    dynamic, static = eqx.partition((loss_fn, params), eqx.is_array)
+    dynamic, static = eqx.partition((kernel, params), eqx.is_array)
     leaves, structure = jax.tree.flatten(static)
     try:
         key = (structure, tuple(leaves), tuple((x.shape, x.dtype) for x in jax.tree.leaves(dynamic)))
@@ -131,7 +114,7 @@ def _watch_plan(loss_fn, params):
     if key is not None and key in _WATCH_PLANS:
         _WATCH_PLANS.move_to_end(key)
         return _WATCH_PLANS[key]
-    shapes = jax.eval_shape(jax.vmap(lambda p: _watched(loss_fn, p)), params)
+    shapes = jax.eval_shape(jax.vmap(kernel.watched), params)
     probe, groups = probe_indices(shapes)
     plan = (shapes, jnp.asarray(probe), groups)
     if key is not None:
@@ -139,11 +122,6 @@ def _watch_plan(loss_fn, params):
         while len(_WATCH_PLANS) > _WATCH_PLANS_KEPT:
             _WATCH_PLANS.popitem(last=False)
     return plan
-
-
-def _batches(loss_fn):
-    """The loss's batch source, or ``None`` for a full-data loss."""
-    return getattr(loss_fn, "batches", None)
 
 
 def _flat(tree) -> jax.Array:
@@ -173,64 +151,35 @@ def probe_indices(params) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(idx), np.concatenate(groups)
 
 
-def _select(pred, new, old):
-    """``new`` where ``pred`` else ``old``, leaf by leaf (``None`` leaves stay ``None``)."""
-    return jax.tree.map(lambda n, o: jnp.where(pred, n, o), new, old)
-
-
-def _chunk(loss_fn, optimizer, state: LoopState, n_steps, probe, capacity: int, track: bool, feed=None):
-    """Run ``n_steps`` (dynamic, ``<= capacity``) optimisation steps of one restart.
+def _chunk(kernel: Kernel, state: LoopState, n_steps, probe, capacity: int, track: bool, feed=None):
+    """Run ``n_steps`` (dynamic, ``<= capacity``) steps of ``kernel`` for one restart.
 
     With ``track`` the chunk also averages the iterates and the probe coordinates for the
     stopping rule; without it a step does nothing but the update (the benchmarked path).
     ``feed``, for a host-fed batch source, holds the chunk's batches (leading axis: step).
     """
-    # A loss whose step is not a gradient (particle methods, FB-GVI) gives its value and the
-    # negated move itself: nothing to differentiate.
-    grad_fn = getattr(loss_fn, "value_and_grad", None) or eqx.filter_value_and_grad(loss_fn, has_aux=True)
     branches = cheap_branches()
-    source = _batches(loss_fn)
+    source = kernel.batches
 
     def body(i, step_key, carry):
         st, losses, psum, nfinite, pbuf = carry
-        extra, batch_state = {}, st.batch_state
+        batch, batch_state = None, st.batch_state
         if feed is not None:
-            extra["batch"] = jax.tree.map(lambda x: x[i], feed)
+            batch = jax.tree.map(lambda x: x[i], feed)
         elif source is not None:
-            extra["batch"], batch_state = source.next(st.batch_state)
-        if st.loss_state is None:
-            (loss, _), grads = grad_fn(st.params, step_key, **extra)
-            new_loss_state = None
-        else:
-            (loss, new_loss_state), grads = grad_fn(st.params, step_key, st.loss_state, **extra)
-        # One reduction tells whether the loss and every gradient entry are finite (a sum
-        # with an inf or NaN in it is not finite); a skipped step leaves the parameters and
-        # the optimizer state exactly as they were. `cond` rather than `where` on every
-        # leaf on CPU, where the branch costs less than selecting each array; `where` on a
-        # GPU, where a branch costs a round trip to the host (veil._config.cheap_branches).
-        ok = jnp.isfinite(loss + sum(jnp.sum(g) for g in jax.tree.leaves(grads)))
-
-        def update(args):
-            params, opt_state, grads = args
-            updates, opt_state = optimizer.update(grads, opt_state, params)
-            updates = jax.tree.map(lambda u: st.step_scale * u, updates)
-            return eqx.apply_updates(params, updates), opt_state
-
-        old = (st.params, st.opt_state)
-        if branches:
-            params, opt_state = jax.lax.cond(ok, update, lambda args: (args[0], args[1]), (*old, grads))
-        else:
-            params, opt_state = _select(ok, update((*old, grads)), old)
-        loss_state = _select(ok, new_loss_state, st.loss_state)
+            batch, batch_state = source.next(st.batch_state)
+        # A step the kernel does not take (not finite) returns its input unchanged.
+        params, kernel_state, info = kernel.step(st.params, st.kernel_state, step_key, st.step_scale, batch)
+        ok = info.ok
         st = LoopState(
-            params, opt_state, st.key, st.step_scale,
+            params, kernel_state, st.key, st.step_scale,
             st.skipped + (~ok).astype(jnp.int32), jnp.where(ok, 0, st.consecutive + 1),
-            st.step + 1, loss_state, batch_state,
+            st.step + 1, batch_state,
         )
-        losses = losses.at[i].set(jnp.where(ok, loss, jnp.nan))
+        losses = losses.at[i].set(jnp.where(ok, info.value, jnp.nan))
         if track:
             psum = jax.tree.map(lambda s, p: s + jnp.where(ok, p, 0.0), psum, params)
-            pbuf = pbuf.at[i // PROBE_BATCH].add(_flat(_watched(loss_fn, params))[probe])
+            pbuf = pbuf.at[i // PROBE_BATCH].add(_flat(kernel.watched(params))[probe])
         return st, losses, psum, nfinite + ok, pbuf
 
     losses = jnp.full((capacity,), jnp.nan)
@@ -272,9 +221,9 @@ def _chunk(loss_fn, optimizer, state: LoopState, n_steps, probe, capacity: int, 
 
 
 @eqx.filter_jit
-def _run_chunk(loss_fn, optimizer, state, n_steps, probe, capacity, track, feed=None):
+def _run_chunk(kernel, state, n_steps, probe, capacity, track, feed=None):
     def one(st, fd):
-        return _chunk(loss_fn, optimizer, st, n_steps, probe, capacity, track, fd)
+        return _chunk(kernel, st, n_steps, probe, capacity, track, fd)
 
     if state.step_scale.shape[0] == 1:  # a single fit: no batching rules in its program
         out = one(*jax.tree.map(lambda x: x[0], (state, feed)))
@@ -283,29 +232,25 @@ def _run_chunk(loss_fn, optimizer, state, n_steps, probe, capacity, track, feed=
 
 
 @eqx.filter_jit
-def _init_state(optimizer, params, key, loss_fn):
+def _init_state(kernel: Kernel, params, key):
     k = jax.tree.leaves(params)[0].shape[0]
     # Weakly typed inputs (arrays made from Python scalars) would compile the loop a second
     # time once its own strongly typed outputs come back in: every array leaves here strong.
-    params = jax.tree.map(lambda x: x.astype(x.dtype), params)
-    init = getattr(loss_fn, "init_state", None)
-    loss_state = jax.vmap(init)(params) if init is not None else None
-    if loss_state is not None:
-        loss_state = jax.tree.map(lambda x: x.astype(x.dtype), loss_state)
-    source = _batches(loss_fn)
+    strong = lambda tree: jax.tree.map(lambda x: x.astype(x.dtype), tree)  # noqa: E731
+    params = strong(params)
+    source = kernel.batches
     # The batch order's own key stream, folded off the run's key (step keys are fold_in(key,
     # step) of the same key: the two streams never meet).
     batch_state = None if source is None else jax.vmap(source.init)(
         jax.random.split(jax.random.fold_in(key, 0x5EED), k))
     return LoopState(
         params=params,
-        opt_state=jax.vmap(optimizer.init)(params),
+        kernel_state=strong(jax.vmap(kernel.init)(params)),
         key=jax.random.split(key, k),
         step_scale=jnp.ones(k),
         skipped=jnp.zeros(k, jnp.int32),
         consecutive=jnp.zeros(k, jnp.int32),
         step=jnp.zeros(k, jnp.int32),
-        loss_state=loss_state,
         batch_state=batch_state,
     )
 
@@ -343,9 +288,8 @@ class _Host:
 
 
 def run(
-    loss_fn: Any,
+    kernel: Kernel,
     params,
-    optimizer: optax.GradientTransformation,
     *,
     key: jax.Array,
     max_steps: int,
@@ -356,15 +300,12 @@ def run(
     checkpoint=None,
     fingerprint: dict | None = None,
 ) -> RunOutput:
-    """Minimise ``loss_fn`` from ``params`` (leading axis = restarts) for at most ``max_steps``.
+    """Run ``kernel`` from ``params`` (leading axis = restarts) for at most ``max_steps``.
 
     Args:
-        loss_fn: ``(params, key) -> (loss, aux)``; an ``equinox.Module`` or a function whose
-            identity is stable between calls (it keys the compilation cache). Or a module
-            with a ``value_and_grad`` method, which the driver calls instead of
-            differentiating.
+        kernel: a :class:`veil.loop.kernel.Kernel` (an ``equinox.Module``: its static parts
+            key the compilation cache, its arrays are inputs of the compiled loop).
         params: a pytree of arrays with a leading restart axis of size ``k``.
-        optimizer: an optax transformation; its updates are scaled by the stop rule's factor.
         key: a JAX key; split into one stream per restart.
         max_steps: cap on the number of steps.
         stop_rule: a :class:`~veil.diagnostics.StopRule`, or ``None`` to run ``max_steps``
@@ -376,9 +317,11 @@ def run(
     """
     t0 = time.perf_counter()
     k = jax.tree.leaves(params)[0].shape[0]
-    state = _init_state(optimizer, params, key, loss_fn)
+    if not isinstance(kernel, Kernel):
+        raise TypeError(f"kernel must be a veil.loop.kernel.Kernel, got {type(kernel).__name__}.")
+    state = _init_state(kernel, params, key)
     track = stop_rule is not None
-    _, probe, groups = _watch_plan(loss_fn, params)
+    _, probe, groups = _watch_plan(kernel, params)
     host = _Host(
         steps=0, chunk_index=0, plain_next=PLAIN_FIRST, traces=[[] for _ in range(k)], history=[],
         done=np.zeros(k, bool), num_steps=np.zeros(k, np.int64), reasons=["max_steps"] * k,
@@ -390,9 +333,9 @@ def run(
         if checkpoint.exists():
             state, host = _restore(checkpoint, fingerprint, state, host)
 
-    source = _batches(loss_fn)
+    source = kernel.batches
     feeds, capacity = None, CHUNK_CAPACITY if track else PLAIN_CAPACITY
-    if getattr(source, "host_fed", False):
+    if source is not None and source.host_fed:
         # A fed chunk holds at most the feed's steps (a multiple of the probe's batch); a
         # longer chunk of the stopping rule's schedule runs as several pieces, so the rule
         # decides at the same steps as with the data in memory. Lengths do not depend on
@@ -412,7 +355,7 @@ def run(
                 n = _chunk_len(host, track, max_steps)
                 after = host.steps + n  # where the chunk after this one starts, and its length
                 following = (after, min(_chunk_len(host, track, max_steps, ahead=1, at=after), capacity))
-                state = _one_chunk(loss_fn, optimizer, state, host, probe, track, max_consecutive_skips,
+                state = _one_chunk(kernel, state, host, probe, track, max_consecutive_skips,
                                    bar, n, capacity, feeds, following if following[1] > 0 else None)
                 if checkpoint is not None and checkpoint.due():
                     _save(checkpoint, fingerprint, state, host)
@@ -479,7 +422,7 @@ class _ReadAhead:
         return feed
 
 
-def _one_chunk(loss_fn, optimizer, state, host: _Host, probe, track, max_consecutive_skips, bar,
+def _one_chunk(kernel, state, host: _Host, probe, track, max_consecutive_skips, bar,
                n: int, capacity: int, feeds, following):
     """Run one chunk of ``n`` steps and do the host's work after it (stopping rule, step-size
     decay, bookkeeping); ``host`` is updated in place, the new loop state returned.
@@ -498,7 +441,7 @@ def _one_chunk(loss_fn, optimizer, state, host: _Host, probe, track, max_consecu
             nxt = offset + m
             ahead = (host.steps + nxt, min(capacity, n - nxt)) if nxt < n else following
             feed = feeds(host.steps + offset, m, ahead)
-        state, out = _run_chunk(loss_fn, optimizer, state, np.int32(m), probe, capacity, track, feed)
+        state, out = _run_chunk(kernel, state, np.int32(m), probe, capacity, track, feed)
         pieces.append((m, out))
     # The one host sync of the chunk: every host-side quantity in a single transfer.
     got, consecutive, host.skipped = jax.device_get(

@@ -13,15 +13,15 @@ Two ways in, sharing one update:
   stopping rule, non-finite steps skipped and counted, checkpoints, minibatched targets)
   and returns a :class:`ParticleResult`.
 
-Inside the driver a method is a loss whose value ``r`` is reported (the trace) and whose
-"gradient" is ``-phi``, handed over as such (the loss's ``value_and_grad``: nothing is
-differentiated); the method's optax transformation turns ``-phi`` into the move, exactly as
-in :meth:`ParticleMethod.step`.
+Inside the driver a method is a kernel (:mod:`veil.loop.kernel`) whose step is the method's own
+move, exactly as in :meth:`ParticleMethod.step`: the direction ``phi`` and its move (an optax
+transformation of ``-phi`` for the gradient methods, ``phi`` itself for the ensemble Kalman
+methods); its report is the traced value.
 """
 
 
 from veil.particles import mirror
-from veil.particles.base import ParticleMethod, ParticleState, StepInfo, stein_direction, svgd_bandwidth
+from veil.particles.base import OptaxMethod, ParticleMethod, ParticleState, StepInfo, stein_direction, svgd_bandwidth
 from veil.particles.ensemble import repulsive_ensemble
 from veil.particles.kalman import ALDI, EKI, InverseProblem
 from veil.particles.mirrored import SVMD, MirroredSVGD
@@ -32,6 +32,7 @@ from veil.particles.svng import SVNG
 
 __all__ = [
     "ParticleMethod",
+    "OptaxMethod",
     "ParticleState",
     "StepInfo",
     "SVGD",

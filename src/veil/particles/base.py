@@ -19,6 +19,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from veil._config import cheap_branches
 from veil.kernels import RBF, Kernel, _sq_dists
+from veil.loop.kernel import all_finite, keep_if
 from veil.target import Target
 
 
@@ -134,11 +135,12 @@ def stein_direction(
 
 
 class ParticleMethod(eqx.Module):
-    """A rule that moves particles: a direction ``phi`` and an optax transformation that
-    turns ``-phi`` (a descent direction, as optax expects) into the move.
+    """A rule that moves particles: a direction ``phi`` and the move along it.
 
-    Subclasses define :meth:`direction` and the ``optimizer`` they use; :meth:`init`,
-    :meth:`step` and :func:`run` are shared.
+    Subclasses define :meth:`direction`, and :meth:`init_move` and :meth:`move` (an optax
+    transformation of ``-phi`` for the gradient methods, :class:`OptaxMethod`; the direction
+    itself for the gradient-free ensembles); :meth:`init`, :meth:`step` and :func:`run` are
+    shared.
     """
 
     @abc.abstractmethod
@@ -147,10 +149,14 @@ class ParticleMethod(eqx.Module):
     ) -> tuple[Float[Array, ""], Float[Array, "n dim"]]:
         """``(report, phi)``: a scalar the run reports (its trace) and the ascent direction."""
 
-    @property
     @abc.abstractmethod
-    def optimizer(self) -> optax.GradientTransformation:
-        """The optax transformation applied to ``-phi``."""
+    def init_move(self, z: Float[Array, "n dim"]) -> Any:
+        """The state the move carries between steps (an optimizer's moments), for particles ``z``."""
+
+    @abc.abstractmethod
+    def move(self, z: Float[Array, "n dim"], move_state: Any, phi: Float[Array, "n dim"], scale) -> tuple[Any, Any]:
+        """The particles moved along ``phi``, the move scaled by ``scale`` (the stopping
+        rule's step-size factor), and the move's new state."""
 
     # Whether the method differentiates the target (the start checks and the kernel Stein
     # discrepancy need gradients), and whether its particles may be averaged over a window
@@ -189,18 +195,32 @@ class ParticleMethod(eqx.Module):
         unconstrained space for SVGD). ``state.particles`` are in the method's coordinates;
         ``method.positions(state.particles)`` in the target's."""
         z = _initial_particles(key, self, target, n_particles, init)
-        return ParticleState(z, self.optimizer.init(z), target)
+        return ParticleState(z, self.init_move(z), target)
 
     def step(self, key: PRNGKeyArray, state: ParticleState) -> tuple[ParticleState, StepInfo]:
         """One move of every particle. A step whose report or direction is not finite is
-        not taken (the particles and the optimizer state stay as they were), and says so."""
+        not taken (the particles and the move's state stay as they were), and says so."""
         report, phi = self.direction(state.target, state.particles, key)
-        ok = jnp.isfinite(report + jnp.sum(phi))
-        updates, opt_state = self.optimizer.update(-phi, state.opt_state, state.particles)
-        moved = ParticleState(state.particles + updates, opt_state, state.target)
-        new = jax.tree.map(lambda a, b: jnp.where(ok, a, b), eqx.filter(moved, eqx.is_array),
-                           eqx.filter(state, eqx.is_array))
-        return eqx.combine(new, state), StepInfo(report, ok)
+        ok = all_finite(report, phi)
+        z, move_state = keep_if(ok, lambda a: self.move(*a, phi, 1.0), (state.particles, state.opt_state))
+        return ParticleState(z, move_state, state.target), StepInfo(report, ok)
+
+
+class OptaxMethod(ParticleMethod):
+    """A particle method whose move is an optax transformation (its ``optimizer``) of ``-phi``
+    (a descent direction, as optax expects): AdaGrad for SVGD, coin betting for Coin SVGD."""
+
+    @property
+    @abc.abstractmethod
+    def optimizer(self) -> optax.GradientTransformation:
+        """The optax transformation applied to ``-phi``."""
+
+    def init_move(self, z):
+        return self.optimizer.init(z)
+
+    def move(self, z, move_state, phi, scale):
+        updates, move_state = self.optimizer.update(-phi, move_state, z)
+        return z + scale * updates, move_state
 
 
 def _report_and_scores(method, target, z, key):

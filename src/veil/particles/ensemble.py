@@ -18,6 +18,7 @@ from veil._checks import DEFAULT, Default, Int, Real
 from veil._checks import check_key as _check_key
 from veil._checks import check_positive_int as _check_positive_int
 from veil.loop import driver
+from veil.loop.kernel import GradientKernel, Loss
 from veil.diagnostics import StopRule
 from veil.kernels import _sq_dists
 from veil.result import VIResult
@@ -30,7 +31,7 @@ from veil.particles.base import svgd_bandwidth
 
 
 # ------------------------------------------------------------------ repulsive ensembles
-class _EnsembleLoss(eqx.Module):
+class _EnsembleLoss(Loss):
     """``k`` members of one family fitted together: the mean of their losses plus
     ``strength`` times the mean log kernel density of each member's mean among all the
     members' (``(1/k) sum_r log (1/k) sum_j k(m_r, m_j)``), which falls as they spread."""
@@ -44,7 +45,7 @@ class _EnsembleLoss(eqx.Module):
     def batches(self):
         return self.target.batches
 
-    def __call__(self, params, key, *, batch=None):
+    def __call__(self, params, key, state=None, batch=None):
         target = self.target if batch is None else self.target.on_batch(batch)
         members = eqx.combine(params, self.rest)
         k = jax.tree.leaves(params)[0].shape[0]
@@ -162,8 +163,8 @@ def repulsive_ensemble(
     params = eqx.filter(start, eqx.is_inexact_array)
     rest = eqx.filter(start, eqx.is_inexact_array, inverse=True)
     out = driver.run(
-        _EnsembleLoss(target, objective, rest, float(strength)), jax.tree.map(lambda x: x[None], params),
-        optimizer, key=run_key, max_steps=max_steps, stop_rule=stop, progress=progress,
+        GradientKernel(_EnsembleLoss(target, objective, rest, float(strength)), optimizer),
+        jax.tree.map(lambda x: x[None], params), key=run_key, max_steps=max_steps, stop_rule=stop, progress=progress,
         description="ensemble",
     )
     wall = out.wall_time
@@ -172,7 +173,7 @@ def repulsive_ensemble(
         # found above is kept (members do not leave their basins), its bias is not.
         first = out
         out = driver.run(
-            _EnsembleLoss(target, objective, rest, 0.0), out.params, optimizer,
+            GradientKernel(_EnsembleLoss(target, objective, rest, 0.0), optimizer), out.params,
             key=jax.random.fold_in(run_key, 1), max_steps=max_steps, stop_rule=stop, progress=progress,
             description="polish",
         )

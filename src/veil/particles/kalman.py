@@ -9,7 +9,6 @@ import typing
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import optax
 from jaxtyping import Array, Float
 
 from veil._checks import check_positive as _check_positive
@@ -91,9 +90,12 @@ class _GradientFree(ParticleMethod):
     uses_gradients = False
     averageable = False
 
-    @property
-    def optimizer(self):
-        return _IDENTITY  # the direction is the move itself
+    def init_move(self, z):
+        return ()  # the move carries nothing between steps
+
+    def move(self, z, move_state, phi, scale):
+        """The direction is the move itself (an ensemble Kalman update, a Langevin step)."""
+        return z + scale * phi, move_state
 
     def log_density_fn(self, target):
         raise TypeError(f"{type(self).__name__} does not differentiate the target.")
@@ -102,8 +104,6 @@ class _GradientFree(ParticleMethod):
         return self.problem.prior_mean + self.problem.prior_sd * jax.random.normal(key, (n, self.problem.prior_mean.shape[0]))
 
 
-# The move is the "gradient" negated; SGD with step 1 applies it unchanged.
-_IDENTITY = optax.sgd(1.0)
 
 
 class EKI(_GradientFree):

@@ -12,10 +12,10 @@ import optax
 from veil._checks import check_positive as _check_positive
 from veil.kernels import _sq_dists
 from veil.particles.mirror import MirrorMap
-from veil.particles.base import ParticleMethod, _adagrad, _report_and_scores, svgd_bandwidth
+from veil.particles.base import OptaxMethod, _adagrad, _report_and_scores, svgd_bandwidth
 
 
-class MirroredSVGD(ParticleMethod):
+class MirroredSVGD(OptaxMethod):
     """Mirrored SVGD (Shi, Liu & Mackey 2022, "Sampling with Mirrored Stein Operators") for a
     target on a constrained set: simplex, positive orthant or box (:mod:`veil.particles.mirror`).
 

@@ -6,7 +6,6 @@ import os
 
 import warnings
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,6 +16,7 @@ from veil._checks import check_key as _check_key
 from veil._checks import check_positive_int as _check_positive_int
 from veil.loop import driver
 from veil.loop.checkpoint import Checkpoint
+from veil.loop.kernel import Kernel, StepInfo, all_finite, keep_if
 from veil.diagnostics import StopRule
 from veil.families.empirical import Empirical
 from veil.target import Target
@@ -27,9 +27,9 @@ from veil.particles.svgd import CoinSVGD
 
 
 # ------------------------------------------------------------------------------ the driver
-class _ParticleLoss(eqx.Module):
-    """The driver's loss for a particle method: value ``report``, "gradient" ``-phi`` (see
-    the module docstring). ``params`` are the particles ``[n, dim]``."""
+class _ParticleKernel(Kernel):
+    """A particle method as the loop runs it: the method's own move along its direction
+    (``params`` are the particles ``[n, dim]``, the state the move's), the report traced."""
 
     method: ParticleMethod
     target: Target
@@ -38,7 +38,17 @@ class _ParticleLoss(eqx.Module):
     def batches(self):
         return self.target.batches
 
-    def watch(self, z):
+    def init(self, z):
+        return self.method.init_move(z)
+
+    def step(self, z, move_state, key, scale, batch):
+        target = self.target if batch is None else self.target.on_batch(batch)
+        report, phi = self.method.direction(target, z, key)
+        ok = all_finite(report, phi)
+        z, move_state = keep_if(ok, lambda a: self.method.move(*a, phi, scale), (z, move_state))
+        return z, move_state, StepInfo(report, ok)
+
+    def watched(self, z):
         """What the stopping rule watches: each coordinate's particle mean in units of its
         particle sd, and the log of that sd, in the target's coordinates (a mirrored method's
         constrained set, not its dual space). A drift of 0.01 in either is a move of the mean
@@ -47,18 +57,11 @@ class _ParticleLoss(eqx.Module):
         sd = jnp.std(x, axis=0)
         return {"location": jnp.mean(x, axis=0) / sd, "log_scale": jnp.log(sd)}
 
-    def value_and_grad(self, x, key, *, batch=None):
-        """``((report, None), -phi)``: the driver takes this as the loss and its gradient
-        without differentiating anything."""
-        target = self.target if batch is None else self.target.on_batch(batch)
-        report, phi = self.method.direction(target, x, key)
-        return (report, None), -phi
-
 
 
 # Particle methods are deterministic given their batches: no step-size decay (a coin method
 # has no step to decay), and drift judged against a tolerance (1% of a particle sd, see
-# _ParticleLoss.watch) rather than against noise. A window of 150 steps, not the noisy
+# _ParticleKernel.watched) rather than against noise. A window of 150 steps, not the noisy
 # ELBO's 200, makes the stage judged at 300 steps (StopRule.min_stage; the driver's chunks
 # end there and every 300 steps after), so a run can stop at step 300 rather than 400 or 800:
 # measured on 12 rows of benchmarks/particles.py (BENCHMARKS.md sections 24 and 25), every
@@ -170,7 +173,7 @@ def run(
         fingerprint = {"method": repr(method), "n_particles": int(n_particles), "stop": repr(stop),
                        "key": np.asarray(jax.random.key_data(key)).tolist(), "target": target.kind}
     out = driver.run(
-        _ParticleLoss(method, target), x0, method.optimizer, key=run_key, max_steps=max_steps,
+        _ParticleKernel(method, target), x0, key=run_key, max_steps=max_steps,
         stop_rule=stop, progress=progress, description=type(method).__name__,
         checkpoint=checkpoint, fingerprint=fingerprint,
     )

@@ -10,10 +10,10 @@ import optax
 
 from veil._checks import check_positive as _check_positive
 from veil.kernels import Kernel
-from veil.particles.base import ParticleMethod, _adagrad, _check_kernel, _cocob, _stein_report_and_direction
+from veil.particles.base import OptaxMethod, _adagrad, _check_kernel, _cocob, _stein_report_and_direction
 
 
-class SVGD(ParticleMethod):
+class SVGD(OptaxMethod):
     """Stein variational gradient descent (Liu & Wang 2016): every particle moves along
     :func:`stein_direction`, the kernelised steepest descent direction of ``KL(q || p)``.
 
@@ -56,7 +56,7 @@ class SVGD(ParticleMethod):
         return _stein_report_and_direction(self, self.kernel, target, x, key)
 
 
-class CoinSVGD(ParticleMethod):
+class CoinSVGD(OptaxMethod):
     """Coin SVGD (Sharrock & Nemeth 2023, "Coin Sampling: Gradient-Based Bayesian Inference
     without Learning Rates"): the SVGD direction with no step size.
 

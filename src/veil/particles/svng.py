@@ -13,11 +13,11 @@ import optax
 
 from veil._checks import check_positive as _check_positive
 from veil.kernels import _sq_dists
-from veil.particles.base import ParticleMethod, _report_and_scores, _sgd, svgd_bandwidth
+from veil.particles.base import OptaxMethod, _report_and_scores, _sgd, svgd_bandwidth
 from veil.particles.mirrored import _adaptive_direction, _check_threshold
 
 
-class SVNG(ParticleMethod):
+class SVNG(OptaxMethod):
     """Stein variational natural gradient (Shi, Liu & Mackey 2022, "Sampling with Mirrored
     Stein Operators") for an unconstrained target: SVGD in the geometry of a metric ``G``.
 
