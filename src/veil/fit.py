@@ -353,8 +353,7 @@ def fit(
     if res.stop_reason != "nonfinite":
         # Skipped steps and parameters out of the finite range: a run that "converged" on the
         # defined part of a target, or ran away along an improper one, is not a fit.
-        found = assess_run(target, best_q, res.trace, res.num_skipped, res.num_steps,
-                           jax.random.fold_in(diag_key, 7))
+        found = assess_run(target, best_q, res.trace, res.num_skipped, res.num_steps, diag_key)
         if found.reason is None and isinstance(objective, ChiSquare):
             found = _check_upper_bound(target, q, best_q, jax.random.fold_in(diag_key, 8))
         if found.reason is not None:

@@ -124,9 +124,18 @@ def _draw_values(target, q, key, n: int):
 def assess_run(target, q, trace: np.ndarray, num_skipped: int, num_steps: int, key) -> Assessment:
     """Whether a finished run's ``q`` can stand as its result: ``Assessment(None, "")`` when
     it can, else ``"diverged"`` (``q``'s parameters, or its draws, not finite) or
-    ``"undefined"`` (too many steps skipped) with a message naming the coordinates."""
+    ``"undefined"`` (too many steps skipped) with a message naming the coordinates. ``key``
+    (folded here, and only where draws are needed) makes the draws that find the cause."""
+    params = jax.device_get(jax.tree.leaves(eqx.filter(q, eqx.is_inexact_array)))  # one transfer
+    if all(np.isfinite(x).all() for x in params):
+        trace = np.asarray(trace)
+        tail = trace[-max(1, len(trace) // 10):]
+        share = num_skipped / max(num_steps, 1)
+        final_share = float(np.mean(~np.isfinite(tail))) if tail.size else 0.0
+        if share <= MAX_SKIPPED_SHARE and final_share <= MAX_FINAL_SKIPPED_SHARE:
+            return Assessment(None, "")  # the common case: nothing else to compute
+    key = jax.random.fold_in(key, 7)
     names = coordinate_names(target)
-    params = [np.asarray(x) for x in jax.tree.leaves(eqx.filter(q, eqx.is_inexact_array))]
     if not all(np.isfinite(x).all() for x in params):
         try:
             bad_cols = np.flatnonzero(~np.isfinite(np.asarray(q.mean)))
