@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-slow lint bench clean
+.PHONY: demo test test-slow lint docs bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks examples
 	$(VENV)/bin/lint-imports
+
+# The API reference from the docstrings (build/site); strict: a broken reference fails.
+docs: $(STAMP)
+	$(VENV)/bin/mkdocs build --strict --quiet
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist worksteal -m slow

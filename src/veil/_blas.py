@@ -48,7 +48,7 @@ def _controller():
 def loop_threads():
     """A context manager: BLAS at ``VEIL_BLAS_THREADS`` threads while a CPU loop runs.
 
-    Example:
+    Examples:
         >>> from veil._blas import loop_threads
         >>> with loop_threads():
         ...     pass

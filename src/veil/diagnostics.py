@@ -303,7 +303,7 @@ def psis_khat(log_weights) -> float:
       values, a fixed seed) and fitted again: rounding to a grid bounds the tail, it cannot
       make it heavy.
 
-    Example:
+    Examples:
         >>> import numpy as np
         >>> psis_khat(np.full(1000, -3.0))      # exact fit: constant log weights
         -inf
@@ -366,7 +366,7 @@ class MomentShift(NamedTuple):
 def psis_weights(log_weights) -> np.ndarray:
     """Pareto-smoothed importance weights (ArviZ's ``psislw``), normalised to sum to one.
 
-    Example:
+    Examples:
         >>> import numpy as np
         >>> w = psis_weights(np.log(np.random.default_rng(0).pareto(3.0, 1000) + 1.0))
         >>> bool(abs(w.sum() - 1.0) < 1e-12 and w.min() > 0)
@@ -395,7 +395,7 @@ def psis_moment_shift(z, log_weights) -> MomentShift:
     factor ``SD_FACTOR``, and by more than 4 standard errors (``1 / sqrt(ESS)`` for the mean,
     ``1 / sqrt(2 ESS)`` for the log sd; 4, not 2, because every coordinate is tested).
 
-    Example:
+    Examples:
         >>> import numpy as np
         >>> z = np.random.default_rng(0).standard_normal((2000, 1))
         >>> shift = psis_moment_shift(z, -0.5 * (z[:, 0] - 1.0) ** 2 + 0.5 * z[:, 0] ** 2)  # p = N(1, 1)
@@ -424,7 +424,7 @@ def moment_shift(z, w) -> MomentShift:
 def format_khat(khat: float) -> str:
     """k-hat for a report: two decimals, or ``"exact"`` for constant log weights (``-inf``).
 
-    Example:
+    Examples:
         >>> format_khat(float("-inf")), format_khat(0.4321)
         ('exact', '0.43')
     """
@@ -485,7 +485,7 @@ def kernel_stein_discrepancy(x, scores, c: float = 1.0, beta: float = -0.5):
     only the scores, not draws from ``p`` or its normalising constant. Returns ``KSD`` (the
     square root), in the units of the scores.
 
-    Example:
+    Examples:
         >>> import jax, jax.numpy as jnp
         >>> x = jax.random.normal(jax.random.key(0), (500, 2))
         >>> near = kernel_stein_discrepancy(x, -x)          # N(0, I): scores -x
@@ -537,7 +537,7 @@ def gradient_variance(objective, q, target, key, n: int = 1000) -> GradientVaria
     estimators on your own model, e.g. ``gradient_variance(veil.ELBO(estimator=veil.STL()),
     q, target, key)`` against ``veil.Reparam()``.
 
-    Example:
+    Examples:
         >>> import jax, jax.numpy as jnp, veil
         >>> from veil.diagnostics import gradient_variance
         >>> log_p = lambda z: -0.5 * jnp.sum(z**2)

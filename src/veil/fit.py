@@ -242,7 +242,7 @@ def fit(
         ValueError / TypeError: bad arguments, or a log density (or its gradient) that is not
             finite at the starting point; raised before any compilation of the loop.
 
-    Example:
+    Examples:
         >>> import jax, jax.numpy as jnp, veil
         >>> t = veil.Target.from_logdensity(lambda z: -0.5 * jnp.sum((z - 1.0) ** 2), dim=2)
         >>> res = veil.fit(t, veil.MeanField(2), key=jax.random.key(0), progress=False)

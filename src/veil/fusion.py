@@ -21,7 +21,7 @@ Monte Carlo in a divide-and-conquer tree (Chan, Pollock, Johansen & Roberts,
 "Divide-and-Conquer Fusion"): see its docstring. :func:`fuse_fits` turns shard fits into
 such draws (importance resampling of each ``q_s`` towards its ``p_s``) and fuses them.
 
-Example:
+Examples:
     >>> import jax, jax.numpy as jnp, numpy as np, veil
     >>> x = np.random.default_rng(0).normal(1.0, 1.0, 4000).astype(np.float32)
     >>> parts = veil.fusion.fit_shards(
@@ -420,7 +420,7 @@ def smc_fusion(
     Returns:
         :class:`FusedDraws`: ``n`` equally weighted draws and each node's record.
 
-    Example:
+    Examples:
         >>> import jax, jax.numpy as jnp, veil
         >>> ts = [veil.Target.from_logdensity(lambda z: -0.5 * jnp.sum((z - 1.0) ** 2), dim=1),
         ...       veil.Target.from_logdensity(lambda z: -0.5 * jnp.sum((z + 1.0) ** 2), dim=1)]

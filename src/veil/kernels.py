@@ -54,7 +54,7 @@ class RBF(Kernel):
     """Gaussian kernel ``exp(-|x - y|^2 / (2 h^2))``; ``bandwidth=None`` uses the median
     heuristic (:meth:`resolve` on pooled points, or the pair's own points if called directly).
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp, veil
         >>> k = veil.kernels.RBF(1.0)(jnp.zeros((1, 2)), jnp.ones((1, 2)))
         >>> round(float(k[0, 0]), 4)  # exp(-|x - y|^2 / 2) with |x - y|^2 = 2

@@ -126,7 +126,7 @@ class MixFlowResult(Result):
     def draws(self, n: int, *, key: jax.Array) -> dict[str, jax.Array]:
         """``n`` i.i.d. constrained draws from the MixFlow.
 
-        Example:
+        Examples:
             >>> import jax, jax.numpy as jnp, veil
             >>> t = veil.Target.from_logdensity(lambda z: -0.5 * jnp.sum(z**2), dim=2)
             >>> mf = veil.mixflow(t, veil.MeanField(2, init_scale=1.0), key=jax.random.key(0),
@@ -216,7 +216,7 @@ def mixflow(
     Returns:
         :class:`MixFlowResult` (``.q`` is the :class:`MixFlow`).
 
-    Example:
+    Examples:
         >>> import jax, jax.numpy as jnp, veil
         >>> t = veil.Target.from_logdensity(lambda z: -0.5 * jnp.sum(z**2), dim=2)
         >>> mf = veil.mixflow(t, veil.MeanField(2, init_scale=1.0), key=jax.random.key(0),

@@ -61,7 +61,7 @@ class ObjectiveAux(NamedTuple):
 def log_mean_exp(x: Float[Array, "... n"], axis: int = -1) -> Float[Array, "..."]:
     """``log(mean(exp(x)))`` along ``axis``, without overflow.
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp, veil
         >>> float(veil.log_mean_exp(jnp.array([1000.0, 1000.0])))
         1000.0
@@ -106,7 +106,7 @@ def estimate(
     smooth ``f`` also gets :class:`~veil.DReG` and :class:`~veil.ScoreFunction`). A new
     objective is then a few lines; see ``examples/combined_bound.py``.
 
-    Example:
+    Examples:
         >>> import jax, jax.numpy as jnp, veil
         >>> value, draws = veil.estimate(jnp.mean, veil.MeanField(2),
         ...                              lambda z: -0.5 * jnp.sum(z**2), jax.random.key(0), 4)
@@ -227,7 +227,7 @@ class ELBO(WeightObjective):
             al.); with both, ``E_q[k log p(y|z) + b (log p(z) - log q(z))]``. The optimum is
             the ``q`` closest in KL to the posterior with likelihood raised to ``k / b``.
 
-    Example:
+    Examples:
         >>> import jax, jax.numpy as jnp, veil
         >>> loss, aux = veil.ELBO(num_samples=4)(
         ...     veil.MeanField(2), lambda z: -0.5 * jnp.sum(z**2), jax.random.key(0))
@@ -297,7 +297,7 @@ class IWAE(WeightObjective):
         estimator: :class:`~veil.DReG` (default), :class:`~veil.Reparam` or
             :class:`~veil.ScoreFunction`; :class:`~veil.STL` is biased here and rejected.
 
-    Example:
+    Examples:
         >>> import jax, jax.numpy as jnp, veil
         >>> loss, aux = veil.IWAE(k=8)(
         ...     veil.MeanField(2), lambda z: -0.5 * jnp.sum(z**2), jax.random.key(0))
@@ -339,7 +339,7 @@ class Renyi(WeightObjective):
         estimator: :class:`~veil.DReG` (default), :class:`~veil.Reparam`,
             :class:`~veil.ScoreFunction`; :class:`~veil.STL` only at ``alpha = 1``.
 
-    Example:
+    Examples:
         >>> import jax, jax.numpy as jnp, veil
         >>> log_p = lambda z: -0.5 * jnp.sum(z**2)
         >>> q, key = veil.MeanField(2), jax.random.key(0)
@@ -449,7 +449,7 @@ class ChiSquare(Objective):
         estimator: :class:`~veil.DReG` (default: the path-wise rewrite of the score terms,
             exactly zero at an exact fit) or ``ScoreFunction(baseline=None)``.
 
-    Example:
+    Examples:
         >>> import jax, jax.numpy as jnp, veil
         >>> loss, aux = veil.ChiSquare(16)(
         ...     veil.MeanField(2), lambda z: -0.5 * jnp.sum(z**2), jax.random.key(0))
@@ -499,7 +499,7 @@ class ForwardKL(Objective):
             families) or ``ScoreFunction(baseline=None)`` (the classic update through
             ``log q`` only, for any family).
 
-    Example:
+    Examples:
         >>> import jax, jax.numpy as jnp, veil
         >>> loss, aux = veil.ForwardKL(k=8)(
         ...     veil.MeanField(2), lambda z: -0.5 * jnp.sum(z**2), jax.random.key(0))
@@ -535,7 +535,7 @@ class FunctionObjective(Objective):
     ``veil.fit`` wraps a function given as ``objective=`` in this class. Keep the same function
     object between fits: it is part of the compiled program's identity.
 
-    Example:
+    Examples:
         >>> import jax, jax.numpy as jnp, veil
         >>> def neg_elbo(q, target, key):
         ...     value, _ = veil.estimate(jnp.mean, q, target, key, 4, veil.STL())
@@ -577,7 +577,7 @@ class SumObjective(Objective):
     Each term draws with its own key (split from the step's key); ``aux`` is the tuple of the
     terms' auxiliary outputs.
 
-    Example:
+    Examples:
         >>> import jax, jax.numpy as jnp, veil
         >>> obj = veil.ELBO() + 0.5 * veil.IWAE(k=4)
         >>> obj.weights
@@ -642,7 +642,7 @@ class MMD(Objective):
             median-heuristic bandwidth on the pooled draws of the step.
         num_samples: draws of ``q`` (and of the reference) per step, at least 2.
 
-    Example:
+    Examples:
         >>> import jax, jax.numpy as jnp, veil
         >>> ref = veil.MeanField(2, init_scale=1.0)
         >>> loss, aux = veil.MMD(ref, num_samples=64)(veil.MeanField(2), None, jax.random.key(0))

@@ -71,7 +71,7 @@ def clip_outliers(threshold: float = 5.0, decay: float = 0.999) -> optax.Gradien
         threshold: clip at this many running root mean squares (> 0).
         decay: the moving average's factor, as Adam's ``b2`` (in (0, 1)).
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp, optax
         >>> from veil.optim import clip_outliers
         >>> tx = clip_outliers(threshold=3.0)
@@ -201,7 +201,7 @@ def whitened_location(
         b1, b2, eps: Adam's moment factors and the denominator's guard.
         threshold: clip ``u``'s coordinates at this many running root mean squares (> 0).
 
-    Example:
+    Examples:
         >>> import equinox as eqx, jax, jax.numpy as jnp, optax, veil
         >>> from veil.optim import whitened_location
         >>> tx = whitened_location(optax.sgd(0.0), learning_rate=0.1)   # the whitened step alone
@@ -334,7 +334,7 @@ def whitened_factor(
         b1, b2, eps: Adam's moment factors and the denominator's guard.
         threshold: clip ``u``'s entries at this many running root mean squares (> 0).
 
-    Example:
+    Examples:
         >>> import equinox as eqx, jax, jax.numpy as jnp, optax, veil
         >>> from veil.optim import whitened_factor
         >>> tx = whitened_factor(optax.sgd(0.0), learning_rate=0.1, every=1)  # the factor step alone

@@ -632,7 +632,7 @@ class VIResult(Result):
         Raises:
             ValueError: k-hat is 0.7 or more (or not computable): the weights are unreliable.
 
-        Example:
+        Examples:
             >>> import jax, jax.numpy as jnp, veil
             >>> t = veil.Target.from_logdensity(lambda z: -0.5 * jnp.sum((z - 1.0) ** 2), dim=2)
             >>> res = veil.fit(t, veil.MeanField(2), key=jax.random.key(0), progress=False)
@@ -661,7 +661,7 @@ class VIResult(Result):
         to trust it. A ``q`` fitted to a mass-covering objective (``veil.ChiSquare``,
         ``veil.IWAE``) is a better proposal than an ELBO fit.
 
-        Example:
+        Examples:
             >>> import jax, jax.numpy as jnp, veil
             >>> t = veil.Target.from_logdensity(lambda z: -0.5 * jnp.sum(z**2), dim=2)
             >>> res = veil.fit(t, veil.FullRank(2), key=jax.random.key(0), progress=False)
@@ -711,7 +711,7 @@ class VIResult(Result):
     def draws(self, n: int, *, key: jax.Array) -> dict[str, jax.Array]:
         """``n`` draws from ``q`` mapped to constrained space: a dict ``name -> [n, ...]``.
 
-        Example:
+        Examples:
             >>> import jax, jax.numpy as jnp, veil
             >>> t = veil.Target.from_logdensity(lambda z: -0.5 * jnp.sum(z**2), dim=2)
             >>> res = veil.fit(t, veil.MeanField(2), key=jax.random.key(0), progress=False)

@@ -25,7 +25,7 @@ class Composite(RejectionSampled):
     reparameterised blocks (their noise density does not depend on the parameters, so they add
     no correction term).
 
-    Example:
+    Examples:
         >>> import jax, veil
         >>> q = veil.Composite([veil.Gamma(2), veil.FullRank(3)])
         >>> z, lq = q.sample_and_log_prob(jax.random.key(0), 4)

@@ -73,7 +73,7 @@ class Gamma(RejectionSampled):
     On ``u``, ``E[u] = digamma(a) - log b`` and ``Var[u] = trigamma(a)``. Initialised, like the
     Gaussian families, at ``E[u] = init_loc`` (default 0) with ``sd(u) = init_scale``.
 
-    Example:
+    Examples:
         >>> import jax, veil
         >>> q = veil.Gamma(3)
         >>> u, lq = q.sample_and_log_prob(jax.random.key(0), 5)
@@ -171,7 +171,7 @@ class Beta(RejectionSampled):
     reparameterised through JAX's Gamma sampler (implicit gradients); ``rsvi_draws`` gives the
     acceptance-rejection path of both Gammas for :class:`veil.RSVI`.
 
-    Example:
+    Examples:
         >>> import jax, veil
         >>> u, lq = veil.Beta(2).sample_and_log_prob(jax.random.key(0), 3)
         >>> u.shape
@@ -249,7 +249,7 @@ class VonMises(Family):
     default and says so, and path-wise estimators are refused. Initialised at ``mu = 0`` with
     concentration ``1 / init_scale^2``.
 
-    Example:
+    Examples:
         >>> import jax, veil
         >>> u, lq = veil.VonMises(2).sample_and_log_prob(jax.random.key(0), 3)
         >>> u.shape
@@ -315,7 +315,7 @@ class Dirichlet(RejectionSampled):
     Initialised at ``a_i = c`` for all ``i``, with ``c`` such that each unconstrained
     coordinate has sd about ``init_scale``.
 
-    Example:
+    Examples:
         >>> import jax, veil
         >>> q = veil.Dirichlet(4)
         >>> q.dim, q.sample(jax.random.key(0), 2).shape

@@ -21,7 +21,7 @@ class Empirical(Family):
     weights) do not exist for it; :class:`veil.particles.ParticleResult` reports the kernel
     Stein discrepancy instead.
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp, veil
         >>> q = veil.families.Empirical(jnp.array([[0.0, 1.0], [2.0, 3.0]]))
         >>> q.mean.tolist(), q.dim

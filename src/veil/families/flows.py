@@ -87,7 +87,7 @@ class Flow(MonteCarloMoments, Staged):
     autoregressive layers in sampling order compute sequentially (``dim`` passes) and planar
     layers with ``tanh`` do not have (use ``negative_slope=``).
 
-    Example:
+    Examples:
         >>> import jax, veil
         >>> q = veil.flows.coupling(2, key=jax.random.key(0), layers=2, width=8)
         >>> z, lq = q.sample_and_log_prob(jax.random.key(1), 3)
@@ -170,7 +170,7 @@ class FlowJAX(MonteCarloMoments, Family):
     Its array leaves are the variational parameters (``paramax`` wrappers are unwrapped on
     use; ``NonTrainable`` leaves get zero gradients, so optax leaves them as they are).
 
-    Example:
+    Examples:
         >>> import jax, flowjax.distributions as fjd, flowjax.flows as fjf, veil
         >>> d = fjf.masked_autoregressive_flow(
         ...     jax.random.key(0), base_dist=fjd.Normal(jax.numpy.zeros(2)), flow_layers=1, nn_width=4

@@ -55,7 +55,7 @@ def _std_normal_logpdf(eps: jax.Array) -> jax.Array:
 class MeanField(Gaussian):
     """Diagonal Gaussian ``q(z) = prod_i N(z_i; mu_i, sigma_i^2)``, ``sigma = exp(log_scale)``.
 
-    Example:
+    Examples:
         >>> import jax, veil
         >>> q = veil.MeanField(3)
         >>> z, lq = q.sample_and_log_prob(jax.random.key(0), 5)
@@ -147,7 +147,7 @@ class FullRank(Gaussian, FactorSteps):
     the step size itself, which swamps a posterior with sd 0.1 under Adam's step of 0.05.
     Only the strictly lower part of ``unit_tril`` is used.
 
-    Example:
+    Examples:
         >>> import jax, veil
         >>> q = veil.FullRank(3)
         >>> q.cov.shape
@@ -314,7 +314,7 @@ class LowRank(Gaussian):
     At initialisation ``W`` is a small fixed basis (``init_scale / 2`` along ``rank``
     orthogonal directions) so that the ELBO gradient in ``W`` is not zero.
 
-    Example:
+    Examples:
         >>> import veil
         >>> veil.LowRank(10, 2).cov_factor.shape
         (10, 2)

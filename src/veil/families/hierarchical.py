@@ -71,7 +71,7 @@ class HierarchicalGaussian(Family):
         init_scale: starting scale (default 0.1, as the other Gaussians); ``A`` and the mix
             start at zero, so ``q`` starts as ``MeanField(dim)`` does.
 
-    Example:
+    Examples:
         >>> import jax, jax.numpy as jnp, veil
         >>> q = veil.HierarchicalGaussian(3)
         >>> z, lq = q.sample_and_log_prob(jax.random.key(0), 5)

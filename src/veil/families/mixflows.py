@@ -135,7 +135,7 @@ class MixFlow(MonteCarloMoments, Family):
 
     Nothing in a MixFlow is trained by ``veil.fit``; build and tune one with :func:`mixflow`.
 
-    Example:
+    Examples:
         >>> import jax, jax.numpy as jnp, veil
         >>> t = veil.Target.from_logdensity(lambda z: -0.5 * jnp.sum(z**2), dim=2)
         >>> q = veil.MixFlow(t, veil.MeanField(2, init_scale=1.0), step_size=0.2, num_leapfrog=2,
@@ -335,7 +335,7 @@ class MixFlow(MonteCarloMoments, Family):
         """``log q_N(x, rho, u)`` at one extended point (``x`` in the target's coordinates),
         by the backward trajectory: ``N - 1`` inverse maps.
 
-        Example:
+        Examples:
             >>> import jax, jax.numpy as jnp, veil
             >>> t = veil.Target.from_logdensity(lambda z: -0.5 * jnp.sum(z**2), dim=1)
             >>> q = veil.MixFlow(t, veil.MeanField(1, init_scale=1.0), step_size=0.1, num_maps=5)

@@ -69,7 +69,7 @@ class Mixture(Components):
     ``veil.fit(target, mixture, key=...)``: the default objective is the ELBO with the
     :class:`veil.Stratified` estimator (``num_samples`` draws from every component).
 
-    Example:
+    Examples:
         >>> import jax, jax.numpy as jnp, veil
         >>> q = veil.Mixture([veil.MeanField(2, init_loc=jnp.array([-1.0, 0.0])),
         ...                   veil.MeanField(2, init_loc=jnp.array([1.0, 0.0]))])

@@ -69,7 +69,7 @@ class SemiImplicit(MonteCarloMoments, Staged):
             ``K`` network passes per estimate).
         init_noise: starting ``sigma`` (standardised units).
 
-    Example:
+    Examples:
         >>> import jax, veil
         >>> q = veil.SemiImplicit(2, key=jax.random.key(0), width=8)
         >>> z, lq = q.sample_and_log_prob(jax.random.key(1), 3)
@@ -179,7 +179,7 @@ class SemiImplicit(MonteCarloMoments, Staged):
         """``log (1/K) sum_k q(z | eps_k)``, ``eps_k ~ N(0, I)``: consistent for ``log q(z)``
         as ``K`` grows (biased low by about ``var / 2K`` of the ratio, by Jensen).
 
-        Example:
+        Examples:
             >>> import jax, jax.numpy as jnp, veil
             >>> q = veil.SemiImplicit(2, key=jax.random.key(0), width=8)
             >>> q.log_prob_estimate(jnp.zeros((4, 2)), key=jax.random.key(1)).shape

@@ -25,7 +25,7 @@ The fixed draws can be over-fitted: with few draws and many parameters ``L_N`` a
 maximiser is optimistic. The result checks the ELBO again on fresh draws and warns when the
 two disagree by more than their noise; raise ``num_draws`` then.
 
-Example:
+Examples:
     >>> import jax, jax.numpy as jnp, veil
     >>> t = veil.Target.from_logdensity(lambda z: -0.5 * jnp.sum((z - 1.0) ** 2 / jnp.array([1.0, 4.0])), dim=2)
     >>> res = veil.dadvi(t, veil.MeanField(2), key=jax.random.key(0), num_draws=64)

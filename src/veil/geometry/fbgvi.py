@@ -59,7 +59,7 @@ def fbgvi_step(target: Target, loc, cov, key, step_size, num_samples: int = 2):
     ``grad V(loc)`` exactly, so on a Gaussian target the mean converges without noise (one
     plain draw left it jittering by ``O(h)``, 0.08 posterior sd in a 5-d test).
 
-    Example:
+    Examples:
         >>> import jax, jax.numpy as jnp, veil
         >>> t = veil.Target.from_logdensity(lambda z: -0.5 * jnp.sum(z**2) / 4.0, dim=2)  # sd 2
         >>> loc, cov = jnp.zeros(2), jnp.eye(2)
@@ -169,7 +169,7 @@ def fbgvi(
         A :class:`veil.VIResult` whose ``q`` is a :class:`veil.FullRank` (k-hat, summary,
         draws, ArviZ export as for any fit); its trace is the negative ELBO estimate.
 
-    Example:
+    Examples:
         >>> import jax, jax.numpy as jnp, veil
         >>> t = veil.Target.from_logdensity(lambda z: -0.5 * jnp.sum((z - 1.0) ** 2), dim=2)
         >>> res = veil.fbgvi(t, key=jax.random.key(0), progress=False)

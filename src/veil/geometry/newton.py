@@ -42,7 +42,7 @@ dimensions with a full-data gradient; where ``log p`` is far from quadratic over
 funnel, heavy tails) the Hessian estimate can be noisy or indefinite, and the ELBO-driven
 ``veil.fit`` is the safer tool.
 
-Example:
+Examples:
     >>> import jax, jax.numpy as jnp, veil
     >>> cov = jnp.array([[2.0, 0.6], [0.6, 0.5]])
     >>> t = veil.Target.from_logdensity(

@@ -35,7 +35,7 @@ evaluations for the ELBO estimates. Under ``vmap`` the line search's branches be
 so the compiled multi-path program also computes one discarded gradient per iteration (counted
 with a callback in the tests); the counts above leave it out, as a sequential run would.
 
-Example:
+Examples:
     >>> import jax, jax.numpy as jnp, veil
     >>> t = veil.Target.from_logdensity(lambda z: -0.5 * jnp.sum((z - 1.0) ** 2 / 4.0), dim=3)
     >>> pf = veil.pathfinder(t, key=jax.random.key(0), num_paths=2)
@@ -420,7 +420,7 @@ class PathfinderResult(Result):
         own draws). Resampling is with replacement from a pool of ``n`` draws, so repeats
         occur where the weights are uneven; the k-hat says how far to trust them.
 
-        Example:
+        Examples:
             >>> import jax, jax.numpy as jnp, veil
             >>> t = veil.Target.from_logdensity(lambda z: -0.5 * jnp.sum(z**2), dim=2)
             >>> pf = veil.pathfinder(t, key=jax.random.key(0))

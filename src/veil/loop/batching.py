@@ -217,7 +217,7 @@ class Shuffled(BatchSource):
     real rows: rows past it (padding, so that the rows split evenly over devices) are never
     served.
 
-    Example:
+    Examples:
         >>> import jax, jax.numpy as jnp
         >>> from veil.loop.batching import Shuffled
         >>> src = Shuffled(jnp.arange(10.0), batch_size=5)
@@ -290,7 +290,7 @@ class OnDisk:
             25 steps' worth are always held). Larger chunks amortise the per-chunk cost (about
             a millisecond) over more steps.
 
-    Example:
+    Examples:
         >>> import numpy as np, tempfile, os
         >>> from veil.loop.batching import OnDisk
         >>> path = os.path.join(tempfile.mkdtemp(), "x.npy")

@@ -49,7 +49,7 @@ class Checkpoint:
         every: seconds between saves (at a chunk boundary); ``0`` saves after every chunk.
             The final state is always saved.
 
-    Example:
+    Examples:
         >>> import jax, jax.numpy as jnp, veil, tempfile, os
         >>> t = veil.Target.from_logdensity(lambda z: -0.5 * jnp.sum(z**2), dim=2)
         >>> path = os.path.join(tempfile.mkdtemp(), "fit")

@@ -387,7 +387,7 @@ def chunk_schedule(index: int, min_stage: int) -> int:
     enough, and the first at step 800 where 400 were.) Chunks are at least ``CHUNK_MIN`` and at
     most ``CHUNK_CAPACITY`` steps.
 
-    Example:
+    Examples:
         >>> [chunk_schedule(i, 400) for i in range(4)]   # the default StopRule
         [100, 300, 400, 400]
         >>> [chunk_schedule(i, 300) for i in range(4)]   # particles' min_window=150

@@ -42,7 +42,7 @@ def hash2x32(k1: ArrayLike, k2: ArrayLike, x1: ArrayLike, x2: ArrayLike) -> tupl
     ``(k1, k2)`` (uint32, broadcast together): five groups of four rounds, each group
     followed by the injection of the next key-schedule word pair and the group's number.
 
-    Example:
+    Examples:
         >>> import jax, numpy as np
         >>> from veil.loop.rng import hash2x32
         >>> k1, k2 = jax.random.key_data(jax.random.key(0))
@@ -135,7 +135,7 @@ def unrolled(keys: jax.Array) -> jax.Array:
     other implementation, raw ``uint32`` keys (``jax.random.PRNGKey``), and every key while
     ``jax_threefry_partitionable`` is off, come back unchanged.
 
-    Example:
+    Examples:
         >>> import jax
         >>> from veil.loop.rng import unrolled
         >>> key = jax.random.key(3)

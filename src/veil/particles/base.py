@@ -54,7 +54,7 @@ def svgd_bandwidth(x: Float[Array, "n d"]) -> Float[Array, ""]:
     balanced. Pairs of distinct particles among the first 128 (see ``_MEDIAN_PARTICLES``);
     stopped (a choice, not a parameter).
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp
         >>> x = jnp.array([[0.0], [1.0], [3.0]])  # distances 1, 2, 3: median 2
         >>> round(float(svgd_bandwidth(x) ** 2 * 2 * jnp.log(4.0)), 4)
@@ -114,7 +114,7 @@ def stein_direction(
     kernel's repulsion is ``-grad_y sum_j k(x_j, y)`` at ``y = x_i`` by automatic
     differentiation (stationary kernels: ``grad_a k(a, b) = -grad_b k(a, b)``).
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp
         >>> x = jnp.array([[-1.0], [1.0]])
         >>> phi = stein_direction(None, x, -x)   # N(0, 1): scores -x

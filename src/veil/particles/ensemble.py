@@ -126,7 +126,7 @@ def repulsive_ensemble(
 
     Trace, steps and skipped steps cover both runs; the stopping rule applies to each.
 
-    Example:
+    Examples:
         >>> import jax, jax.numpy as jnp, veil
         >>> def log_p(z):   # two modes, at -3 and +3
         ...     return jnp.logaddexp(-0.5 * jnp.sum((z - 3.0) ** 2), -0.5 * jnp.sum((z + 3.0) ** 2))

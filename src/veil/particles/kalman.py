@@ -27,7 +27,7 @@ class InverseProblem(eqx.Module):
     :class:`veil.Target` (what :func:`run` reports and summarises; other methods may use it
     if ``forward`` is differentiable).
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp, veil
         >>> p = veil.particles.InverseProblem(lambda x: 2.0 * x, jnp.array([1.0]),
         ...                                   noise_sd=1.0, prior_mean=jnp.zeros(1), prior_sd=1.0)
@@ -120,7 +120,7 @@ class EKI(_GradientFree):
     nonlinear one it is a Gaussian-type approximation. The default start is ``n_particles``
     prior draws; :func:`run` runs exactly ``num_steps`` steps.
 
-    Example:
+    Examples:
         >>> import jax, jax.numpy as jnp, veil
         >>> p = veil.particles.InverseProblem(lambda x: jnp.array([x[0] + x[1]]), jnp.array([2.0]),
         ...                                   noise_sd=0.5, prior_mean=jnp.zeros(2), prior_sd=1.0)
@@ -172,7 +172,7 @@ class ALDI(_GradientFree):
     ``sqrt(d)`` at equilibrium). The particles are draws of a Markov chain: run a fixed number
     of steps (no stopping rule) and keep the last state.
 
-    Example:
+    Examples:
         >>> import jax, jax.numpy as jnp, veil
         >>> p = veil.particles.InverseProblem(lambda x: jnp.array([x[0] + x[1]]), jnp.array([2.0]),
         ...                                   noise_sd=0.5, prior_mean=jnp.zeros(2), prior_sd=1.0)

@@ -85,7 +85,7 @@ class Positive(_Diagonal):
     """The positive orthant with ``psi(theta) = sum theta log theta - theta``: ``eta = log
     theta``, ``hess psi^{-1} = diag(theta)``.
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp
         >>> Positive().primal(jnp.zeros(2)).tolist()
         [1.0, 1.0]
@@ -116,7 +116,7 @@ class Box(_Diagonal):
     (high - theta) log(high - theta)``: ``theta = low + (high - low) sigmoid(eta)``,
     ``hess psi^{-1} = diag((theta - low)(high - theta) / (high - low))``.
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp
         >>> Box(-1.0, 3.0).primal(jnp.zeros(1)).tolist()
         [1.0]
@@ -159,7 +159,7 @@ class Simplex(MirrorMap):
     ``hess psi^{-1} = diag(theta) - theta theta^T``, whose determinant is
     ``prod_{k <= d+1} theta_k``.
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp
         >>> [round(float(t), 4) for t in Simplex().primal(jnp.zeros(2))]   # the centre
         [0.3333, 0.3333]

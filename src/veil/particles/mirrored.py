@@ -39,7 +39,7 @@ class MirroredSVGD(OptaxMethod):
         optimizer: an optax transformation instead of AdaGrad (``optax.contrib.cocob(alpha=1.0)`` for
             a coin-betting, step-size-free version); reuse the same object between runs.
 
-    Example:
+    Examples:
         >>> import jax, jax.numpy as jnp, veil
         >>> alpha = jnp.array([2.0, 3.0, 5.0])   # Dirichlet(2, 3, 5) by its first 2 coordinates
         >>> def log_p(t):
@@ -185,7 +185,7 @@ class SVMD(MirroredSVGD):
         optimizer: an optax transformation instead of AdaGrad.
         eigen_threshold: the share of the Gram matrix's trace kept, in ``(0, 1]``.
 
-    Example:
+    Examples:
         >>> import jax, jax.numpy as jnp, veil
         >>> def log_p(t):   # two independent Gamma(3, 2): mean 1.5, on the positive orthant
         ...     return jnp.sum(2.0 * jnp.log(t) - 2.0 * t)

@@ -114,7 +114,7 @@ def run(
     ``state = method.init(key, target, n, init=x0)`` and ``method.step`` in your own jitted
     loop skip it.
 
-    Example:
+    Examples:
         >>> import jax, jax.numpy as jnp, veil
         >>> t = veil.Target.from_logdensity(lambda z: -0.5 * jnp.sum(z**2), dim=3)
         >>> res = veil.particles.run(t, key=jax.random.key(0), n_particles=50, progress=False)

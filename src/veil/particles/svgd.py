@@ -26,7 +26,7 @@ class SVGD(OptaxMethod):
         optimizer: an optax transformation to use instead of AdaGrad (``step_size`` is
             then ignored). Reuse the same object between runs: a new one recompiles.
 
-    Example:
+    Examples:
         >>> import jax, jax.numpy as jnp, veil
         >>> t = veil.Target.from_logdensity(lambda z: -0.5 * jnp.sum((z - 2.0) ** 2), dim=2)
         >>> res = veil.particles.run(t, veil.particles.SVGD(), key=jax.random.key(0),
@@ -83,7 +83,7 @@ class CoinSVGD(OptaxMethod):
             tuned at 200 particles), though 2.75x on the mixture at 1000 particles when SVGD
             is tuned at that count itself.
 
-    Example:
+    Examples:
         >>> import jax, jax.numpy as jnp, veil
         >>> t = veil.Target.from_logdensity(lambda z: -0.5 * jnp.sum((z - 2.0) ** 2), dim=2)
         >>> res = veil.particles.run(t, veil.particles.CoinSVGD(), key=jax.random.key(0),

@@ -49,7 +49,7 @@ class SVNG(OptaxMethod):
         optimizer: an optax transformation to use instead of ``optax.sgd(step_size)``.
         eigen_threshold: as for :class:`SVMD`.
 
-    Example:
+    Examples:
         >>> import jax, jax.numpy as jnp, veil
         >>> prec = jnp.diag(jnp.array([100.0, 0.01]))   # sds 0.1 and 10
         >>> t = veil.Target.from_logdensity(lambda z: -0.5 * z @ prec @ z, dim=2)

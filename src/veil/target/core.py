@@ -240,7 +240,7 @@ class Target(eqx.Module):
         dim: dimension of the unconstrained space.
         names: names of the constrained values returned by :meth:`to_constrained`.
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp, veil
         >>> t = veil.Target.from_logdensity(lambda z: -0.5 * jnp.sum(z**2), dim=3)
         >>> float(t.log_density(jnp.zeros(3)))
@@ -343,7 +343,7 @@ class Target(eqx.Module):
                 functions that fail or do not return a scalar on a ``(dim,)`` vector and a
                 batch.
 
-        Example:
+        Examples:
             >>> import jax, jax.numpy as jnp, veil
             >>> x = jnp.linspace(-1.0, 1.0, 1000)
             >>> t = veil.Target.minibatched(
@@ -585,7 +585,7 @@ class Target(eqx.Module):
             NotImplementedError: the model has a discrete free variable.
             ValueError: the model has no free variable, or its data hold NaN or inf.
 
-        Example:
+        Examples:
             >>> import numpy as np, pymc as pm, veil
             >>> with pm.Model() as m:
             ...     mu = pm.Normal("mu", 0.0, 10.0)
@@ -635,7 +635,7 @@ class Target(eqx.Module):
                 a variable or break a declared constraint (Stan's message), or the program has
                 no parameters.
 
-        Example:
+        Examples:
             >>> import veil
             >>> code = '''
             ... data { int N; vector[N] y; }
