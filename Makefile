@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-slow lint docs bench clean
+.PHONY: demo test test-slow lint docs clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)

@@ -170,8 +170,8 @@ def test_dadvi_gets_the_funnel_sds_within_ten_percent():
     # Issue 4's goal on the 10-d funnel: every sd within 10%. The family's sds are closed
     # form, so the only error is the fixed draws'. At N = 16384 one coordinate's sd ratio
     # varies by about 0.045 between seeds (0.09 at N = 4096 in 2-d, halved by 4x the draws):
-    # 10% is ~2 of those, so this pins seed 0 and checks the goal for it (BENCHMARKS.md
-    # section 39 gives five seeds).
+    # 10% is ~2 of those, so this pins seed 0 and checks the goal for it
+    # (docs/benchmarks/dadvi-hierarchical-gaussian-funnel.md gives five seeds).
     t = veil.Target.from_logdensity(_funnel, dim=10)
     res = veil.dadvi(t, veil.HierarchicalGaussian(10), key=jax.random.key(0), num_draws=16384)
     ratio = np.asarray(res.q.stddev) / np.array([3.0] + [np.exp(9 / 4)] * 9)

@@ -55,9 +55,9 @@ def _spy(monkeypatch):
     seen = []
     real = veil.loop.driver.run
 
-    def run(loss, params, optimizer, **kwargs):
-        seen.append((loss.objective, optimizer, kwargs["stop_rule"]))
-        return real(loss, params, optimizer, **kwargs)
+    def run(kernel, params, **kwargs):  # fit's kernel: an optimizer on its loss
+        seen.append((kernel.loss.objective, kernel.optimizer, kwargs["stop_rule"]))
+        return real(kernel, params, **kwargs)
 
     monkeypatch.setattr(veil.loop.driver, "run", run)
     return seen

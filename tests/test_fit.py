@@ -137,7 +137,7 @@ def test_ill_conditioned_gaussian_converges_to_the_target():
     # > 0.1, the test above before section 30); the whitened factor step resolves it, and
     # the rule must then stop near the target, not early. Measured: 4,400 steps, KL 0.084.
     # Bound 0.3 nats: the averaged iterates of 5,150 parameters keep ~0.1 nats of noise;
-    # stopping early leaves more (about 1.9 nats on Inference Gym's version, BENCHMARKS.md 29).
+    # stopping early leaves more (about 1.9 nats on Inference Gym's version, docs/benchmarks/whitened-location-step.md).
     t, mu, S = gaussian_target(100, cond=1e4, seed=1)
     res = veil.fit(t, veil.FullRank(100), key=jax.random.key(0), max_steps=20_000, progress=False)
     assert res.converged and res.num_steps < 20_000

@@ -486,7 +486,7 @@ def test_gradient_free_bad_input():
         veil.particles.EKI("problem")
 
 
-@pytest.mark.slow  # two ensemble fits (~7 s); the doctest runs one, BENCHMARKS 22 the study
+@pytest.mark.slow  # two ensemble fits (~7 s); the doctest runs one, docs/benchmarks/repulsive-ensembles-three-modes.md the study
 def test_repulsive_ensemble_finds_a_second_mode_that_restarts_miss():
     # Two unit-sd modes at -3 and +3 of equal mass; both members start in the +3 basin
     # (2.5 +- 0.5). Side by side without repulsion both end at +3; the repulsion pushes one

@@ -6,7 +6,7 @@ variational step solves against a ``dim x dim`` factor with a handful of right-h
 per draw), far too little work to share, while XLA is already running the rest of the step on
 its own threads: the hand-off costs more than the solve. On a 2-core machine a ``FullRank``
 sticking-the-landing step at dim = 501 took 1.8 ms with OpenBLAS's default threads and 0.97 ms
-with one (``benchmarks/fullrank_solve.py``; BENCHMARKS.md section 25).
+with one (``benchmarks/studies/fullrank_solve.py``; docs/benchmarks/fullrank-solves-time-to-accuracy.md).
 
 :func:`loop_threads` limits BLAS to ``VEIL_BLAS_THREADS`` threads (default 1) for the duration
 of a fit's loop and restores the previous setting afterwards, through ``threadpoolctl`` (the

@@ -42,7 +42,7 @@ def cheap_branches() -> bool:
 
     On CPU it is: the branch is taken in place. On a GPU each one copies its predicate to
     the host and waits for it, a round trip per step: at n=1e7, d=100 on an H200, three of
-    them took a 256-row minibatch step from 12 us to 50 us (BENCHMARKS.md section 18). Where
+    them took a 256-row minibatch step from 12 us to 50 us (docs/benchmarks/minibatch-vi-one-gpu.md). Where
     they are not cheap, veil's loop selects (``jnp.where``) and unrolls instead, computing
     the same values, and runs whole blocks of steps as loops of fixed length.
     """

@@ -107,7 +107,7 @@ class StopRule:
             is F(1, num_batches - 2) distributed (median about 0.5); at a small final step
             the iterates' batch means are autocorrelated, which inflates it, so the limit
             sits well above 0.5, while a still-converging ill-conditioned Gaussian sits near
-            12. Measured (BENCHMARKS.md section 33): 3 against the earlier 2 took 11-13%
+            12. Measured (docs/benchmarks/stopping-rule-drift-limit.md): 3 against the earlier 2 took 11-13%
             fewer steps on radon and the ill-conditioned Gaussian (FullRank, 11 seeds) and up
             to 22% on stochastic volatility. Radon, stochastic volatility and item response
             were as accurate; the ill-conditioned Gaussian's mean stopped a little less
@@ -124,7 +124,7 @@ class StopRule:
         decay_max_drift: if set, a step-size reduction also waits for the iterates to settle:
             the drift statistic (as for stopping) must not exceed this, else the stage goes on
             at its larger step, which travels faster along a flat direction. ``None`` (the
-            default): reductions look at the loss only. Measured (BENCHMARKS.md section 28):
+            default): reductions look at the loss only. Measured (docs/benchmarks/where-a-step-goes.md):
             4 halved radon's steps (median 8,000 -> 4,000 over 7 seeds) but cost 1.1-1.2x on
             stochastic volatility and item response and 2.3x on the banana, so it is not the
             default.
@@ -389,7 +389,7 @@ def psis_moment_shift(z, log_weights) -> MomentShift:
     Where k-hat is below 0.7 the reweighted mean and sd estimate the target's (Vehtari et
     al. 2024), so their distance from ``q``'s own says how far ``q`` is off in each
     coordinate, a question k-hat alone does not answer: a Gaussian fit of a banana or a
-    Student-t can have k-hat 0.4-0.7 ("fair") with sds 20-40% off (BENCHMARKS.md section 41).
+    Student-t can have k-hat 0.4-0.7 ("fair") with sds 20-40% off (docs/benchmarks/verdict-banks.md).
     An exact fit has constant weights and no shift at all. ``off`` is true when some
     coordinate's mean moves by more than ``MEAN_SHIFT`` of q's sds or its sd by more than a
     factor ``SD_FACTOR``, and by more than 4 standard errors (``1 / sqrt(ESS)`` for the mean,

@@ -49,7 +49,7 @@ _DEFAULT_STOP = StopRule()
 # and "a smaller step no longer lowers the loss" shows after one halving, while the iterates
 # still jitter by more than a tall dataset's posterior width. At least 4 halvings (up to 8):
 # on 1e5-row logistic regression the mean error fell from 0.87-0.95 to 0.13-0.24 posterior sd
-# for 2x the steps (BENCHMARKS.md section 14).
+# for 2x the steps (docs/benchmarks/minibatch-vi-scale.md).
 _MINIBATCH_STOP = StopRule(min_decays=4, max_decays=8, max_drift=2.0)
 
 
@@ -70,20 +70,20 @@ def default_optimizer() -> optax.GradientTransformation:
     mean square (:func:`veil.optim.clip_outliers`): one draw deep in the tail of an early,
     wide ``q`` can give a gradient thousands of times the usual size, and Adam's second
     moment then needs ~10,000 steps to forget it, during which the fit crawls (stochastic
-    volatility, BENCHMARKS.md section 26: 2 of 7 seeds ran to the step cap without it, none
+    volatility, docs/benchmarks/gradient-outliers-clipping.md: 2 of 7 seeds ran to the step cap without it, none
     with it). Ordinary gradient noise passes untouched. For MeanField, FullRank and LowRank
     the location also takes a step of 0.05 of ``q``'s standard deviations along ``A A^T g``
     (``A`` the family's scale, :func:`veil.optim.whitened_location`): Adam moves each
     coordinate on its own, and where a posterior's coordinates move together (hierarchical
     models) the location then crawls along the correlated directions; with the whitened step
     radon's fits took 2,800-4,400 steps instead of 2,800-13,200, EightSchools' 10x fewer
-    (BENCHMARKS.md section 29). A FullRank factor of at most 128 dimensions also takes, every
+    (docs/benchmarks/whitened-location-step.md). A FullRank factor of at most 128 dimensions also takes, every
     ``1 + dim // 16`` steps, a step ``L -> L (I + M)`` in whitened coordinates
     (:func:`veil.optim.whitened_factor`): after the location, the covariance is what a
     fit's final stage waited for; with it the ill-conditioned 100-d Gaussian converged in
     3,200-3,600 steps instead of running to the 20,000-step cap, Brownian motion took a
-    third of the steps and radon's fits reached a 0.6 nats higher ELBO (BENCHMARKS.md
-    section 30). Other families get the clipped Adam step alone.
+    third of the steps and radon's fits reached a 0.6 nats higher ELBO
+    (docs/benchmarks/whitened-factor-step.md). Other families get the clipped Adam step alone.
     """
     return _DEFAULT_OPTIMIZER
 
@@ -222,7 +222,7 @@ def fit(
             directions and stops short there, Newton's steps use the curvature and land on
             the same optimum (on posteriordb's regressions with correlated predictors the
             stochastic run stopped 0.13 sd short of the mean, or ran out of steps 43 sd off;
-            BENCHMARKS.md section 43). The refined Gaussian replaces ``q`` only where it
+            docs/benchmarks/posteriordb.md). The refined Gaussian replaces ``q`` only where it
             settled and its ELBO, estimated from the same draws, is at least the fit's;
             :attr:`VIResult.refinement` says what it changed. The same fits are then checked
             against four independent starts (Newton from dispersed points,
@@ -309,8 +309,9 @@ def fit(
             target = target.shard(mesh)
     base_res = None
     if isinstance(q, Staged) and q.fit_base_first:
-        # The Gaussian stage: fit the default base alone, then the flow over it (section 8 of
-        # BENCHMARKS.md: over the unfitted base the layers must stretch sd 0.1 to the target's
+        # The Gaussian stage: fit the default base alone, then the flow over it
+        # (docs/benchmarks/normalizing-flows.md: over the unfitted base the layers must stretch sd
+        # 0.1 to the target's
         # scale, and failed to).
         key, base_key = jax.random.split(key)
         base_ckpt = None if checkpoint is None else Checkpoint(checkpoint.path[:-4] + ".base", checkpoint.every)

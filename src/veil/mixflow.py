@@ -207,7 +207,7 @@ def mixflow(
         num_maps: ``N``, map applications averaged (see the module docstring on choosing it).
         num_leapfrog: leapfrog steps per map. Longer trajectories between refreshments mixed
             better in our runs (Inference Gym banana: sd ratios 0.87-0.94 with 50 steps,
-            0.40-0.64 with 10, both at 100 maps; BENCHMARKS.md section 10), at 5x the cost.
+            0.40-0.64 with 10, both at 100 maps; docs/benchmarks/mixflows.md), at 5x the cost.
         step_size: use this step size (no search); default: the grid ``step_sizes``.
         step_sizes: step sizes tried, in reference standard deviations; the one with the
             largest ELBO estimate (same random reference draws for all) is kept.

@@ -445,7 +445,7 @@ class ChiSquare(Objective):
             weights ``softmax(2 log w)`` must not collapse onto one draw: on German credit
             (25 dimensions) 16 draws let ``q`` widen step after step (sds 4.5x the ELBO fit's,
             its bound estimate 240 nats below log Z, evidence k-hat 20), while 32, 64 and 128
-            kept the sds within 1% and gave k-hat 0.5 (BENCHMARKS.md section 40).
+            kept the sds within 1% and gave k-hat 0.5 (docs/benchmarks/chi-square-route-to-evidence.md).
         estimator: :class:`~veil.DReG` (default: the path-wise rewrite of the score terms,
             exactly zero at an exact fit) or ``ScoreFunction(baseline=None)``.
 

@@ -1,7 +1,7 @@
 """Optimizer pieces optax lacks: clipping of gradient outliers against their own running scale,
 and a location step and a FullRank factor step in ``q``'s own whitened coordinates.
 
-Why it exists (BENCHMARKS.md section 26): on Inference Gym's stochastic volatility target
+Why it exists (docs/benchmarks/gradient-outliers-clipping.md): on Inference Gym's stochastic volatility target
 one draw in the tail of an early, still-wide ``q`` gives a loss of 1e5-1e6 nats and a
 gradient thousands of times the usual size. Adam's second-moment estimate ``v`` takes that
 square in, and with ``b2 = 0.999`` it needs ``ln(1e6) / 0.001`` ~ 14,000 steps to forget
@@ -190,7 +190,8 @@ def whitened_location(
     much narrower than the way to go; the inner (Adam) step, which moves each coordinate by
     about its step size whatever the scale, does that part. With the sum no Inference Gym
     target tried took more steps, and the hierarchical ones took 1.6-10x fewer, at 1.1-1.2x
-    the cost of a step (BENCHMARKS.md section 29). Every parameter other than the location, and families without a location-scale
+    the cost of a step (docs/benchmarks/whitened-location-step.md). Every parameter other than the
+    location, and families without a location-scale
     form (flows, mixtures), get ``inner``'s update unchanged.
 
     The update needs ``params`` (the family), as ``veil.fit``'s driver passes them.
@@ -262,7 +263,7 @@ def factor_step_interval(dim: int) -> int:
     A factor step costs two ``dim x dim x dim`` products; one every ``1 + dim // 16`` steps
     keeps their cost, spread over the steps, at about ``32 dim^2`` multiply-adds a step, a
     few matrix-vector products: 1 step at dim 10, 7 at dim 97 (about 13 us of a 190-240 us
-    step on radon; BENCHMARKS.md section 30), 32 at dim 501."""
+    step on radon; docs/benchmarks/whitened-factor-step.md), 32 at dim 501."""
     return 1 + int(dim) // 16
 
 
@@ -287,7 +288,7 @@ def whitened_factor(
     parameter, sees the same discrepancy through the factor's scales, and after the stopping
     rule's halvings its final stage spends thousands of steps on the covariance (radon: the
     covariance's share of KL(q || q*) fell by about 15% per 400 steps, the location's was
-    already 0.004 nats; BENCHMARKS.md section 30).
+    already 0.004 nats; docs/benchmarks/whitened-factor-step.md).
 
     Every ``k = every`` steps, with :math:`\bar g` the mean gradient of ``log_scale`` and
     ``unit_tril`` over those steps, :math:`u = J^\top \bar g` the gradient in ``M``
@@ -310,7 +311,7 @@ def whitened_factor(
     methods (MeanField, whose ``log_scale`` is already in whitened units; LowRank; flows),
     and by default those of more than 128 dimensions, get ``inner``'s update unchanged.
 
-    Measured (BENCHMARKS.md section 30, default fits, 3 seeds): the ill-conditioned
+    Measured (docs/benchmarks/whitened-factor-step.md, default fits, 3 seeds): the ill-conditioned
     100-d Gaussian converged in 3,200-3,600 steps instead of running to the 20,000-step cap
     (ELBO -0.10 against -1.92); Brownian motion (30-d) 3,200 steps in all against 9,600,
     German credit 2,400 against 4,000; radon the same steps at a higher ELBO (-2585.94
@@ -388,7 +389,7 @@ def whitened_factor(
             # Everything the factor step changes goes through the branch, and the waiting
             # branch hands its operands back, so between factor steps nothing is selected or
             # zeroed (whole default fits on radon 1.00-1.10x faster than selecting each output
-            # after the branch, in four measurements; BENCHMARKS.md section 31).
+            # after the branch, in four measurements; docs/benchmarks/draws-without-rolled-threefry.md).
             out = jax.lax.cond(due, factor_step, lambda operands: operands, operands)
         else:
             # On a GPU a branch costs a round trip to the host: compute at every step, then select.

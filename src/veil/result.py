@@ -26,7 +26,7 @@ __all__ = ["Result", "NotApplicable", "VIResult", "Summary", "LogEvidence"]
 # Draws behind k-hat, the ELBO and the reweighting check. 8,000, not 2,000, and 32,000 where
 # k-hat reads "fair": k-hat's estimate of a tail near 0.7-0.8 scatters by ~0.15 at 2,000 draws,
 # and Gaussian fits of a Student-t(3) (sds 30% short) read 0.40-0.64 at 2,000, 0.56-0.63 on
-# some seeds at 8,000 and 0.78-0.84 at 32,000 (BENCHMARKS.md section 41). A minibatched target
+# some seeds at 8,000 and 0.78-0.84 at 32,000 (docs/benchmarks/verdict-banks.md). A minibatched target
 # keeps 2,000: each draw reads every row.
 _KHAT_DRAWS = 8000
 _KHAT_DRAWS_MINIBATCHED = 2000

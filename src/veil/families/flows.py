@@ -19,7 +19,7 @@ only has to learn what the Gaussian misses. Without a ``base``, a flow gets ``Me
 and ``veil.fit`` first fits that Gaussian alone (Gaussian defaults), then the flow over it:
 over an unfitted base (sd 0.1 at the origin) coupling flows reached only KL 0.38 on Inference
 Gym's banana and diverged on Minnesota radon, while over a fitted Gaussian they reached KL
-0.01 and edged past FullRank (BENCHMARKS.md section 8). A ``FullRank`` base fitted by you is
+0.01 and edged past FullRank (docs/benchmarks/normalizing-flows.md). A ``FullRank`` base fitted by you is
 used as given::
 
     gauss = veil.fit(target, veil.FullRank(d), key=k1)
@@ -56,7 +56,7 @@ from veil._checks import check_dim as _check_dim
 __all__ = ["Flow", "FlowJAX", "Radial", "coupling", "autoregressive", "planar", "radial"]
 
 # What veil.fit uses for flows and semi-implicit families (their "neural" defaults). On a 2-d
-# banana (`python benchmarks/flows.py --settings`, BENCHMARKS.md section 8): with STL and Adam
+# banana (`python -m benchmarks.peers.flows --settings`, docs/benchmarks/normalizing-flows.md): with STL and Adam
 # 0.05 a coupling flow ended at KL 6.5 and an autoregressive one diverged (STL also needs each
 # draw's inverse: sequential for autoregressive layers, absent for tanh planar ones); with plain
 # reparameterisation and 200-step windows the rule stopped (or hit the cap) at KL 0.12-0.59. 8

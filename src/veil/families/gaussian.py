@@ -110,7 +110,7 @@ class MeanField(Gaussian):
         gradient in ``z`` is ``-eps / sigma``, so the surrogate ``value + <z - stop(z),
         -eps / sigma>`` has both exactly (as :meth:`FullRank.transform_with_stopped_log_prob`),
         with no ``log_prob`` evaluation. Whole default fits: 1.06x faster on Inference Gym's
-        radon, the same elsewhere (BENCHMARKS.md section 28)."""
+        radon, the same elsewhere (docs/benchmarks/where-a-step-goes.md)."""
         z = self.loc + self.scale * eps
         s = stop_gradient(self)
         value = _std_normal_logpdf(eps) - jnp.sum(s.log_scale)
@@ -285,7 +285,7 @@ def _unit_solve(unit: Float[Array, "dim dim"], b: Float[Array, "n dim"], *, tran
     On CPU the solve is LAPACK's trsm, which reads its matrix in column-major order. Handing
     it ``U^T`` (upper triangular) makes that order a free relayout of the row-major ``U``;
     passing ``U`` itself makes XLA write a transposed copy first (at dim = 501 the STL step
-    took 1.13-1.16x longer that way; ``benchmarks/fullrank_solve.py``).
+    took 1.13-1.16x longer that way; ``benchmarks/studies/fullrank_solve.py``).
     """
     x = jax.scipy.linalg.solve_triangular(
         unit.T, b.T, lower=False, trans=0 if transposed else "T", unit_diagonal=True

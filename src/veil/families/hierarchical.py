@@ -45,7 +45,7 @@ class HierarchicalGaussian(Family):
     as the model samples them (hyperparameters first in most hierarchical models).
 
     The slopes act on the noise, not on earlier coordinates of ``z`` (as an autoregressive
-    flow's conditioner would). Conditioning on ``z`` was tried (BENCHMARKS.md section 34): a
+    flow's conditioner would). Conditioning on ``z`` was tried (docs/benchmarks/log-linear-scales-funnel-not-kept.md): a
     scale ``exp`` in a coordinate that is itself lognormal chains ``exp`` through ``exp``, and
     some draws overflowed. Here each ``u_j`` is a Gaussian times a lognormal, so every moment is
     finite, and the moments are closed-form:
@@ -63,7 +63,7 @@ class HierarchicalGaussian(Family):
 
     Fitted by the reverse-KL ELBO with a stochastic optimizer (``veil.fit``), it drifts toward
     the funnel's neck as every such fit here has; with a deterministic objective
-    (:func:`veil.dadvi`) it recovers the funnel (BENCHMARKS.md section 39).
+    (:func:`veil.dadvi`) it recovers the funnel (docs/benchmarks/dadvi-hierarchical-gaussian-funnel.md).
 
     Args:
         dim: dimension of ``z``.

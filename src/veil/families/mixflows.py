@@ -57,7 +57,7 @@ rises by less than its standard error. Cost: a draw with its density costs
 and ``T^{-n}`` computed numerically is not exactly the inverse of ``T^n`` (the paper bounds
 the effect; its density and ELBO stay usable long after exact invertibility is lost).
 :meth:`MixFlow.roundtrip_error` measures how far ``T^{-(N-1)} T^{N-1}`` lands from the start;
-in float32 it grows quickly past a few hundred maps (BENCHMARKS.md section 10); enable
+in float32 it grows quickly past a few hundred maps (docs/benchmarks/mixflows.md); enable
 ``jax_enable_x64`` for long flows.
 """
 

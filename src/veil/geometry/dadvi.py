@@ -19,7 +19,7 @@ when the gradient's noise is heavy-tailed and skewed. On Neal's funnel the rare 
 ``x0``'s upper tail carry the push toward the funnel's mouth, so Adam (and clipping more so)
 settles toward the neck; with :class:`veil.HierarchicalGaussian`, ``dadvi`` recovers the
 funnel's sds to a few percent where ``veil.fit`` with the same family is 20-50% short
-(BENCHMARKS.md section 39).
+(docs/benchmarks/dadvi-hierarchical-gaussian-funnel.md).
 
 The fixed draws can be over-fitted: with few draws and many parameters ``L_N`` at its
 maximiser is optimistic. The result checks the ELBO again on fresh draws and warns when the
@@ -169,13 +169,13 @@ def dadvi(target: Target, q: Family, *, key: jax.Array, num_draws: Int = 1024, m
         num_draws: ``N``, the fixed draws (even: they come in antithetic pairs). Each
             evaluation of the objective costs ``N`` gradients of ``log p``. The fit's error from
             the draws shrinks as ``1 / sqrt(N)``; quantities set in the tails need more (the
-            funnel's sds: 16,384, BENCHMARKS.md section 39).
+            funnel's sds: 16,384, docs/benchmarks/dadvi-hierarchical-gaussian-funnel.md).
         max_iters: most L-BFGS iterations.
         tol: the run has converged when the objective (nats) has not fallen below its best
             value so far by more than this in 5 iterations in a row. The default, 1e-7, is below float32's resolution of
             most objectives, so the run goes on until L-BFGS makes no visible progress: on the
             funnel the ELBO is so flat along the scale slopes that stopping at 1e-5 left the
-            sds 5-9% off where 1e-7 got them within 1-2% (BENCHMARKS.md section 39).
+            sds 5-9% off where 1e-7 got them within 1-2% (docs/benchmarks/dadvi-hierarchical-gaussian-funnel.md).
 
     Returns:
         A :class:`DADVIResult` (a :class:`veil.VIResult`: ``q``, ``draws``, ``khat``,

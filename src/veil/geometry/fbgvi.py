@@ -44,7 +44,7 @@ __all__ = ["fbgvi", "fbgvi_step"]
 
 # With antithetic draws the iterates move deterministically on a quadratic potential, so the
 # drift test has no noise to judge them by and any trend is "significant": the rule never
-# fired on a 50-d Gaussian in 20,000 steps (BENCHMARKS.md section 21). It watches the mean in
+# fired on a 50-d Gaussian in 20,000 steps (docs/benchmarks/fbgvi-against-adam.md). It watches the mean in
 # units of the sd and the log sd (``_FBGVIKernel.watched``), and a coordinate whose half-window
 # means differ by less than 0.01 of those (1% of an sd) counts as settled.
 _DEFAULT_STOP = StopRule(drift_atol=0.01, max_drift=2.0)  # 2: as measured in section 21

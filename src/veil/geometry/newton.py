@@ -36,7 +36,8 @@ finite (three such iterations in a row end the run with a warning).
 It starts from :func:`veil.pathfinder`'s Gaussian by default (whose gradient evaluations are
 counted in the result). It reached FullRank ADVI's accuracy with 8x fewer gradient
 evaluations on German credit, 17-19x on Brownian motion and a 100-d ill-conditioned Gaussian,
-3x on hierarchical radon and 1.5x on a 501-d item-response model (BENCHMARKS.md section 36). Its cost per iteration is ``2 dim``
+3x on hierarchical radon and 1.5x on a 501-d item-response model
+(docs/benchmarks/variational-newton.md). Its cost per iteration is ``2 dim``
 gradients plus ``O(dim^3)`` host linear algebra, so it suits targets of up to a few hundred
 dimensions with a full-data gradient; where ``log p`` is far from quadratic over ``q`` (a
 funnel, heavy tails) the Hessian estimate can be noisy or indefinite, and the ELBO-driven

@@ -62,7 +62,7 @@ def check_starts(res: VIResult, key) -> None:
     Why Newton and not Pathfinder's L-BFGS paths: the refinement has compiled Newton's
     programs for this target already, so the starts cost their gradients and no compilation;
     Pathfinder added 1.0 s of tracing per new target (eight schools) and found the same
-    optima on all 31 posteriordb dev posteriors (BENCHMARKS.md section 43)."""
+    optima on all 31 posteriordb dev posteriors (docs/benchmarks/posteriordb.md)."""
 
     check_key = jax.random.fold_in(key, 1)
     fit_elbo = _checked(res.target, np.asarray(res.q.mean, np.float64), np.asarray(res.q.cov, np.float64), check_key)[1]

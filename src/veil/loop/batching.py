@@ -13,7 +13,7 @@ Domains", 2002),
 evaluated only at the positions of the step's batch: ``O(batch_size)`` work per step, ``O(1)``
 memory, no sort. ``jax.random.permutation`` would instead sort ``N`` keys once per epoch:
 on this project's 2-core CPU it takes 12 s for ``N = 1e7`` (0.3 ms per 256-row step,
-amortised, sixty times the step itself; ``benchmarks/minibatch.py``).
+amortised, sixty times the step itself; ``benchmarks/peers/minibatch.py``).
 
 :class:`OnDisk` keeps rows that do not fit in memory on disk (memory-mapped ``.npy`` files):
 its batch source, :class:`DiskBatches`, is *fed* by the host rather than called in the loop.
@@ -250,7 +250,7 @@ class Shuffled(BatchSource):
         """The next batch (the rows of every leaf) and the advanced state."""
         idx, state = self.order.next(state)
         # Plain indexing: the permutation keeps idx in [0, N), and take(mode="clip") cost 35%
-        # of a 4096-row step at N = 1e6 (BENCHMARKS.md section 14).
+        # of a 4096-row step at N = 1e6 (docs/benchmarks/minibatch-vi-scale.md).
         batch = jax.tree.map(lambda x: x[idx], self.data)
         return batch, state
 
@@ -373,7 +373,7 @@ class OnDisk:
 def _gather_into(x, rows: np.ndarray, out: np.ndarray) -> None:
     """``out[:] = x[rows]``, straight into ``out`` when the dtypes agree. In batch order, not
     ascending: on rows in the page cache one gather costs less than an ascending read and a
-    scatter back (BENCHMARKS.md section 16)."""
+    scatter back (docs/benchmarks/rows-disk.md)."""
     if x.dtype == out.dtype:
         np.take(x, rows, axis=0, out=out)
     else:  # e.g. float64 on disk, float32 on the device

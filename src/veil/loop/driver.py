@@ -61,7 +61,7 @@ CHUNK_MIN = 100
 # fold_in(key, step) whatever the chunking, so chunk lengths are chosen on the host: about
 # PLAIN_SECONDS of work each (at most 8x the previous, between 100 and PLAIN_CAPACITY steps).
 # A chunk costs ~1 ms of fixed host and runtime work: 2,000-step chunks of an 8 us step
-# spent 6% there (BENCHMARKS.md section 14).
+# spent 6% there (docs/benchmarks/minibatch-vi-scale.md).
 PLAIN_CAPACITY = 20_000
 # Step keys are made this many at a time (see _chunk).
 KEY_BLOCK = 128
@@ -101,7 +101,7 @@ def _watch_plan(kernel: Kernel, params):
     Cached by the loss's static structure and its arrays' shapes, on which alone they depend:
     ``jax.eval_shape`` traces ``watch`` anew on every call (1.2 ms on the CPU machine, a third
     of a one-step particle run's fixed cost), and the probe's indices and their transfer cost
-    another 0.3-0.5 ms on a GPU (BENCHMARKS.md section 27). The last ``_WATCH_PLANS_KEPT``
+    another 0.3-0.5 ms on a GPU (docs/benchmarks/particle-run-fixed-cost-gpu.md). The last ``_WATCH_PLANS_KEPT``
     structures are kept (their static leaves, such as a log density function, stay alive as
     long: ``filter_jit``'s own cache holds the same objects for the compiled chunk)."""
     dynamic, static = eqx.partition((kernel, params), eqx.is_array)
@@ -187,7 +187,7 @@ def _chunk(kernel: Kernel, state: LoopState, n_steps, probe, capacity: int, trac
     pbuf = jnp.zeros((-(-capacity // PROBE_BATCH), probe.shape[0])) if track else None
     # Step j's key is fold_in(key, j), a function of the step's number alone, so chunk
     # lengths do not change a fit. The keys are made KEY_BLOCK at a time, vectorised (one
-    # fold_in inside the step cost 1.3 us of a 6.5 us step; BENCHMARKS.md section 14), and
+    # fold_in inside the step cost 1.3 us of a 6.5 us step; docs/benchmarks/minibatch-vi-scale.md), and
     # on CPU handed to the loss as keys of the same generator with its rounds unrolled: the
     # same draws without the rolled loop JAX's CPU lowering gives every draw (veil.loop.rng; a
     # GPU's lowering is already unrolled).

@@ -5,7 +5,7 @@ A fit draws each step's noise from one call of the Threefry-2x32 hash (Salmon, M
 a loop of five iterations of four rounds (it keeps programs with many random calls quick to
 compile), and inside a fit's loop the rolled loop's fixed cost was most of a draw: one
 step's (4, 97) normals took 13.8 us rolled against 4.5 us with the rounds written out and
-the bits stored once; whole default fits ran 1.0-1.3x faster (BENCHMARKS.md section 31).
+the bits stored once; whole default fits ran 1.0-1.3x faster (docs/benchmarks/draws-without-rolled-threefry.md).
 
 This module defines the same generator as a JAX PRNG implementation: the same key data, the
 same counters (a draw of shape ``s`` hashes the row-major indices ``0 .. prod(s) - 1``; a
@@ -83,7 +83,7 @@ def _stored(bits: jax.Array) -> jax.Array:
     (146 against 127 us a step). ``lax.optimization_barrier`` does not stop that fusion on
     CPU; the output of a loop is always stored. The loop takes one trip, a count the
     compiler cannot see through (``x == x + 1`` is false for every integer), so it is not
-    inlined; measured, 99 us a step (BENCHMARKS.md section 31). Were a compiler to see
+    inlined; measured, 99 us a step (docs/benchmarks/draws-without-rolled-threefry.md). Were a compiler to see
     through it, the draws would be the same, only slower.
     """
     if bits.size == 0:

@@ -68,7 +68,8 @@ def svgd_bandwidth(x: Float[Array, "n d"]) -> Float[Array, ""]:
 def _pair_median(d2: Float[Array, "m m"]) -> Float[Array, ""]:
     """The lower median of the off-diagonal entries of a symmetric matrix with a zero
     diagonal (the ``ceil(p / 2)``-th smallest of its ``p = m(m-1)/2`` pairs): by bisection on
-    a CPU, by a sort elsewhere. Measured (``benchmarks/bandwidth.py``, BENCHMARKS §23): XLA's
+    a CPU, by a sort elsewhere. Measured (``benchmarks/studies/bandwidth.py``,
+    docs/benchmarks/mirrored-and-natural-gradient-stein.md): XLA's
     CPU sort took 4.5 ms for 20,000 numbers, ten times the rest of an SVGD step of 200
     particles; on an H200 the sort is the faster, and the bisection's 24-iteration loop
     made a whole SVGD step 1.4-2.1x slower (0.19 against 0.09 ms at 200 particles)."""
@@ -298,7 +299,7 @@ def _draw_start(key, method: ParticleMethod, target: Target, n: int) -> jax.Arra
 def _checked_init(method: ParticleMethod, target: Target, n_particles: int, init) -> np.ndarray:
     """A host copy of the caller's starting points (target coordinates), checked."""
     # The checks run on one host copy: a device round trip per check and a row sort for
-    # "all rows equal" cost 0.4-0.9 ms of a one-step run's ~4 ms on CPU (BENCHMARKS §24).
+    # "all rows equal" cost 0.4-0.9 ms of a one-step run's ~4 ms on CPU (docs/benchmarks/coin-svgd-uncapped-bets.md).
     host = np.asarray(init)
     if host.shape != (n_particles, target.dim) or not np.issubdtype(host.dtype, np.floating):
         raise ValueError(
@@ -332,7 +333,7 @@ def _start(method, target: Target, key, n: int, init):
     (``init``, checked on the host, or drawn), :func:`_start_counts`, and the drawn start in
     the target's coordinates (``None`` for a given ``init``). Each eager
     operation it replaces (the split, the transfer, the added axis) is a kernel launch on a
-    GPU, where they cost 0.3-0.8 ms of a one-step run's ~5 ms (BENCHMARKS.md section 27)."""
+    GPU, where they cost 0.3-0.8 ms of a one-step run's ~5 ms (docs/benchmarks/particle-run-fixed-cost-gpu.md)."""
     init_key, run_key, diag_key = jax.random.split(key, 3)
     z = _draw_start(init_key, method, target, n) if init is None else method.coordinates(jnp.asarray(init))
     drawn = method.positions(z) if init is None else None  # for the method's own check

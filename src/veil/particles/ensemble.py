@@ -120,7 +120,7 @@ def repulsive_ensemble(
     The repulsion that moves members across a valley also biases them (measured on three
     modes of sd 0.7, 4 to 6 apart, ``k = 3``: strength 10 pushed each mean about 1.1 off its
     mode, strength 1 by 0.12); with ``polish`` (default) a second run without it lets each
-    member settle at its basin's optimum. Measured on that target (BENCHMARKS.md section 20),
+    member settle at its basin's optimum. Measured on that target (docs/benchmarks/particles-against-blackjax-numpyro.md),
     six seeds: with strength 10 all three modes were found in 3 of 6 runs, independent fits
     side by side in 0 of 6.
 
@@ -155,7 +155,7 @@ def repulsive_ensemble(
     objective.check_family(q)
     optimizer = _ADAM_OPTIMIZER if optimizer is None else optimizer  # the components are stacked: no single location
     if stop is DEFAULT:
-        stop = StopRule(max_drift=2.0)  # the limit this was measured with (BENCHMARKS.md section 22)
+        stop = StopRule(max_drift=2.0)  # the limit this was measured with (docs/benchmarks/repulsive-ensembles-three-modes.md)
     if stop is not None and not isinstance(stop, StopRule):
         raise TypeError(f"stop must be a veil.StopRule or None, got {stop!r}.")
     start_key, run_key, weight_key, diag_key = jax.random.split(key, 4)

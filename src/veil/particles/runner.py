@@ -64,7 +64,8 @@ class _ParticleKernel(Kernel):
 # _ParticleKernel.watched) rather than against noise. A window of 150 steps, not the noisy
 # ELBO's 200, makes the stage judged at 300 steps (StopRule.min_stage; the driver's chunks
 # end there and every 300 steps after), so a run can stop at step 300 rather than 400 or 800:
-# measured on 12 rows of benchmarks/particles.py (BENCHMARKS.md sections 24 and 25), every
+# measured on 12 rows of benchmarks/peers/particles.py (docs/benchmarks/coin-svgd-uncapped-bets.md and
+# docs/benchmarks/fullrank-solves-time-to-accuracy.md), every
 # stop was within the time-to-accuracy goal; a window of 100 (stages judged at 250) stopped
 # four rows later, at 500-750 steps, where 150 stops them at 300.
 _DEFAULT_STOP = StopRule(min_window=150, min_decays=0, max_decays=0, drift_atol=0.01, max_drift=2.0)
@@ -109,8 +110,9 @@ def run(
         ValueError / TypeError: bad arguments, or a log density or gradient that is not
             finite at a starting particle, before any compilation of the loop.
 
-    A call costs 2-3 ms besides its steps (start checks, the driver, the result; BENCHMARKS.md
-    section 27): for runs of a few milliseconds, or many small ones inside your own program,
+    A call costs 2-3 ms besides its steps (start checks, the driver, the result;
+    docs/benchmarks/particle-run-fixed-cost-gpu.md): for runs of a few milliseconds, or many small
+    ones inside your own program,
     ``state = method.init(key, target, n, init=x0)`` and ``method.step`` in your own jitted
     loop skip it.
 

@@ -77,7 +77,7 @@ class CoinSVGD(OptaxMethod):
         kernel: as for :class:`SVGD`.
         alpha: COCOB's cap on the early bets. The default, 1, is no cap (the paper's rule).
             optax's own default, 100, makes the first moves 100 times smaller. Measured
-            against tuned SVGD (``benchmarks/particles.py``, BENCHMARKS.md section 24), 100
+            against tuned SVGD (``benchmarks/peers/particles.py``, docs/benchmarks/coin-svgd-uncapped-bets.md), 100
             took 2-3x SVGD's time on German credit and a Dirichlet and settled with a 2-d
             mixture's mode weights off; ``alpha = 1`` was within 1.2x on all 12 rows (SVGD
             tuned at 200 particles), though 2.75x on the mixture at 1000 particles when SVGD

@@ -1,0 +1,1 @@
+"""Studies of veil against itself: settings, costs, alternatives tried (docs/benchmarks/)."""
