@@ -73,3 +73,28 @@ def test_veils_methods_are_kernels():
     assert issubclass(GradientKernel, Kernel) and issubclass(_FBGVIKernel, Kernel)
     assert issubclass(_ParticleKernel, Kernel)
     assert issubclass(_VILoss, Loss) and issubclass(_EnsembleLoss, Loss)
+
+
+class CountDown(Kernel):
+    """Halves x each step and finishes by itself once |x| < 1 (a deterministic method that knows
+    when it is done); from x0 = 100 that is after 7 steps (100 / 2^7 < 1 <= 100 / 2^6)."""
+
+    finishes = True
+    finish_reason = "converged: x is below 1"
+
+    def init(self, x):
+        return ()
+
+    def step(self, x, state, key, scale, batch):
+        new = x / 2.0
+        return new, state, StepInfo(jnp.sum(x), jnp.bool_(True), jnp.all(jnp.abs(new) < 1.0))
+
+
+def test_a_kernel_that_finishes_ends_its_restart_there():
+    out = driver.run(CountDown(), jnp.array([[100.0], [3.0]]), key=jax.random.key(0), max_steps=50,
+                     stop_rule=None, progress=False)
+    # restart 0 finishes after 7 steps, restart 1 (3 -> 1.5 -> 0.75) after 2; no step after that
+    assert list(out.num_steps) == [7, 2] and out.stop_reasons == ["converged: x is below 1"] * 2
+    np.testing.assert_array_equal(np.asarray(out.params[:, 0]), [100.0 / 2**7, 0.75])
+    np.testing.assert_array_equal(out.traces[1], [3.0, 1.5])
+    assert list(out.skipped) == [0, 0]

@@ -39,6 +39,7 @@ import dataclasses
 import math
 import time
 import warnings
+from typing import Any, ClassVar
 
 import equinox as eqx
 import jax
@@ -48,6 +49,8 @@ import optax
 
 from veil._checks import Int, Real
 from veil.family import Family
+from veil.loop import driver
+from veil.loop.kernel import Kernel, StepInfo, all_finite, keep_if
 from veil.result import VIResult
 from veil.target import Target, log_density_rows
 
@@ -105,47 +108,55 @@ def _sample_average_loss(params, static, target, eps):
     return -jnp.mean(_per_draw_elbo(params, static, target, eps))
 
 
-@eqx.filter_jit
-def _optimize(params, static, target, eps, max_iters: int, tol: float):
-    """L-BFGS on the sample-average loss: ``(params, trace, iterations, evaluations, status)``,
-    status 0 converged, 1 out of iterations, 2 a non-finite loss (``params`` then the last
-    finite iterate)."""
+class _DADVIKernel(Kernel):
+    """L-BFGS on the sample-average loss, as the loop runs it: one iteration a step, its value
+    traced; finished when the objective has not fallen below its best by more than ``tol`` in
+    ``_PATIENCE`` iterations in a row. Progress is measured against the best value so far, not
+    the previous one: at the optimum float32 round-off makes the objective jitter by an ulp
+    (1.2e-7 at 1.9), and a one-ulp dip after a one-ulp rise counted as a fall of more than 1e-7
+    and reset the count, so a converged fit could run to max_iters (test_dadvi's Gaussian did,
+    under the test suite's XLA flags). The jitter cannot keep beating its own minimum.
 
-    def loss(p):
-        return _sample_average_loss(p, static, target, eps)
+    The state carries L-BFGS's, the best value, the stall count and the objective's evaluations
+    (the line search's; ``value_and_grad_from_state`` reuses the accepted point's, except at
+    the start)."""
 
-    opt = optax.lbfgs()
-    value_and_grad = optax.value_and_grad_from_state(loss)
-    trace0 = jnp.full((max_iters,), jnp.nan)
+    static: Any
+    target: Target
+    eps: jax.Array
+    tol: float = eqx.field(static=True)
 
-    def cond(c):
-        it, _, _, _, _, stall, bad, _ = c
-        return (it < max_iters) & (stall < _PATIENCE) & ~bad
+    finishes: ClassVar[bool] = True
 
-    def body(c):
-        it, p, st, trace, last, stall, _, evals = c
-        v, g = value_and_grad(p, state=st)
-        bad = ~jnp.isfinite(v) | ~jnp.isfinite(sum(jnp.sum(x) for x in jax.tree.leaves(g)))
-        updates, new_st = opt.update(g, st, p, value=v, grad=g, value_fn=loss)
-        new_p = optax.apply_updates(p, updates)
-        # Evaluations of the objective (each a gradient at every draw): the line search's;
-        # value_and_grad_from_state reuses the accepted point's, except at the start.
-        n_ls = optax.tree_utils.tree_get(new_st, "num_linesearch_steps")
-        # Progress is measured against the best value so far, not the previous one: at the
-        # optimum float32 round-off makes the objective jitter by an ulp (1.2e-7 at 1.9), and a
-        # one-ulp dip after a one-ulp rise counted as a fall of more than 1e-7 and reset the
-        # count, so a converged fit could run to max_iters (test_dadvi's Gaussian did, under
-        # the test suite's XLA flags). The jitter cannot keep beating its own minimum.
-        stall = jnp.where(last - v > tol, 0, stall + 1)
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(bad, b, a), new, old)  # noqa: E731
-        return (it + 1, keep(new_p, p), keep(new_st, st), trace.at[it].set(v), jnp.minimum(v, last), stall, bad,
-                evals + n_ls + (it == 0))
+    @property
+    def finish_reason(self) -> str:
+        return f"converged: the objective fell below its best by less than {self.tol:g} in {_PATIENCE} iterations in a row"
 
-    init = (jnp.int32(0), params, opt.init(params), trace0, jnp.asarray(jnp.inf, trace0.dtype),
-            jnp.int32(0), jnp.bool_(False), jnp.int32(0))
-    it, p, _, trace, _, stall, bad, evals = jax.lax.while_loop(cond, body, init)
-    status = jnp.where(bad, 2, jnp.where(stall >= _PATIENCE, 0, 1))
-    return p, trace, it, evals, status
+    def _loss(self, p):
+        return _sample_average_loss(p, self.static, self.target, self.eps)
+
+    def init(self, params):
+        best = jnp.asarray(jnp.inf, jax.dtypes.canonicalize_dtype(jnp.float64))  # the default float's width
+        return _LBFGS.init(params), best, jnp.int32(0), jnp.int32(1)
+
+    def step(self, params, state, key, scale, batch):
+        opt_state, best, stall, evals = state
+        value, grad = optax.value_and_grad_from_state(self._loss)(params, state=opt_state)
+        ok = all_finite(value, grad)
+
+        def move(args):
+            params, opt_state, best, stall, evals = args
+            updates, opt_state = _LBFGS.update(grad, opt_state, params, value=value, grad=grad, value_fn=self._loss)
+            stall = jnp.where(best - value > self.tol, 0, stall + 1)
+            evals = evals + optax.tree_utils.tree_get(opt_state, "num_linesearch_steps")
+            return optax.apply_updates(params, updates), opt_state, jnp.minimum(value, best).astype(best.dtype), stall, evals
+
+        params, opt_state, best, stall, evals = keep_if(ok, move, (params, opt_state, best, stall, evals))
+        # A non-finite objective does not change on a second look: that ends the run too.
+        return params, (opt_state, best, stall, evals), StepInfo(value, ok, (stall >= _PATIENCE) | ~ok)
+
+
+_LBFGS = optax.lbfgs()  # one object: the compiled loop is keyed by the kernel's static parts
 
 
 @eqx.filter_jit
@@ -219,11 +230,13 @@ def dadvi(target: Target, q: Family, *, key: jax.Array, num_draws: Int = 1024, m
             "overflows or is undefined where q puts draws. Start q closer (init_loc=...) or with "
             "a smaller init_scale."
         )
-    p, trace, iters, evals, status = jax.device_get(
-        _optimize(params, static, target, eps, int(max_iters), float(tol)))
-    iters, status = int(iters), int(status)
-    fitted = eqx.combine(jax.tree.map(jnp.asarray, p), static)
-    trace = np.asarray(trace[:iters], np.float64)
+    out = driver.run(_DADVIKernel(static, target, eps, float(tol)), jax.tree.map(lambda x: x[None], params),
+                     key=draw_key, max_steps=int(max_iters), stop_rule=None, progress=False,
+                     max_consecutive_skips=1, description="dadvi")
+    iters, evals = int(out.num_steps[0]), int(out.kernel_state[3][0])
+    status = {"max_steps": 1, "nonfinite": 2}.get(out.stop_reasons[0], 0)
+    fitted = eqx.combine(jax.tree.map(lambda x: x[0], out.params), static)
+    trace = np.asarray(out.traces[0], np.float64)
     # The fixed draws' ELBO at the result, and its noise (from the antithetic pairs' means).
     per_draw = np.asarray(_per_draw_elbo(eqx.filter(fitted, eqx.is_inexact_array), static, target, eps), np.float64)
     final = -float(per_draw.mean())

@@ -82,6 +82,8 @@ class LoopState(NamedTuple):
     consecutive: jax.Array  # skipped steps in a row at the end of the chunk (int32)
     step: jax.Array  # steps taken so far (int32): the step's key is fold_in(key, step)
     batch_state: Any = None  # the batch source's state (its epoch's permutation), if any
+    finished: Any = None  # for a kernel that finishes by itself: whether it has (bool)
+    finished_at: Any = None  # and the step count when it did (int32, -1 before)
 
 
 class ChunkOut(NamedTuple):
@@ -169,14 +171,27 @@ def _chunk(kernel: Kernel, state: LoopState, n_steps, probe, capacity: int, trac
         elif source is not None:
             batch, batch_state = source.next(st.batch_state)
         # A step the kernel does not take (not finite) returns its input unchanged.
-        params, kernel_state, info = kernel.step(st.params, st.kernel_state, step_key, st.step_scale, batch)
-        ok = info.ok
+        if kernel.finishes:  # after it has finished, a step is no step (recorded as NaN)
+            def take(args):
+                params, kernel_state, info = kernel.step(*args, step_key, st.step_scale, batch)
+                return params, kernel_state, (jnp.asarray(info.value, losses.dtype), info.ok, jnp.asarray(info.done))
+
+            idle = (jnp.full((), jnp.nan, losses.dtype), jnp.bool_(True), jnp.bool_(True))
+            params, kernel_state, (value, ok, done) = jax.lax.cond(
+                st.finished, lambda args: (*args, idle), take, (st.params, st.kernel_state))
+            counted = ~st.finished
+            finished = st.finished | done
+            finished_at = jnp.where(counted & done, st.step + 1, st.finished_at)
+        else:
+            params, kernel_state, info = kernel.step(st.params, st.kernel_state, step_key, st.step_scale, batch)
+            value, ok, counted, finished, finished_at = info.value, info.ok, True, None, None
         st = LoopState(
             params, kernel_state, st.key, st.step_scale,
-            st.skipped + (~ok).astype(jnp.int32), jnp.where(ok, 0, st.consecutive + 1),
-            st.step + 1, batch_state,
+            st.skipped + (counted & ~ok).astype(jnp.int32),
+            jnp.where(counted, jnp.where(ok, 0, st.consecutive + 1), st.consecutive),
+            st.step + 1, batch_state, finished, finished_at,
         )
-        losses = losses.at[i].set(jnp.where(ok, info.value, jnp.nan))
+        losses = losses.at[i].set(jnp.where(ok, value, jnp.nan))
         if track:
             psum = jax.tree.map(lambda s, p: s + jnp.where(ok, p, 0.0), psum, params)
             pbuf = pbuf.at[i // PROBE_BATCH].add(_flat(kernel.watched(params))[probe])
@@ -252,6 +267,8 @@ def _init_state(kernel: Kernel, params, key):
         consecutive=jnp.zeros(k, jnp.int32),
         step=jnp.zeros(k, jnp.int32),
         batch_state=batch_state,
+        finished=jnp.zeros(k, bool) if kernel.finishes else None,
+        finished_at=jnp.full(k, -1, jnp.int32) if kernel.finishes else None,
     )
 
 
@@ -265,6 +282,7 @@ class RunOutput(NamedTuple):
     skipped: np.ndarray  # skipped (non-finite) steps per restart
     final_loss: np.ndarray  # mean loss over each restart's final window
     wall_time: float
+    kernel_state: Any = None  # the kernel's final state, leading restart axis
 
 
 @dataclasses.dataclass
@@ -446,8 +464,9 @@ def _one_chunk(kernel, state, host: _Host, probe, track, max_consecutive_skips, 
         state, out = _run_chunk(kernel, state, np.int32(m), probe, capacity, track, feed)
         pieces.append((m, out))
     # The one host sync of the chunk: every host-side quantity in a single transfer.
-    got, consecutive, host.skipped = jax.device_get(
-        ([(o.losses, o.probe_means if track else None) for _, o in pieces], state.consecutive, state.skipped)
+    got, consecutive, host.skipped, finished_at = jax.device_get(
+        ([(o.losses, o.probe_means if track else None) for _, o in pieces], state.consecutive, state.skipped,
+         state.finished_at)
     )
     got = [(loss[:, :m], p[:, : -(-m // PROBE_BATCH)] if track else None) for (m, _), (loss, p) in zip(pieces, got)]
     if not track and feeds is None:  # the next plain chunk: about PLAIN_SECONDS of work
@@ -460,6 +479,14 @@ def _one_chunk(kernel, state, host: _Host, probe, track, max_consecutive_skips, 
     host.steps += n
     steps, rules = host.steps, host.rules
     for r in map(int, np.flatnonzero(~host.done)):
+        if finished_at is not None and finished_at[r] >= 0:  # the kernel's own criterion ended it
+            took = int(finished_at[r])
+            host.traces[r].append(losses[r][: took - (steps - n)])
+            host.num_steps[r] = took
+            host.done[r] = True
+            host.reasons[r] = "nonfinite" if consecutive[r] >= max_consecutive_skips else kernel.finish_reason
+            host.final[r] = _index(state.params, r)
+            continue
         host.traces[r].append(losses[r])
         host.num_steps[r] = steps
         if consecutive[r] >= max_consecutive_skips:
@@ -534,6 +561,7 @@ def _finish(state, host: _Host, track: bool, wall: float) -> RunOutput:
         skipped=np.asarray(state.skipped) if host.skipped is None else host.skipped,
         final_loss=final_loss,
         wall_time=wall,
+        kernel_state=state.kernel_state,
     )
 
 

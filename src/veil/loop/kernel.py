@@ -17,7 +17,8 @@ looked up on a kernel: no attribute names, no fake gradients.
 
 Kernels in veil: :class:`GradientKernel` (an optax optimizer on the gradient of a
 :class:`Loss`: ``veil.fit``, repulsive ensembles), the particle methods' kernel
-(:mod:`veil.particles.runner`: the method's own move) and FB-GVI's (its proximal step).
+(:mod:`veil.particles.runner`: the method's own move), FB-GVI's (its proximal step) and
+deterministic ADVI's (an L-BFGS iteration; it ``finishes`` by its own tolerance).
 
 **The intended extension** (issue 31, models that learn): the contract already carries what
 it needs. Model parameters learned beside ``q`` are more leaves of ``params`` (a pytree
@@ -31,7 +32,7 @@ batch source stay as they are.
 from __future__ import annotations
 
 import abc
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import equinox as eqx
 import jax
@@ -48,6 +49,7 @@ class StepInfo(NamedTuple):
 
     value: jax.Array  # the traced value (a loss, or a method's report); NaN is recorded where not ok
     ok: jax.Array  # whether the step was taken (bool): a step that is not finite keeps its input
+    done: Any = False  # for a kernel that ``finishes``: its own criterion is met after this step
 
 
 class Kernel(eqx.Module):
@@ -58,7 +60,15 @@ class Kernel(eqx.Module):
     parameters); ``batches`` is the batch source the loop draws each step's batch from
     (``None``: full data). A kernel is an ``equinox.Module``: its static parts key the
     compiled loop, its arrays (data) are inputs of it.
+
+    A deterministic method that knows when it is done (L-BFGS on a fixed objective) sets
+    ``finishes`` and says so in ``StepInfo.done``: the loop then takes no more steps of that
+    restart and ends it with ``finish_reason``; stochastic methods leave that to the stopping
+    rule.
     """
+
+    finishes: ClassVar[bool] = False
+    finish_reason: ClassVar[str] = "converged: the method's own criterion was met"
 
     @abc.abstractmethod
     def init(self, params) -> Any:
