@@ -274,7 +274,7 @@ def _check_kernel(kernel):
 def _initial_particles(key, method: ParticleMethod, target: Target, n_particles: int, init) -> jax.Array:
     """Starting particles in the method's coordinates (checked: count, shape, finite, apart,
     inside the method's set)."""
-    _check_count(n_particles)
+    _check_particle_count(n_particles)
     if init is None:
         z = _draw_start(key, method, target, int(n_particles))
         method.check_init(np.asarray(method.positions(z)))
@@ -282,7 +282,7 @@ def _initial_particles(key, method: ParticleMethod, target: Target, n_particles:
     return method.coordinates(jnp.asarray(_checked_init(method, target, n_particles, init)))
 
 
-def _check_count(n_particles) -> None:
+def _check_particle_count(n_particles) -> None:
     if isinstance(n_particles, bool) or not isinstance(n_particles, (int, np.integer)) or n_particles < 2:
         raise ValueError(
             f"n_particles must be an integer >= 2 (the kernel needs pairs of particles), got {n_particles!r}."

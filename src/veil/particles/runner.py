@@ -20,7 +20,7 @@ from veil.loop.kernel import Kernel, StepInfo, all_finite, keep_if
 from veil.diagnostics import StopRule
 from veil.families.empirical import Empirical
 from veil.target import Target
-from veil.particles.base import ParticleMethod, _check_count, _checked_init, _start
+from veil.particles.base import ParticleMethod, _check_particle_count, _checked_init, _start
 from veil.particles.kalman import EKI, InverseProblem
 from veil.particles.result import ParticleResult
 from veil.particles.svgd import CoinSVGD
@@ -155,7 +155,7 @@ def run(
         )
     if checkpoint is not None and not isinstance(checkpoint, Checkpoint):
         checkpoint = Checkpoint(checkpoint)
-    _check_count(n_particles)
+    _check_particle_count(n_particles)
     host_init = None if init is None else _checked_init(method, target, n_particles, init)
     # (a device array goes in as it is: the host copy was for the checks)
     x0, run_key, diag_key, counts, drawn = _start(
