@@ -134,3 +134,15 @@ def test_engine_discovers_no_ability_by_attribute_name():
         text = (SRC / path).read_text()
         for name in ("hasattr(q,", "hasattr(params,", 'getattr(q, "'):
             assert name not in text, (path, name)
+
+
+def test_abilities_add_no_fields():
+    """An ability class declares methods only: a field (an abstract variable included) would come
+    first among a family's fields and reorder its parameters' leaves, which the driver's probe,
+    checkpoints and every seed-pinned result depend on (a Flow's order changed once this way)."""
+    import dataclasses
+
+    for ability in (LocationScale, FactorSteps, Gaussian, RejectionSampled, Components, Staged):
+        assert [f.name for f in dataclasses.fields(ability)] == ["dim"], ability
+    flow = veil.flows.coupling(2, key=jax.random.key(0))
+    assert [f.name for f in dataclasses.fields(flow)] == ["dim", "bijection", "base", "fit_base_first"]

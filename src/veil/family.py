@@ -171,10 +171,9 @@ class Family(eqx.Module):
 
 
 class LocationScale(Family):
-    """Ability: ``z = loc + S eps`` with a scale ``S`` the family can apply and transpose.
-    veil's whitened location step (:func:`veil.optim.whitened_location`) uses it."""
-
-    loc: eqx.AbstractVar[Array]
+    """Ability: ``z = loc + S eps`` (field ``loc``) with a scale ``S`` the family can apply and
+    transpose. veil's whitened location step (:func:`veil.optim.whitened_location`) uses it.
+    The field is the subclass's own (see :class:`Components`)."""
 
     @abc.abstractmethod
     def scale_matvec(self, u: Float[Array, " dim"]) -> Float[Array, " dim"]:
@@ -216,11 +215,10 @@ class RejectionSampled(Family):
 
 
 class Components(Family):
-    """Ability: a weighted mixture of ``k`` components of one family, drawn from every
-    component at once (``veil.Stratified``)."""
-
-    k: eqx.AbstractVar[int]
-    components: eqx.AbstractVar[Family]
+    """Ability: a weighted mixture of ``k`` components of one family (fields ``k`` and
+    ``components``, the latter stacked), drawn from every component at once
+    (``veil.Stratified``). The fields are the subclass's own, not abstract variables here:
+    these would come first among its fields and reorder its parameters' leaves."""
 
     @property
     @abc.abstractmethod
@@ -233,11 +231,9 @@ class Components(Family):
 
 
 class Staged(Family):
-    """Ability: a family built over a base family that ``veil.fit`` fits first, alone, when
-    ``fit_base_first`` (a flow or semi-implicit family built without a base)."""
-
-    base: eqx.AbstractVar[Family]
-    fit_base_first: eqx.AbstractVar[bool]
+    """Ability: a family built over a base family (field ``base``) that ``veil.fit`` fits
+    first, alone, when ``fit_base_first`` (a flow or semi-implicit family built without a
+    base). The fields are the subclass's own (see :class:`Components`)."""
 
     @abc.abstractmethod
     def with_base(self, base: Family) -> Family:
