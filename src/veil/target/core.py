@@ -219,6 +219,19 @@ def _streamed_loglik(log_lik, store, z: jax.Array) -> jax.Array:
     return acc
 
 
+def _refuse_params(trace) -> None:
+    """A model's ``numpyro.param`` sites would be held at their initial values by a fit (the
+    potential treats them as constants): refuse them, naming them, rather than fit without a
+    word. Learning them beside q (variational EM) is issue 31's work."""
+    params = [name for name, site in trace.items() if site["type"] == "param"]
+    if params:
+        raise NotImplementedError(
+            f"The model has numpyro.param site(s) {', '.join(repr(n) for n in params)}: model parameters, "
+            "which veil does not learn yet; a fit would hold them at their initial values. Give each a "
+            "prior (numpyro.sample) to infer it with the latents, or pass its value to the model as data."
+        )
+
+
 def _leading(data) -> int:
     return jax.tree.leaves(data)[0].shape[0]
 
@@ -525,7 +538,8 @@ class Target(eqx.Module):
         inputs, so new data of the same shapes do not recompile.
 
         Raises:
-            NotImplementedError: the model has a discrete latent site.
+            NotImplementedError: the model has a discrete latent site, or ``numpyro.param``
+                sites (model parameters, which veil does not learn yet).
             ValueError: an array argument holds NaN or inf, or the model has no latent site.
         """
         if not callable(model):
@@ -533,6 +547,7 @@ class Target(eqx.Module):
         _check_data_finite(args, kwargs)
         # Trace the model once, eagerly, to learn its latent sites and their supports.
         tr = handlers.trace(handlers.seed(model, rng_seed=0)).get_trace(*args, **kwargs)
+        _refuse_params(tr)
         latent = {}
         for name, site in tr.items():
             if site["type"] == "sample" and site["is_observed"] and isinstance(site["value"], str):
