@@ -174,17 +174,3 @@ def test_a_fit_on_a_large_closure_matches_the_same_fit_written_with_a_small_one(
     # Same key, same arithmetic up to XLA's choice of fusion (constants can be folded).
     np.testing.assert_allclose(a.q.mean, b.q.mean, rtol=1e-4, atol=1e-5)
 
-
-def test_model_parameters_are_refused_not_frozen():
-    """A numpyro.param site would be held at its initial value by a fit (the potential treats it
-    as a constant): from_numpyro names it and says what to do, before anything compiles."""
-    import numpyro
-    import numpyro.distributions as dist
-
-    def model(y):
-        mu = numpyro.sample("mu", dist.Normal(0.0, 10.0))
-        s = numpyro.param("s", 1.0, constraint=dist.constraints.positive)
-        numpyro.sample("y", dist.Normal(mu, s), obs=y)
-
-    with pytest.raises(NotImplementedError, match=r"numpyro.param site\(s\) 's'.*prior"):
-        veil.Target.from_numpyro(model, jnp.array([0.5, 1.5, 2.0]))

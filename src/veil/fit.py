@@ -125,6 +125,30 @@ class _VILoss(Loss):
         return loss, new_state
 
 
+class _ParamsLoss(Loss):
+    """A fit's loss with the model's parameters learned beside ``q``: ``params`` is ``{"q": the
+    family's arrays, "theta": the target's parameters, unconstrained}``, and each step's
+    objective sees the target at its current parameters. The ELBO bounds the log marginal
+    likelihood below, so maximising it in both is variational EM (type-II maximum likelihood
+    where ``q`` can hold the exact posterior)."""
+
+    inner: _VILoss
+
+    def init_state(self, params):
+        return self.inner.init_state(params["q"])
+
+    def watched(self, params):
+        return {"q": self.inner.watched(params["q"]), "theta": params["theta"]}
+
+    @property
+    def batches(self):
+        return self.inner.batches
+
+    def __call__(self, params, key, state=None, batch=None):
+        inner = eqx.tree_at(lambda loss: loss.target, self.inner, self.inner.target.with_params(params["theta"]))
+        return inner(params["q"], key, state, batch)
+
+
 @eqx.filter_jit
 def _start(target: Target, q: Family, key: jax.Array, num_restarts: int):
     """Everything a fit needs before its loop, in one compiled call: the log density and its
@@ -265,6 +289,13 @@ def fit(
     _check_key(key)
     max_steps = _check_positive_int("max_steps", max_steps)
     num_restarts = _check_positive_int("num_restarts", num_restarts)
+    learn = target.has_params  # a model's parameters, learned beside q
+    if learn and (num_restarts > 1 or mesh is not None or target.is_minibatched):
+        raise NotImplementedError(
+            f"The model has parameters ({', '.join(s.name for s in target.param_sites)}), which veil.fit "
+            "learns on one device, with full data and one restart for now: drop num_restarts, mesh or the "
+            "plate's subsample_size, or give the parameters priors to infer them as latents."
+        )
     # What the family declares for itself (flows, semi-implicit families, mixtures), then the
     # engine's defaults for what it leaves out.
     declared = q.fit_defaults(minibatched=target.is_minibatched) or FitDefaults()
@@ -317,13 +348,18 @@ def fit(
         base_ckpt = None if checkpoint is None else Checkpoint(checkpoint.path[:-4] + ".base", checkpoint.every)
         base_res = fit(target, q.base, key=base_key, max_steps=max_steps, progress=progress, checkpoint=base_ckpt)
         q = q.with_base(base_res.q)  # fit_base_first stays True but is not looked at again
+        target = base_res.target  # with the parameters the Gaussian stage learned
     checks, params, run_key, pick_key, diag_key = _start(target, q, key, num_restarts)
     _check_start(q, *jax.device_get(checks), target)
     if restart_sharding is not None:
         params = jax.device_put(params, restart_sharding)
     rest = eqx.filter(q, eqx.is_inexact_array, inverse=True)
+    loss = _VILoss(target, objective, rest)
+    if learn:
+        loss = _ParamsLoss(loss)
+        params = {"q": params, "theta": jax.tree.map(lambda x: x[None], target.params)}
     out = driver.run(
-        GradientKernel(_VILoss(target, objective, rest), optimizer),
+        GradientKernel(loss, optimizer),
         params,
         key=run_key,
         max_steps=max_steps,
@@ -337,7 +373,9 @@ def fit(
         bounds = np.asarray(_restart_bounds(target, out.params, rest, pick_key, 512))
         best = int(np.nanargmax(np.where(np.isfinite(bounds), bounds, -np.inf)))
         other_modes = _other_modes(out.params, rest, bounds, best)
-    best_q = eqx.combine(_select(out.params, best), rest)
+    best_q = eqx.combine(_select(out.params["q"] if learn else out.params, best), rest)
+    if learn:  # the result's target holds the learned parameters (res.params)
+        target = target.with_params(_select(out.params["theta"], best))
     if out.stop_reasons[best] == "nonfinite":
         warnings.warn(
             "The fit stopped early: the loss or its gradient was not finite for "

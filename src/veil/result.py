@@ -703,6 +703,12 @@ class VIResult(Result):
         return LogEvidence(estimate, se, khat, n)
 
     @property
+    def params(self) -> dict[str, jax.Array]:
+        """The model parameters the fit learned (a NumPyro model's ``numpyro.param`` sites,
+        constrained); ``{}`` for a target without parameters."""
+        return self.target.constrained_params()
+
+    @property
     def converged(self) -> bool:
         """Whether the stopping rule ended the run (not ``max_steps`` or non-finite values)."""
         return self.stop_reason.startswith("converged")

@@ -23,6 +23,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from numpyro import handlers
 from numpyro.distributions import biject_to
+from numpyro.distributions import constraints as dist_constraints
+from numpyro.distributions.distribution import validation_enabled as numpyro_validation
 from numpyro.infer.util import constrain_fn, potential_energy, transform_fn
 from numpyro.primitives import Messenger
 
@@ -219,17 +221,43 @@ def _streamed_loglik(log_lik, store, z: jax.Array) -> jax.Array:
     return acc
 
 
-def _refuse_params(trace) -> None:
-    """A model's ``numpyro.param`` sites would be held at their initial values by a fit (the
-    potential treats them as constants): refuse them, naming them, rather than fit without a
-    word. Learning them beside q (variational EM) is issue 31's work."""
-    params = [name for name, site in trace.items() if site["type"] == "param"]
-    if params:
-        raise NotImplementedError(
-            f"The model has numpyro.param site(s) {', '.join(repr(n) for n in params)}: model parameters, "
-            "which veil does not learn yet; a fit would hold them at their initial values. Give each a "
-            "prior (numpyro.sample) to infer it with the latents, or pass its value to the model as data."
-        )
+class ParamSite(eqx.Module):
+    """A model parameter (a ``numpyro.param`` site): its name and the constraint its values
+    keep; the target holds it unconstrained (``biject_to(constraint)`` maps it back)."""
+
+    name: str = eqx.field(static=True)
+    constraint: Any = eqx.field(static=True)
+
+
+def _param_sites(trace) -> tuple[tuple[ParamSite, ...], dict | None]:
+    """The model's ``numpyro.param`` sites and their initial values, unconstrained (``None``
+    for a model without any). An initial value outside its constraint is an error naming it."""
+    sites, values = [], {}
+    for name, site in trace.items():
+        if site["type"] != "param":
+            continue
+        constraint = site["kwargs"].get("constraint", dist_constraints.real)
+        value = jnp.asarray(site["value"])
+        if not bool(jnp.all(constraint.check(value))):
+            raise ValueError(
+                f"numpyro.param site '{name}' starts at {np.asarray(value)!r:.60}, outside its constraint "
+                f"({constraint}): give it an initial value inside it."
+            )
+        unconstrained = biject_to(constraint).inv(value)
+        if not bool(jnp.all(jnp.isfinite(unconstrained))):
+            raise ValueError(f"numpyro.param site '{name}' starts on the edge of its constraint ({constraint}).")
+        sites.append(ParamSite(name, constraint))
+        values[name] = unconstrained.astype(jax.dtypes.canonicalize_dtype(jnp.float64))  # strongly typed
+    return tuple(sites), (values or None)
+
+
+def _with_params(model, sites: tuple[ParamSite, ...], params):
+    """``model`` with its ``numpyro.param`` sites set to ``params`` (unconstrained, mapped back
+    through each site's constraint); ``model`` itself when it has none."""
+    if not sites:
+        return model
+    values = {s.name: biject_to(s.constraint)(params[s.name]) for s in sites}
+    return handlers.substitute(model, data=values)
 
 
 def _leading(data) -> int:
@@ -277,6 +305,8 @@ class Target(eqx.Module):
     constrain: Callable | None = eqx.field(static=True, default=None)  # a PyMC model's map to its variables
     arviz_dims: tuple | None = eqx.field(static=True, default=None)  # (coords, dims) for ArviZ, as tuples
     source: Any = eqx.field(static=True, default=None)  # a Stan model instance (veil.target.stan.StanModel)
+    params: Any = None  # a NumPyro model's parameters (numpyro.param sites), unconstrained: array leaves
+    param_sites: tuple = eqx.field(static=True, default=())  # their names and constraints (ParamSite)
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -526,7 +556,23 @@ class Target(eqx.Module):
                 self.data)
         return dataclasses.replace(self, data=data, mesh=mesh)
     def _model(self):
-        return _with_rows(self.model, self.plate, self.num_data, self.rows)
+        return _with_params(_with_rows(self.model, self.plate, self.num_data, self.rows), self.param_sites, self.params)
+
+    # ------------------------------------------------------------------ model parameters
+    @property
+    def has_params(self) -> bool:
+        """Whether the model has parameters (``numpyro.param`` sites) that ``veil.fit``
+        learns beside ``q`` (maximum marginal likelihood by the ELBO: variational EM)."""
+        return bool(self.param_sites)
+
+    def with_params(self, params) -> "Target":
+        """The same target with its parameters set to ``params`` (unconstrained, as
+        :attr:`params` holds them)."""
+        return eqx.tree_at(lambda t: t.params, self, params)
+
+    def constrained_params(self) -> dict[str, jax.Array]:
+        """The model parameters' current values, constrained (``{}`` for a model without)."""
+        return {s.name: biject_to(s.constraint)(self.params[s.name]) for s in self.param_sites}
 
     @classmethod
     def from_numpyro(cls, model: Callable, *args, **kwargs) -> "Target":
@@ -537,17 +583,29 @@ class Target(eqx.Module):
         Array arguments are data: checked for NaN/inf here, passed to the compiled program as
         inputs, so new data of the same shapes do not recompile.
 
+        ``numpyro.param`` sites are model parameters: ``veil.fit`` learns them beside ``q``
+        (by the ELBO, a lower bound on the log marginal likelihood: variational EM, or type-II
+        maximum likelihood), within their constraints, and ``res.params`` holds the learned
+        values. Until a fit, the target holds their initial values.
+
         Raises:
-            NotImplementedError: the model has a discrete latent site, or ``numpyro.param``
-                sites (model parameters, which veil does not learn yet).
-            ValueError: an array argument holds NaN or inf, or the model has no latent site.
+            NotImplementedError: the model has a discrete latent site.
+            ValueError: an array argument holds NaN or inf, the model has no latent site, or a
+                ``numpyro.param`` starts outside its constraint.
         """
         if not callable(model):
             raise TypeError(f"model must be a NumPyro model function, got {type(model).__name__}.")
         _check_data_finite(args, kwargs)
         # Trace the model once, eagerly, to learn its latent sites and their supports.
-        tr = handlers.trace(handlers.seed(model, rng_seed=0)).get_trace(*args, **kwargs)
-        _refuse_params(tr)
+        try:
+            tr = handlers.trace(handlers.seed(model, rng_seed=0)).get_trace(*args, **kwargs)
+        except ValueError:
+            # A numpyro.param outside its constraint makes the distributions it feeds refuse
+            # their arguments: name the parameter rather than the distribution.
+            with numpyro_validation(False):
+                _param_sites(handlers.trace(handlers.seed(model, rng_seed=0)).get_trace(*args, **kwargs))
+            raise
+        param_sites, params = _param_sites(tr)
         latent = {}
         for name, site in tr.items():
             if site["type"] == "sample" and site["is_observed"] and isinstance(site["value"], str):
@@ -580,7 +638,7 @@ class Target(eqx.Module):
         deterministic = tuple(n for n, s in tr.items() if s["type"] == "deterministic")
         data = (tuple(args), dict(kwargs))
         return cls("numpyro", offset, None, model, tuple(sites), tuple(latent) + deterministic, data,
-                   None, num_data, batch_size, plate)
+                   None, num_data, batch_size, plate, params=params, param_sites=param_sites)
 
     @classmethod
     def from_pymc(cls, model) -> "Target":
