@@ -67,3 +67,26 @@ def test_what_is_not_learned_yet_says_so():
     target = veil.Target.from_numpyro(model, jnp.asarray(Y))
     with pytest.raises(NotImplementedError, match=r"parameters \(s\).*one restart"):
         veil.fit(target, veil.MeanField(1), key=jax.random.key(0), num_restarts=2, progress=False)
+
+
+def test_a_plain_log_density_with_params_learns_them():
+    # The same model written by hand: fn(z, theta) with theta the log noise sd; the learned
+    # exp(theta) reaches the same maximiser (same tolerance, same reasons as above).
+    s_ml, mean, sd = _type_ii_ml(Y)
+    y = jnp.asarray(Y)
+
+    def fn(z, theta):
+        s = jnp.exp(theta["log_s"])
+        return (-0.5 * (z[0] / 10.0) ** 2 - y.size * jnp.log(s) - 0.5 * jnp.sum(((y - z[0]) / s) ** 2))
+
+    target = veil.Target.from_logdensity(fn, dim=1, params={"log_s": 0.0})
+    res = veil.fit(target, veil.MeanField(1), key=jax.random.key(1), progress=False)
+    assert abs(float(jnp.exp(res.params["log_s"])) / s_ml - 1) < 7e-3
+    assert abs(float(res.q.mean[0]) - mean) < 1e-2 * sd
+
+
+def test_plain_params_are_checked():
+    with pytest.raises(TypeError, match="floating-point"):
+        veil.Target.from_logdensity(lambda z, th: -jnp.sum(z**2), dim=1, params={"n": 3})
+    with pytest.raises(ValueError, match="non-finite"):
+        veil.Target.from_logdensity(lambda z, th: -jnp.sum(z**2), dim=1, params={"a": jnp.nan})

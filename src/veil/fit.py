@@ -292,7 +292,7 @@ def fit(
     learn = target.has_params  # a model's parameters, learned beside q
     if learn and (num_restarts > 1 or mesh is not None or target.is_minibatched):
         raise NotImplementedError(
-            f"The model has parameters ({', '.join(s.name for s in target.param_sites)}), which veil.fit "
+            f"The model has parameters ({', '.join(s.name for s in target.param_sites) or 'params='}), which veil.fit "
             "learns on one device, with full data and one restart for now: drop num_restarts, mesh or the "
             "plate's subsample_size, or give the parameters priors to infer them as latents."
         )
@@ -571,11 +571,11 @@ def _closure_hint(target: Target | None) -> str:
     if target is None or target.kind != "logdensity":
         return ""
     try:
-        consts = list(jax.make_jaxpr(target.fn if target.data is None else
-                                     lambda z: target.fn(z, target.data[0]))(jnp.zeros(target.dim)).consts)
+        # The target's arrays (hoisted data, parameters) and whatever its function closes over
+        # are all constants of its log density's program.
+        consts = list(jax.make_jaxpr(target.log_density)(jnp.zeros(target.dim)).consts)
     except Exception:  # noqa: BLE001 - the hint is a courtesy; the error above stands
         return ""
-    consts += [] if target.data is None or target.data[0] is None else list(target.data[0])
     bad = [(np.shape(c), int(np.size(c) - np.isfinite(np.asarray(c)).sum())) for c in consts
            if np.issubdtype(np.asarray(c).dtype, np.inexact) and not np.isfinite(np.asarray(c)).all()]
     if not bad:

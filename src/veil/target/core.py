@@ -137,6 +137,10 @@ def _call(fn, z, consts):
     return fn(z) if consts is None else fn(z, consts)
 
 
+def _swap_args(fn, params, z):
+    return fn(z, params)
+
+
 def _logdensity_from_fn(fn, z, data):
     return _call(fn, z, None if data is None else data[0])
 
@@ -311,9 +315,16 @@ class Target(eqx.Module):
     # ------------------------------------------------------------------ constructors
     @classmethod
     def from_logdensity(
-        cls, fn: Callable[[jax.Array], jax.Array], dim: int, *, log_likelihood: Callable | None = None
+        cls, fn: Callable[..., jax.Array], dim: int, *, log_likelihood: Callable | None = None, params: Any = None
     ) -> "Target":
         """Wrap ``fn: R^dim -> R``, an unnormalised log density of a flat vector.
+
+        With ``params`` (a pytree of floating-point arrays, its starting values), ``fn`` is
+        ``fn(z, params)``: a model with parameters, which ``veil.fit`` learns beside ``q`` by the
+        ELBO (variational EM); ``res.params`` holds the learned pytree. The parameters are
+        unconstrained: write constraints into ``fn`` (``jnp.exp`` of a log scale). Arrays ``fn``
+        closes over are compiled into the program in this form (pass large data through a
+        NumPyro model, or ``Target.minibatched``).
 
         ``log_likelihood``, optional, is the part of ``fn`` that comes from the data (``fn``
         minus the log prior); objectives that weight the likelihood
@@ -329,6 +340,8 @@ class Target(eqx.Module):
         dim = _check_dim(dim)
         if log_likelihood is not None and not callable(log_likelihood):
             raise TypeError(f"log_likelihood must be a callable, got {type(log_likelihood).__name__}.")
+        if params is not None:
+            return cls._with_plain_params(fn, dim, log_likelihood, params)
         fn, consts = _hoist(fn, _trace_scalar_fn(fn, dim, "The log density"))
         check_log_density(fn, consts, dim)
         lik_consts = None
@@ -337,6 +350,26 @@ class Target(eqx.Module):
         data = None if consts is None and lik_consts is None else (consts, lik_consts)
         site = Site("z", 0, (dim,))
         return cls("logdensity", dim, fn, None, (site,), ("z",), data, log_likelihood)
+
+    @classmethod
+    def _with_plain_params(cls, fn, dim: int, log_likelihood, params) -> "Target":
+        """``from_logdensity`` for ``fn(z, params)``: the starting values checked (floating-point
+        and finite), ``fn`` checked at them as a plain log density is."""
+        if log_likelihood is not None:
+            raise NotImplementedError(
+                "log_likelihood= with params= is not supported yet: build the target without "
+                "log_likelihood (objectives that weight the likelihood need it).")
+        leaves = jax.tree.leaves(params)
+        if not leaves or not all(jnp.issubdtype(jnp.result_type(x), jnp.inexact) for x in leaves):
+            raise TypeError("params must be a pytree of floating-point arrays (the parameters' starting values).")
+        params = jax.tree.map(lambda x: jnp.asarray(x).astype(jnp.result_type(x)), params)  # strongly typed
+        if not all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(params)):
+            raise ValueError("params hold non-finite values (NaN or inf): start them at finite values.")
+        at_start = functools.partial(_swap_args, fn, params)
+        _trace_scalar_fn(at_start, dim, "The log density")
+        check_log_density(at_start, None, dim)
+        site = Site("z", 0, (dim,))
+        return cls("logdensity", dim, fn, None, (site,), ("z",), None, params=params)
 
     @classmethod
     def minibatched(
@@ -561,18 +594,23 @@ class Target(eqx.Module):
     # ------------------------------------------------------------------ model parameters
     @property
     def has_params(self) -> bool:
-        """Whether the model has parameters (``numpyro.param`` sites) that ``veil.fit``
-        learns beside ``q`` (maximum marginal likelihood by the ELBO: variational EM)."""
-        return bool(self.param_sites)
+        """Whether the model has parameters (``numpyro.param`` sites, or ``params=`` of a plain
+        log density) that ``veil.fit`` learns beside ``q`` (by the ELBO: variational EM)."""
+        return self.params is not None
 
     def with_params(self, params) -> "Target":
         """The same target with its parameters set to ``params`` (unconstrained, as
         :attr:`params` holds them)."""
         return eqx.tree_at(lambda t: t.params, self, params)
 
-    def constrained_params(self) -> dict[str, jax.Array]:
-        """The model parameters' current values, constrained (``{}`` for a model without)."""
-        return {s.name: biject_to(s.constraint)(self.params[s.name]) for s in self.param_sites}
+    def constrained_params(self) -> Any:
+        """The model parameters' current values: a NumPyro model's as a dict, constrained; a plain
+        log density's as the pytree ``fn`` takes; ``{}`` for a target without parameters."""
+        if self.params is None:
+            return {}
+        if self.kind == "numpyro":
+            return {s.name: biject_to(s.constraint)(self.params[s.name]) for s in self.param_sites}
+        return self.params
 
     @classmethod
     def from_numpyro(cls, model: Callable, *args, **kwargs) -> "Target":
@@ -749,6 +787,8 @@ class Target(eqx.Module):
             return self.fn(z) + _streamed_loglik(self.loglik, self.store, z[None])[0]
         if self.kind == "minibatched":
             return _minibatch_logdensity(self.fn, self.loglik, self.num_data, z, self.data)
+        if self.params is not None:  # a plain log density with parameters: fn(z, params)
+            return self.fn(z, self.params)
         return _logdensity_from_fn(self.fn, z, self.data)
 
     @property
