@@ -45,7 +45,6 @@ from veil.families import (
 from veil.geometry.dadvi import DADVIResult, dadvi
 from veil.fit import default_optimizer, fit
 from veil.geometry.fbgvi import fbgvi
-from veil.geometry.laplace import laplace
 from veil.loop.checkpoint import Checkpoint
 from veil.mixflow import MixFlowResult, mixflow
 from veil.objectives import (
@@ -117,7 +116,6 @@ __all__ = [
     "optim",
     "gaussian",
     "fbgvi",
-    "laplace",
     "geometry",
     "loop",
     "Checkpoint",
