@@ -136,6 +136,7 @@ _METHODS = {
     "pathfinder": lambda k: veil.pathfinder(_GAUSS2, key=k),
     "variational_newton": lambda k: veil.variational_newton(_GAUSS2, key=k, init=veil.FullRank(2)),
     "dadvi": lambda k: veil.dadvi(_GAUSS2, veil.MeanField(2), key=k, num_draws=64),
+    "laplace": lambda k: veil.laplace(_GAUSS2, key=k),
     "fbgvi": lambda k: veil.fbgvi(_GAUSS2, key=k, max_steps=300, stop=None, progress=False),
     "particles": lambda k: veil.particles.run(_GAUSS2, key=k, n_particles=40, max_steps=200, stop=None, progress=False),
     "mixflow": lambda k: veil.mixflow(_GAUSS2, veil.MeanField(2, init_loc=jnp.ones(2), init_scale=1.0), key=k,

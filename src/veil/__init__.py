@@ -45,6 +45,7 @@ from veil.families import (
 from veil.geometry.dadvi import DADVIResult, dadvi
 from veil.fit import default_optimizer, fit
 from veil.geometry.fbgvi import fbgvi
+from veil.geometry.laplace import laplace
 from veil.loop.checkpoint import Checkpoint
 from veil.mixflow import MixFlowResult, mixflow
 from veil.objectives import (
@@ -116,6 +117,7 @@ __all__ = [
     "optim",
     "gaussian",
     "fbgvi",
+    "laplace",
     "geometry",
     "loop",
     "Checkpoint",

@@ -6,5 +6,5 @@ helpers of ``veil.families.gaussian`` and return results built on ``veil.result`
 
 The package re-exports nothing: each function shares its module's name, and the public
 spellings are ``veil.pathfinder``, ``veil.variational_newton``, ``veil.fbgvi`` and
-``veil.dadvi``.
+``veil.dadvi``, ``veil.laplace``.
 """

@@ -39,18 +39,17 @@ import dataclasses
 import math
 import time
 import warnings
-from typing import Any, ClassVar
+from typing import Any
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from veil._checks import Int, Real
 from veil.family import Family
 from veil.loop import driver
-from veil.loop.kernel import Kernel, StepInfo, all_finite, keep_if
+from veil.geometry.lbfgs import LBFGSKernel
 from veil.result import VIResult
 from veil.target import Target, log_density_rows
 
@@ -108,55 +107,15 @@ def _sample_average_loss(params, static, target, eps):
     return -jnp.mean(_per_draw_elbo(params, static, target, eps))
 
 
-class _DADVIKernel(Kernel):
-    """L-BFGS on the sample-average loss, as the loop runs it: one iteration a step, its value
-    traced; finished when the objective has not fallen below its best by more than ``tol`` in
-    ``_PATIENCE`` iterations in a row. Progress is measured against the best value so far, not
-    the previous one: at the optimum float32 round-off makes the objective jitter by an ulp
-    (1.2e-7 at 1.9), and a one-ulp dip after a one-ulp rise counted as a fall of more than 1e-7
-    and reset the count, so a converged fit could run to max_iters (test_dadvi's Gaussian did,
-    under the test suite's XLA flags). The jitter cannot keep beating its own minimum.
-
-    The state carries L-BFGS's, the best value, the stall count and the objective's evaluations
-    (the line search's; ``value_and_grad_from_state`` reuses the accepted point's, except at
-    the start)."""
+class _SampleAverage(eqx.Module):
+    """The sample-average loss on the fixed draws, as a function of the family's arrays."""
 
     static: Any
     target: Target
     eps: jax.Array
-    tol: float = eqx.field(static=True)
 
-    finishes: ClassVar[bool] = True
-
-    @property
-    def finish_reason(self) -> str:
-        return f"converged: the objective fell below its best by less than {self.tol:g} in {_PATIENCE} iterations in a row"
-
-    def _loss(self, p):
-        return _sample_average_loss(p, self.static, self.target, self.eps)
-
-    def init(self, params):
-        best = jnp.asarray(jnp.inf, jax.dtypes.canonicalize_dtype(jnp.float64))  # the default float's width
-        return _LBFGS.init(params), best, jnp.int32(0), jnp.int32(1)
-
-    def step(self, params, state, key, scale, batch):
-        opt_state, best, stall, evals = state
-        value, grad = optax.value_and_grad_from_state(self._loss)(params, state=opt_state)
-        ok = all_finite(value, grad)
-
-        def move(args):
-            params, opt_state, best, stall, evals = args
-            updates, opt_state = _LBFGS.update(grad, opt_state, params, value=value, grad=grad, value_fn=self._loss)
-            stall = jnp.where(best - value > self.tol, 0, stall + 1)
-            evals = evals + optax.tree_utils.tree_get(opt_state, "num_linesearch_steps")
-            return optax.apply_updates(params, updates), opt_state, jnp.minimum(value, best).astype(best.dtype), stall, evals
-
-        params, opt_state, best, stall, evals = keep_if(ok, move, (params, opt_state, best, stall, evals))
-        # A non-finite objective does not change on a second look: that ends the run too.
-        return params, (opt_state, best, stall, evals), StepInfo(value, ok, (stall >= _PATIENCE) | ~ok)
-
-
-_LBFGS = optax.lbfgs()  # one object: the compiled loop is keyed by the kernel's static parts
+    def __call__(self, params):
+        return _sample_average_loss(params, self.static, self.target, self.eps)
 
 
 @eqx.filter_jit
@@ -230,7 +189,8 @@ def dadvi(target: Target, q: Family, *, key: jax.Array, num_draws: Int = 1024, m
             "overflows or is undefined where q puts draws. Start q closer (init_loc=...) or with "
             "a smaller init_scale."
         )
-    out = driver.run(_DADVIKernel(static, target, eps, float(tol)), jax.tree.map(lambda x: x[None], params),
+    out = driver.run(LBFGSKernel(_SampleAverage(static, target, eps), float(tol), _PATIENCE),
+                     jax.tree.map(lambda x: x[None], params),
                      key=draw_key, max_steps=int(max_iters), stop_rule=None, progress=False,
                      max_consecutive_skips=1, description="dadvi")
     iters, evals = int(out.num_steps[0]), int(out.kernel_state[3][0])
