@@ -40,6 +40,8 @@ REGISTRY = {
     "SemiImplicit": (lambda k: veil.SemiImplicit(D, key=k, width=8), {"moments"}),
     "MixFlow": (lambda k: veil.MixFlow(_NORMAL, veil.MeanField(D, init_scale=1.0), step_size=0.05, num_leapfrog=3,
                                        num_maps=5), {"moments"}),
+    # A point mass: no density to check, and a zero covariance (test_delta.py checks it).
+    "Delta": (lambda k: veil.Delta(D), set()),
 }
 
 

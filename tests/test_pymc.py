@@ -91,6 +91,8 @@ def test_positive_and_simplex_parameters_carry_their_jacobians():
         jac_p = jax.jacobian(lambda u: t.to_constrained(jnp.concatenate([z[:1], u]))["p"][:2])(z[1:])
         expected = float(log_joint) + float(z[0]) + float(jnp.linalg.slogdet(jac_p)[1])
         assert float(t.log_density(z)) == pytest.approx(expected, abs=1e-4)
+        # Without the change-of-variables terms: the joint density at x (what veil.MAP() maximises).
+        assert float(t.log_joint(z)) == pytest.approx(float(log_joint), abs=1e-4)
         assert float(jnp.sum(x["p"])) == pytest.approx(1.0, abs=1e-6)
 
 

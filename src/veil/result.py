@@ -16,8 +16,10 @@ import numpy as np
 
 from veil._checks import check_key as _check_key
 from veil._checks import check_positive_int as _check_positive_int
+from veil.families.point import Delta
 from veil.diagnostics import MomentShift, format_khat, khat_ok, khat_verdict, moment_shift, psis_khat, psis_weights
 from veil.target import log_density_rows
+from veil.target import predictive as _predictive
 from veil._expectations import _estimate
 from veil.target.health import coordinate_names
 
@@ -373,7 +375,11 @@ class Result(abc.ABC):
     # ------------------------------------------------------------------ shared
     def to_arviz(self, n: int, *, key: jax.Array, chains: int = 4):
         """An ``arviz.InferenceData`` with ``n`` draws in ``posterior`` (and, where the result
-        has them, each draw's ``lp``, ``log_q`` and ``log_weight`` in ``sample_stats``).
+        has them, each draw's ``lp``, ``log_q`` and ``log_weight`` in ``sample_stats``). For a
+        NumPyro model with observed sites it also holds ``observed_data``, ``log_likelihood``
+        (each observation's log density under each draw: ``az.loo``, ``az.waic`` and
+        ``az.compare`` run on it) and ``posterior_predictive`` (the observed sites drawn again
+        under each draw: ``az.plot_ppc``).
 
         The draws are independent, so any split into chains is a valid one: they come as
         ``chains`` chains of ``n / chains`` draws (``n`` must divide), so that ArviZ's
@@ -390,8 +396,51 @@ class Result(abc.ABC):
         dims = {k: list(v) for k, v in dims if k in draws}
         return az.from_dict(posterior=as_chains(draws, chains),
                             sample_stats=as_chains(stats, chains) if stats else None,
+                            **self._model_groups(draws, jax.random.fold_in(key, 1), chains),
                             coords={k: list(v) for k, v in coords} or None, dims=dims or None,
                             attrs={"inference_library": "veil", "draws": self._arviz_note})
+
+    def _model_groups(self, draws: dict, key: jax.Array, chains: int) -> dict:
+        """For a NumPyro model with observed sites, the groups that need the model:
+        ``observed_data``, ``log_likelihood`` (each observation's log density under each draw,
+        for ``az.loo`` / ``az.waic`` / ``az.compare``) and ``posterior_predictive`` (the observed
+        sites drawn again under each draw, for ``az.plot_ppc``); empty for other targets."""
+        if getattr(self.target, "kind", None) != "numpyro":
+            return {}
+        observed = _predictive.observed_data(self.target)
+        if not observed:
+            return {}
+        pointwise = _predictive.pointwise_log_likelihood(self.target, draws)
+        replicated = _predictive.predictive(self.target, draws, key)
+        return {"observed_data": observed,
+                "log_likelihood": as_chains(pointwise, chains),
+                "posterior_predictive": as_chains({k: replicated[k] for k in observed}, chains)}
+
+    def predictive(self, key: jax.Array, *args, num_samples: int = 1000, **kwargs) -> dict[str, jax.Array]:
+        """Posterior predictive draws: ``num_samples`` draws of the approximation, and for each the
+        model run forward, its observed sites drawn anew: ``name -> [num_samples, ...]`` for the
+        observed and deterministic sites. The model takes ``*args, **kwargs`` (new inputs, with
+        the observed values left out or ``None``), else the data it was fitted to. A NumPyro
+        model's; its ``numpyro.param`` sites at their fitted values.
+
+        Raises:
+            NotImplementedError: the target is not a NumPyro model (the message says what to use).
+
+        Examples:
+            >>> import jax, jax.numpy as jnp, numpyro, numpyro.distributions as dist, veil
+            >>> def model(x, y=None):
+            ...     w = numpyro.sample("w", dist.Normal(0.0, 1.0))
+            ...     numpyro.sample("y", dist.Normal(w * x, 0.5), obs=y)
+            >>> x = jnp.linspace(-1.0, 1.0, 20)
+            >>> t = veil.Target.from_numpyro(model, x, 2.0 * x)
+            >>> res = veil.fit(t, veil.MeanField(1), key=jax.random.key(0), progress=False)
+            >>> res.predictive(jax.random.key(1), jnp.array([0.0, 1.0]), num_samples=100)["y"].shape
+            (100, 2)
+        """
+        _predictive.check_numpyro(self.target, "A predictive draw")
+        num_samples = _check_positive_int("num_samples", num_samples)
+        draw_key, run_key = jax.random.split(key)
+        return _predictive.predictive(self.target, self.draws(num_samples, key=draw_key), run_key, args, kwargs)
 
     def summary(self, prob: float = 0.9) -> Summary:
         """Mean, sd and central ``prob`` interval of every constrained scalar, from 4000
@@ -599,12 +648,29 @@ class VIResult(Result):
     def khat(self) -> float:
         """PSIS k-hat of ``q`` against the target from 8,000 fresh draws (32,000 when those
         read 0.5-0.7; 2,000 for a minibatched target; NaN if any log weight is not finite).
-        Below 0.5 good, below 0.7 fair, above unreliable; ``-inf`` an exact fit."""
+        Below 0.5 good, below 0.7 fair, above unreliable; ``-inf`` an exact fit.
+
+        Raises:
+            NotApplicable: ``q`` is a point estimate (:class:`veil.Delta`), which has no
+                density to weigh the target against.
+        """
+        if self._is_point:
+            raise NotApplicable(
+                "A point estimate (veil.Delta) has no density to weigh the target against: k-hat does "
+                "not apply. veil.laplace(target, key=...) gives a Gaussian at the mode, with a k-hat."
+            )
         return self._diagnostic_sample[3]
+
+    @property
+    def _is_point(self) -> bool:
+        return isinstance(self.q, Delta)
 
     @functools.cached_property
     def elbo(self) -> float:
-        """ELBO of the final ``q`` from the same draws as :attr:`khat`."""
+        """ELBO of the final ``q`` from the same draws as :attr:`khat` (for a point estimate, the
+        log density at the point)."""
+        if self._is_point:
+            return float(self.target.log_density(self.q.loc))
         log_p, log_q = self._diagnostic_draws
         return float(np.mean(log_p - log_q))
 
@@ -613,7 +679,7 @@ class VIResult(Result):
         """The diagnostic draws in constrained space and their normalised Pareto-smoothed
         weights; ``None`` where k-hat is 0.7 or more (the weights are then unreliable) or not
         computable."""
-        if not khat_ok(self.khat):  # first: a result without a density (particles) has k-hat NaN
+        if self._is_point or not khat_ok(self.khat):  # first: a result without a density (particles) has k-hat NaN
             return None
         w = self._diagnostic_weights
         if w is None:
@@ -740,6 +806,12 @@ class VIResult(Result):
     # ------------------------------------------------------------------ reports
     def verdict(self) -> tuple[list[str], bool]:
         """Plain-words lines on whether to trust the fit, and a yes/no."""
+        if self._is_point:
+            return self._run_lines([
+                "A point estimate (veil.Delta): q holds no uncertainty, every draw is the point, and no "
+                "diagnostic can say how well it stands for the posterior. For a Gaussian around it use "
+                "veil.laplace(target, key=...), for the posterior a family (veil.fit with veil.FullRank)."],
+                True, "this point estimate")
         lines, ok = [], True
         khat = self.khat
         lines.append(f"PSIS k-hat = {format_khat(khat)}: {khat_verdict(khat, type(self.q).__name__)}")
@@ -841,9 +913,10 @@ class VIResult(Result):
         return _draw(self.target, self.q, jax.random.fold_in(self.diagnostic_key, 1), _SUMMARY_DRAWS)[0]
 
     def _summary_header(self) -> str:
+        what = "log density at the point" if self._is_point else "ELBO"
         return (
             f"veil fit: {type(self.q).__name__}(dim={self.q.dim}), {self.num_steps} steps, "
-            f"{self.wall_time:.2f} s, ELBO {self.elbo:.2f}"
+            f"{self.wall_time:.2f} s, {what} {self.elbo:.2f}"
         )
 
     def _nonfinite_line(self, bad: int) -> str:
@@ -857,7 +930,7 @@ class VIResult(Result):
         return _flat_columns(_draw(self.target, self.q, key, _SUMMARY_DRAWS)[0])
 
     def _plot_quality(self) -> str:
-        return f"k-hat {format_khat(self.khat)}"
+        return "a point estimate" if self._is_point else f"k-hat {format_khat(self.khat)}"
 
     def _plot_trace(self):
         return self.trace, f"loss ({self._loss_label})", "step"

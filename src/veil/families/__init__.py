@@ -11,9 +11,10 @@ from veil.families import flows
 from veil.families.mixture import Mixture
 from veil.families.semi_implicit import SemiImplicit
 from veil.families.mixflows import MixFlow
+from veil.families.point import MAP, Delta
 
 __all__ = [
     "Family", "MeanField", "FullRank", "LowRank", "HierarchicalGaussian", "Gamma", "Beta", "Dirichlet", "VonMises",
-    "Empirical", "Composite", "Flow", "FlowJAX", "flows", "Mixture", "SemiImplicit", "MixFlow",
+    "Empirical", "Composite", "Flow", "FlowJAX", "flows", "Mixture", "SemiImplicit", "MixFlow", "Delta", "MAP",
     "stop_gradient",
 ]

@@ -25,12 +25,13 @@ from numpyro import handlers
 from numpyro.distributions import biject_to
 from numpyro.distributions import constraints as dist_constraints
 from numpyro.distributions.distribution import validation_enabled as numpyro_validation
-from numpyro.infer.util import constrain_fn, potential_energy, transform_fn
+from numpyro.infer.util import constrain_fn, log_density as numpyro_log_density, potential_energy, transform_fn
 from numpyro.primitives import Messenger
 
-from veil.target import pymc as _pymc, stan as _stan
+from veil.target import predictive as _predictive, pymc as _pymc, stan as _stan
 from veil._checks import Int
 from veil._checks import check_dim as _check_dim
+from veil._checks import check_positive_int
 from veil.loop.batching import DiskBatches, OnDisk, Shuffled, ShuffledIndices
 from veil.target.health import check_log_density
 
@@ -170,6 +171,14 @@ def _with_rows(model, plate: str | None, num_data: int | None, rows):
 def _numpyro_logdensity(model, sites, z, data):
     args, kwargs = data
     return -potential_energy(model, args, kwargs, _unflatten(sites, z))
+
+
+def _numpyro_log_joint(model, sites, z, data):
+    """``log p(x, theta)`` at the constrained values ``z`` maps to: NumPyro's joint log density,
+    without the change-of-variables term that :func:`_numpyro_logdensity` includes."""
+    args, kwargs = data
+    values = constrain_fn(model, args, kwargs, _unflatten(sites, z))
+    return numpyro_log_density(model, args, kwargs, values)[0]
 
 
 def _numpyro_loglikelihood(model, sites, z, data):
@@ -791,6 +800,28 @@ class Target(eqx.Module):
             return self.fn(z, self.params)
         return _logdensity_from_fn(self.fn, z, self.data)
 
+    def log_joint(self, z: jax.Array) -> jax.Array:
+        """``log p`` at the *constrained* values one flat vector ``z`` maps to, without the
+        change-of-variables term (``log |det J|`` of the transforms to unconstrained space) that
+        :meth:`log_density` includes: what the classical MAP maximises (``veil.MAP()``). The
+        same as :meth:`log_density` for a plain log density, which has no transforms.
+
+        Raises:
+            NotImplementedError: a Stan model (veil's bridge asks Stan for the density with
+                its Jacobian only).
+        """
+        if self.kind == "stan":
+            raise NotImplementedError(
+                "A Stan target's density without the change-of-variables term is not available "
+                "in veil yet: use veil.MAP(jacobian=True), the mode on the unconstrained space."
+            )
+        if self.kind == "pymc":
+            values = _unflatten(self.sites, z)
+            return self.fn(*(values[s.name] for s in self.sites), *self.data)[1]
+        if self.kind == "numpyro":
+            return _numpyro_log_joint(self._model(), self.sites, z, self.data)
+        return self.log_density(z)
+
     @property
     def _on_disk(self) -> bool:
         """All rows on disk (not a batch of them in memory)."""
@@ -818,6 +849,27 @@ class Target(eqx.Module):
                 "veil.Target.from_logdensity(fn, dim, log_likelihood=...) or from a NumPyro model."
             )
         return _call(self.loglik, z, None if self.data is None else self.data[1])
+
+    def prior_predictive(self, key: jax.Array, *args, num_samples: int = 1000, **kwargs) -> dict[str, jax.Array]:
+        """``num_samples`` runs of a NumPyro model forward from its prior: every latent,
+        observed and deterministic site, ``name -> [num_samples, ...]``; the model takes
+        ``*args, **kwargs``, else the data the target holds (its observed values drawn anew).
+
+        Raises:
+            NotImplementedError: the target is not a NumPyro model.
+
+        Examples:
+            >>> import jax, jax.numpy as jnp, numpyro, numpyro.distributions as dist, veil
+            >>> def model(y=None):
+            ...     mu = numpyro.sample("mu", dist.Normal(0.0, 1.0))
+            ...     numpyro.sample("y", dist.Normal(mu, 1.0).expand([3]), obs=y)
+            >>> t = veil.Target.from_numpyro(model, jnp.zeros(3))
+            >>> {k: v.shape for k, v in t.prior_predictive(jax.random.key(0), num_samples=5).items()}
+            {'mu': (5,), 'y': (5, 3)}
+        """
+        _predictive.check_numpyro(self, "A prior predictive draw")
+        num_samples = check_positive_int("num_samples", num_samples)
+        return _predictive.prior_predictive(self, key, num_samples, args, kwargs)
 
     def to_constrained(self, z: jax.Array) -> dict[str, jax.Array]:
         """Map one unconstrained vector to a dict of named constrained values.

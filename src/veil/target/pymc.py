@@ -30,7 +30,7 @@ import jax
 class PyMCParts(NamedTuple):
     """What :meth:`veil.Target.from_pymc` needs from a model."""
 
-    log_density: object  # (value arrays..., data arrays...) -> [logp]
+    log_density: object  # (value arrays..., data arrays...) -> [logp, logp without the Jacobian]
     constrain: object  # (value arrays..., data arrays...) -> [free RVs..., deterministics...]
     sites: list[tuple[str, tuple[int, ...]]]  # value variables: name, shape
     names: tuple[str, ...]  # free RVs, then deterministics
@@ -97,7 +97,7 @@ def model_parts(model) -> PyMCParts:
     if kept is not None and kept[0] == structure:
         return kept[1]._replace(data=g["data"])
     inputs = g["values"] + g["inputs"]
-    parts = PyMCParts(_jaxify(inputs, [g["logp"]]), _jaxify(inputs, g["constrained"]), g["sites"],
+    parts = PyMCParts(_jaxify(inputs, [g["logp"], g["logp_joint"]]), _jaxify(inputs, g["constrained"]), g["sites"],
                       g["names"], g["data"], g["coords"], g["dims"])
     _COMPILED[model] = (structure, parts)
     return parts
@@ -120,10 +120,11 @@ def _graphs(model) -> dict:
         raise ValueError("The PyMC model has no free (unobserved) random variable: nothing to fit.")
     values = list(model.value_vars)
     logp = model.logp(jacobian=True)
+    logp_joint = model.logp(jacobian=False)  # veil.MAP()'s; compiled away where unused
     constrained = model.replace_rvs_by_values(list(model.free_RVs) + list(model.deterministics))
     # Data become inputs: observed values, and pm.Data arrays (shared variables with at least one
     # axis; scalar shared variables, such as the lengths of coordinates, stay constants).
-    graphs = [logp, *constrained]
+    graphs = [logp, logp_joint, *constrained]
     data_vars = [model.rvs_to_values[rv] for rv in model.observed_RVs]
     data_vars += [v for v in ancestors(graphs) if isinstance(v, SharedVariable) and v.ndim > 0
                   and v not in data_vars]
@@ -132,11 +133,11 @@ def _graphs(model) -> dict:
     replace = dict(zip(data_vars, inputs))
     replace.update({v: pt.constant(v.get_value()) for v in ancestors(graphs)
                     if isinstance(v, SharedVariable) and v not in replace})
-    logp, *constrained = graph_replace(graphs, replace, strict=False)
+    logp, logp_joint, *constrained = graph_replace(graphs, replace, strict=False)
     point = model.initial_point()
     sites = [(v.name, tuple(int(d) for d in np.shape(point[v.name]))) for v in values]
     names = tuple(v.name for v in list(model.free_RVs) + list(model.deterministics))
     coords = tuple((k, tuple(v)) for k, v in (model.coords or {}).items() if v is not None)
     dims = tuple((k, tuple(v)) for k, v in model.named_vars_to_dims.items() if k in names)
-    return {"values": values, "inputs": inputs, "logp": logp, "constrained": constrained,
+    return {"values": values, "inputs": inputs, "logp": logp, "logp_joint": logp_joint, "constrained": constrained,
             "sites": sites, "names": names, "data": data, "coords": coords, "dims": dims}
