@@ -48,6 +48,7 @@ from veil.geometry.dadvi import DADVIResult, dadvi
 from veil.fit import default_optimizer, fit
 from veil.geometry.fbgvi import fbgvi
 from veil.geometry.laplace import laplace
+from veil.local import Amortized, LocalResult, PerDatum, Structured
 from veil.loop.checkpoint import Checkpoint
 from veil.mixflow import MixFlowResult, mixflow
 from veil.objectives import (
@@ -97,6 +98,10 @@ __all__ = [
     "MixFlow",
     "Delta",
     "MAP",
+    "PerDatum",
+    "Amortized",
+    "Structured",
+    "LocalResult",
     "MixFlowResult",
     "mixflow",
     "Flow",

@@ -24,6 +24,7 @@ from veil.estimators import ScoreFunction
 from veil.family import Family, FitDefaults, Gaussian, Staged
 from veil.geometry.refine import MODE_NATS, check_starts, refinable
 from veil.geometry.refine import refine as refine_fit
+from veil.local import Amortized, LocalResult, PerDatum, Structured, fit_local
 from veil.loop import driver
 from veil.loop.checkpoint import Checkpoint, _hash_array, digest
 from veil.loop.kernel import GradientKernel, Loss
@@ -180,7 +181,7 @@ def _select(stacked, index):
 
 def fit(
     target: Target,
-    q: Family,
+    q: Family | Structured | PerDatum | Amortized,
     *,
     key: jax.Array,
     objective: Objective | Callable | None = None,
@@ -192,7 +193,7 @@ def fit(
     mesh: Mesh | None = None,
     checkpoint: str | os.PathLike | Checkpoint | None = None,
     refine: bool = True,
-) -> VIResult:
+) -> VIResult | LocalResult:
     """Fit the family ``q`` to ``target`` by stochastic optimisation, all steps compiled.
 
     The loop runs in compiled chunks (see :mod:`veil.loop.driver`) and stops by itself with the
@@ -278,6 +279,21 @@ def fit(
             f"target must be a veil.Target, got {type(target).__name__}; build one with "
             "veil.Target.from_logdensity(fn, dim) or veil.Target.from_numpyro(model, ...)."
         )
+    if target.has_local:  # local latents: a global family and a local guide (veil.local)
+        asked = [name for name, given in (("objective", objective is not None), ("num_restarts", num_restarts != 1),
+                                          ("mesh", mesh is not None), ("checkpoint", checkpoint is not None)) if given]
+        if asked:
+            raise NotImplementedError(
+                f"A model with local latents is fitted by the ELBO (one joint draw a step), on one device, "
+                f"one restart, without checkpoints for now: drop {', '.join(asked)}.")
+        if stop is DEFAULT:
+            stop = _MINIBATCH_STOP
+        return fit_local(target, q, key=key, optimizer=_DEFAULT_OPTIMIZER if optimizer is None else optimizer,
+                         max_steps=_check_positive_int("max_steps", max_steps), stop=stop, progress=progress)
+    if isinstance(q, (Structured, PerDatum, Amortized)):
+        raise ValueError(
+            f"{type(q).__name__} is a guide for local latents, and this model has none (no latent site inside "
+            "a subsampled plate): fit a family over its dim, e.g. veil.FullRank(target.dim).")
     if not isinstance(q, Family):
         raise TypeError(f"q must be a veil family such as veil.FullRank(dim), got {type(q).__name__}.")
     q.check_fittable()

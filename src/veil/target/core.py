@@ -273,6 +273,12 @@ def _with_params(model, sites: tuple[ParamSite, ...], params):
     return handlers.substitute(model, data=values)
 
 
+def _unflatten_local(sites, z_local):
+    """A ``[rows, local_dim]`` array of local values split into ``name -> [rows, *shape]``."""
+    rows = z_local.shape[0]
+    return {s.name: z_local[:, s.offset:s.offset + s.size].reshape((rows, *s.unconstrained_shape)) for s in sites}
+
+
 def _leading(data) -> int:
     return jax.tree.leaves(data)[0].shape[0]
 
@@ -320,6 +326,7 @@ class Target(eqx.Module):
     source: Any = eqx.field(static=True, default=None)  # a Stan model instance (veil.target.stan.StanModel)
     params: Any = None  # a NumPyro model's parameters (numpyro.param sites), unconstrained: array leaves
     param_sites: tuple = eqx.field(static=True, default=())  # their names and constraints (ParamSite)
+    local_sites: tuple = eqx.field(static=True, default=())  # latent sites inside the subsampled plate, per row
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -673,19 +680,24 @@ class Target(eqx.Module):
             latent[name] = site
         if not latent:
             raise ValueError("The model has no latent (unobserved) sample site: nothing to fit.")
-        plate, num_data, batch_size = _subsampled_plate(tr, latent)
-        # Unconstrained shapes through NumPyro's own bijections.
+        plate, num_data, batch_size, local = _subsampled_plate(tr, latent)
+        # Unconstrained shapes through NumPyro's own bijections; a local site's per row.
         transforms = {n: biject_to(s["fn"].support) for n, s in latent.items()}
         unc = transform_fn(transforms, {n: s["value"] for n, s in latent.items()}, invert=True)
-        sites, offset = [], 0
+        sites, local_sites, offset, local_offset = [], [], 0, 0
         for name in latent:
             shape = tuple(int(d) for d in jnp.shape(unc[name]))
-            sites.append(Site(name, offset, shape))
-            offset += math.prod(shape)
+            if name in local:
+                local_sites.append(Site(name, local_offset, shape[1:]))
+                local_offset += math.prod(shape[1:])
+            else:
+                sites.append(Site(name, offset, shape))
+                offset += math.prod(shape)
         deterministic = tuple(n for n, s in tr.items() if s["type"] == "deterministic")
         data = (tuple(args), dict(kwargs))
         return cls("numpyro", offset, None, model, tuple(sites), tuple(latent) + deterministic, data,
-                   None, num_data, batch_size, plate, params=params, param_sites=param_sites)
+                   None, num_data, batch_size, plate, params=params, param_sites=param_sites,
+                   local_sites=tuple(local_sites))
 
     @classmethod
     def from_pymc(cls, model) -> "Target":
@@ -778,6 +790,44 @@ class Target(eqx.Module):
         check_log_density(log_density, None, sm.dim)
         return target
 
+    # ------------------------------------------------------------------ local latents
+    @property
+    def has_local(self) -> bool:
+        """Whether the model has local latents: latent sites inside its subsampled plate, one
+        per data row (``local_sites``), fitted by a local guide (``veil.PerDatum``,
+        ``veil.Amortized``) beside the global family."""
+        return bool(self.local_sites)
+
+    @property
+    def local_dim(self) -> int:
+        """Unconstrained size of one row's local latents."""
+        return sum(s.size for s in self.local_sites)
+
+    def log_density_local(self, z: jax.Array, z_local: jax.Array) -> jax.Array:
+        """``log p(z, z_local)`` with the local latents of the target's current rows
+        (``z_local`` of shape ``(rows, local_dim)``, unconstrained: the batch's rows after
+        :meth:`on_batch`, all ``N`` rows otherwise). On a batch it is NumPyro's unbiased
+        estimate: the plate's terms, local priors included, scaled by ``N / B``."""
+        args, kwargs = self.data
+        values = {**_unflatten(self.sites, z), **_unflatten_local(self.local_sites, z_local)}
+        return -potential_energy(self._model(), args, kwargs, values)
+
+    def to_constrained_local(self, z: jax.Array, z_local: jax.Array) -> dict[str, jax.Array]:
+        """As :meth:`to_constrained`, with the local latents of the current rows
+        (``name -> [rows, ...]``)."""
+        args, kwargs = self.data
+        values = {**_unflatten(self.sites, z), **_unflatten_local(self.local_sites, z_local)}
+        return constrain_fn(self._model(), args, kwargs, values, return_deterministic=True)
+
+    def _refuse_local(self, what: str) -> None:
+        if self.local_sites:
+            raise ValueError(
+                f"{what} needs every latent, and this model has local latents "
+                f"({', '.join(repr(s.name) for s in self.local_sites)}, one per row of the plate "
+                f"'{self.plate}'): use log_density_local(z, z_local), and fit it with a local guide "
+                "(veil.fit(target, veil.Structured(global_family, veil.PerDatum(...))))."
+            )
+
     # ------------------------------------------------------------------ evaluation
     def log_density_rows(self, z: jax.Array) -> jax.Array:
         """``log p`` of each row of ``z`` (shape ``(n, dim)``); see :func:`log_density_rows`."""
@@ -791,6 +841,7 @@ class Target(eqx.Module):
             values = _unflatten(self.sites, z)
             return self.fn(*(values[s.name] for s in self.sites), *self.data)[0]
         if self.kind == "numpyro":
+            self._refuse_local("log_density(z)")
             return _numpyro_logdensity(self._model(), self.sites, z, self.data)
         if self.kind == "minibatched" and self._on_disk:
             return self.fn(z) + _streamed_loglik(self.loglik, self.store, z[None])[0]
@@ -900,29 +951,31 @@ def _row_sharding(mesh):
     return NamedSharding(mesh, PartitionSpec(mesh.axis_names))
 
 
-def _subsampled_plate(trace, latent) -> tuple[str | None, int | None, int | None]:
-    """The model's plate with ``subsample_size < size`` (name, N, B), or Nones; refuses more
-    than one such plate and latent sites inside it (local latents)."""
+def _subsampled_plate(trace, latent) -> tuple[str | None, int | None, int | None, tuple[str, ...]]:
+    """The model's plate with ``subsample_size < size`` (name, N, B) and the latent sites inside
+    it (local latents, one per row), or Nones and ``()``; refuses more than one such plate, and
+    a local site whose leading axis is not the plate's rows."""
     plates = [(name, *site["args"]) for name, site in trace.items()
               if site["type"] == "plate" and site["args"][1] is not None and site["args"][1] != site["args"][0]]
     if not plates:
-        return None, None, None
+        return None, None, None, ()
     if len(plates) > 1:
         raise NotImplementedError(
             f"The model subsamples {len(plates)} plates ({', '.join(p[0] for p in plates)}); veil "
             "fits models with one subsampled plate. Keep subsample_size on the data plate only."
         )
     name, size, batch = plates[0]
-    local = [n for n, site in latent.items() if any(f.name == name for f in site["cond_indep_stack"])]
-    if local:
-        raise NotImplementedError(
-            f"Latent site(s) {', '.join(repr(n) for n in local)} sit inside the subsampled plate "
-            f"'{name}': one latent per data row. A minibatch step sees only its batch's rows, so "
-            "veil fits only global latents on minibatches for now. Drop subsample_size (fit on "
-            "all rows), or marginalise the local latents out of the model; amortised families "
-            "for local latents come with the VAE toolkit."
-        )
-    return name, int(size), int(batch)
+    local = tuple(n for n, site in latent.items() if any(f.name == name for f in site["cond_indep_stack"]))
+    for n in local:
+        shape = jnp.shape(latent[n]["value"])
+        if not shape or shape[0] != batch:
+            raise NotImplementedError(
+                f"Local latent site '{n}' (inside the subsampled plate '{name}') has shape {shape}: veil "
+                f"reads a local site's rows from its leading axis, which should be the plate's {batch} "
+                "rows. Put the plate's dim first (numpyro.plate(..., dim=-k) for a value of k "
+                "axes, or .to_event() for the per-row axes)."
+            )
+    return name, int(size), int(batch), local
 
 
 def log_density_rows(target: Target, z: jax.Array) -> jax.Array:

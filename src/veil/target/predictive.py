@@ -67,7 +67,7 @@ def _args(target, args, kwargs):
 
 def _latent_only(target, draws: dict) -> dict:
     """The draws of the target's latent sites (deterministic sites are recomputed by the model)."""
-    latent = {s.name for s in target.sites}
+    latent = {s.name for s in (*target.sites, *target.local_sites)}
     return {k: v for k, v in draws.items() if k in latent}
 
 

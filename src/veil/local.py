@@ -1,0 +1,487 @@
+"""Local latents: one latent per data row, fitted beside the global family on minibatches.
+
+A NumPyro model whose subsampled plate holds latent sites (``with numpyro.plate("data", N,
+subsample_size=B): z = numpyro.sample("z", ...)``) has *local* latents ``z_1..z_N`` beside its
+global ones ``beta`` (``Target.local_sites``). veil fits
+
+    q(beta, z_1..N) = q_global(beta) prod_i q_i(z_i)
+
+by the ELBO on minibatches: a step draws ``beta`` and the batch's ``z_i`` and estimates
+
+    ELBO = E[ log p(beta) + (N/B) sum_{i in B} (log p(x_i, z_i | beta) - log q_i(z_i)) - log q(beta) ]
+
+without bias (NumPyro scales the plate's terms by ``N/B``; veil scales the local ``log q`` the
+same way). Two guides for the local part:
+
+* :class:`PerDatum`: a copy of a small family per row, its parameters a table of ``N`` rows.
+  A step updates only the rows of its batch, by a row-wise Adam whose moments and step counts
+  are per row (a dense optimizer would move every row each step by its decaying momentum,
+  rows the step never saw; optax has no row-sparse Adam, hence the few lines here).
+* :class:`Amortized`: an encoder (an ``equinox`` module) maps a row's data, and optionally the
+  global draw, to the family's parameters (a variational autoencoder's encoder). Its weights
+  are global parameters, moved by the fit's optax optimizer.
+
+:class:`Structured` pairs a global family with a local guide; a model without global latents
+(PPCA with ``W`` and ``sigma`` as ``numpyro.param``) takes the local guide alone.
+
+References:
+    Hoffman, Blei, Wang & Paisley (2013), Stochastic Variational Inference;
+    Kingma & Welling (2014), Auto-Encoding Variational Bayes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import time
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.flatten_util import ravel_pytree
+
+from veil._checks import check_key as _check_key
+from veil.diagnostics import format_khat, khat_ok, khat_verdict, psis_khat
+from veil.family import Family
+from veil.loop import driver
+from veil.loop.kernel import Kernel, StepInfo, all_finite, keep_if
+from veil.result import Result
+from veil.target import Target
+
+__all__ = ["PerDatum", "Amortized", "Structured", "LocalResult", "fit_local"]
+
+
+def _family_params(family: Family):
+    return eqx.partition(family, eqx.is_inexact_array)
+
+
+class PerDatum(eqx.Module):
+    """Per-row variational parameters: ``family`` (over one row's local latents, e.g.
+    ``veil.FullRank(k)``) copied once per data row, every row starting where ``family`` does.
+
+    Only the rows in a step's batch move, by a row-wise Adam (step ``step_size``, the
+    stopping rule's decays applied).
+
+    Examples:
+        >>> import veil
+        >>> guide = veil.PerDatum(veil.MeanField(2))
+    """
+
+    family: Family
+    step_size: float = eqx.field(static=True, default=0.05)
+
+    def __check_init__(self):
+        if not isinstance(self.family, Family):
+            raise TypeError(f"PerDatum needs a veil family for one row's local latents, got {self.family!r}.")
+
+    def init_params(self, num_rows: int, global_dim: int):
+        del global_dim
+        params, _ = _family_params(self.family)
+        return jax.tree.map(lambda x: jnp.broadcast_to(x, (num_rows, *x.shape)), params)
+
+    def row_params(self, params, rows, z_global):
+        """The family parameters of the rows ``rows`` (leading axis the rows)."""
+        del z_global
+        return jax.tree.map(lambda x: x[rows], params)
+
+    @property
+    def sparse(self) -> bool:
+        return True
+
+
+class Amortized(eqx.Module):
+    """An encoder that maps a data row to the parameters of ``family`` (over one row's local
+    latents): ``encoder(x_i)``, or ``encoder(x_i, beta)`` with ``context=True`` (the global
+    draw ``beta`` conditions the local guide).
+
+    The encoder returns a flat vector of the family's parameter count (``veil.MeanField(k)``:
+    ``2 k``, its ``loc`` then its unconstrained scale), read in the order of the family's
+    parameter leaves (``jax.flatten_util.ravel_pytree`` of them), as an offset from the
+    family's own starting parameters (an encoder that outputs zeros gives ``family``).
+
+    Args:
+        encoder: an ``equinox`` module (its arrays are trained).
+        family: the family of one row's local latents.
+        data: the encoder's input, rows along the leading axis (``N`` of them, the plate's).
+        context: whether the encoder also takes the global draw.
+
+    Examples:
+        >>> import equinox as eqx, jax, jax.numpy as jnp, veil
+        >>> x = jnp.zeros((100, 5))
+        >>> enc = eqx.nn.MLP(5, 4, 16, 1, key=jax.random.key(0))
+        >>> guide = veil.Amortized(enc, veil.MeanField(2), data=x)
+    """
+
+    encoder: Any
+    family: Family
+    data: Any
+    context: bool = eqx.field(static=True, default=False)
+
+    def __check_init__(self):
+        if not isinstance(self.family, Family):
+            raise TypeError(f"Amortized needs a veil family for one row's local latents, got {self.family!r}.")
+        if not callable(self.encoder):
+            raise TypeError(f"encoder must be a callable equinox module, got {type(self.encoder).__name__}.")
+
+    def _unravel(self):
+        params, _ = _family_params(self.family)
+        flat, unravel = ravel_pytree(params)
+        return flat, unravel
+
+    def check(self, num_rows: int, global_dim: int) -> None:
+        """Raise ``ValueError`` (before any compilation) if the data's rows are not the
+        plate's or the encoder's output does not fit the family."""
+        lead = {np.shape(x)[0] if np.ndim(x) else None for x in jax.tree.leaves(self.data)}
+        if lead != {num_rows}:
+            raise ValueError(
+                f"Amortized's data must have the plate's {num_rows} rows along their leading axis, got "
+                f"leading sizes {sorted(map(str, lead))}.")
+        row = jax.tree.map(lambda x: x[0], self.data)
+        args = (row, jnp.zeros(global_dim)) if self.context else (row,)
+        try:
+            out = eqx.filter_eval_shape(self.encoder, *args)
+        except Exception as e:  # the encoder's own shape error, with what veil passed it
+            raise ValueError(
+                f"The encoder could not be called on one row of the data ({jax.tree.map(jnp.shape, row)})"
+                f"{' and the global draw (' + str(global_dim) + ',)' if self.context else ''}: {e}") from e
+        flat, _ = self._unravel()
+        if getattr(out, "shape", None) != flat.shape:
+            raise ValueError(
+                f"The encoder's output has shape {getattr(out, 'shape', type(out).__name__)}, but "
+                f"{type(self.family).__name__}(dim={self.family.dim}) has {flat.size} parameters: the "
+                f"encoder must return a vector of {flat.size} numbers.")
+
+    def init_params(self, num_rows: int, global_dim: int):
+        self.check(num_rows, global_dim)
+        return eqx.filter(self.encoder, eqx.is_inexact_array)
+
+    def row_params(self, params, rows, z_global):
+        encoder = eqx.combine(params, eqx.filter(self.encoder, eqx.is_inexact_array, inverse=True))
+        flat, unravel = self._unravel()
+        x = jax.tree.map(lambda d: d[rows], self.data)
+        if self.context:
+            out = jax.vmap(lambda r: encoder(r, z_global))(x)
+        else:
+            out = jax.vmap(encoder)(x)
+        return jax.vmap(lambda o: unravel(flat + o))(out)
+
+    @property
+    def sparse(self) -> bool:
+        return False
+
+
+class Structured(eqx.Module):
+    """A global family and a local guide: ``q(beta) prod_i q_i(z_i)``.
+
+    Examples:
+        >>> import veil
+        >>> guide = veil.Structured(veil.FullRank(3), veil.PerDatum(veil.MeanField(2)))
+    """
+
+    global_family: Family | None
+    local: PerDatum | Amortized
+
+    def __check_init__(self):
+        if self.global_family is not None and not isinstance(self.global_family, Family):
+            raise TypeError(f"Structured's global part must be a veil family, got {self.global_family!r}.")
+        if not isinstance(self.local, (PerDatum, Amortized)):
+            raise TypeError(f"Structured's local part must be veil.PerDatum or veil.Amortized, got {self.local!r}.")
+
+
+# ---------------------------------------------------------------------- the loss and kernel
+def _row_draws(local_family: Family, row_params, key):
+    """One draw of each row's local latents and its ``log q``."""
+    _, rest = _family_params(local_family)
+    rows = jax.tree.leaves(row_params)[0].shape[0]
+
+    def one(p, k):
+        z, lq = eqx.combine(p, rest).sample_and_log_prob(k, 1)
+        return z[0], lq[0]
+
+    return jax.vmap(one)(row_params, jax.random.split(key, rows))
+
+
+class _Spec(eqx.Module):
+    """What the local loss needs besides the parameters: the target, the guide's static parts."""
+
+    target: Target
+    global_rest: Any
+    local: Any
+
+    def elbo(self, params, key, rows):
+        """One-draw estimate of the ELBO on the rows ``rows`` (all rows when ``None``): scaled
+        by ``N / B`` on a batch, NumPyro's and veil's scales agreeing."""
+        target = self.target if "theta" not in params else self.target.with_params(params["theta"])
+        g_key, l_key = jax.random.split(key)
+        if "q" in params:
+            z, log_qg = eqx.combine(params["q"], self.global_rest).sample_and_log_prob(g_key, 1)
+            z, log_qg = z[0], log_qg[0]
+        else:
+            z, log_qg = jnp.zeros(0), 0.0
+        row_ids = jnp.arange(target.num_data) if rows is None else rows
+        row_params = self.local.row_params(params["local"], row_ids, z)
+        z_local, log_ql = _row_draws(self.local.family, row_params, l_key)
+        if rows is not None:
+            target = target.on_batch(rows)
+        scale = target.num_data / row_ids.shape[0]
+        return target.log_density_local(z, z_local) - log_qg - scale * jnp.sum(log_ql)
+
+
+class _LocalKernel(Kernel):
+    """The optax optimizer on the global parameters (``q``, ``theta``, an encoder's weights);
+    for a :class:`PerDatum` table, a row-wise Adam on the batch's rows only."""
+
+    spec: _Spec
+    optimizer: Any = eqx.field(static=True)
+    beta1: float = eqx.field(static=True, default=0.9)
+    beta2: float = eqx.field(static=True, default=0.999)
+
+    @property
+    def _sparse(self) -> bool:
+        return self.spec.local.sparse
+
+    def _dense(self, params):
+        return {k: v for k, v in params.items() if not (k == "local" and self._sparse)}
+
+    def init(self, params):
+        dense_state = self.optimizer.init(self._dense(params))
+        if not self._sparse:
+            return dense_state, None
+        zeros = jax.tree.map(jnp.zeros_like, params["local"])
+        count = jnp.zeros(jax.tree.leaves(params["local"])[0].shape[0], jnp.int32)
+        return dense_state, (zeros, zeros, count)
+
+    def step(self, params, state, key, scale, batch):
+        dense_state, row_state = state
+        rows = batch
+        if self._sparse:
+            table = params["local"]
+
+            def loss(dense, row_slice):
+                full = {**dense, "local": jax.tree.map(lambda t, s: t.at[rows].set(s), table, row_slice)}
+                return -self.spec.elbo(full, key, rows)
+
+            row_slice = jax.tree.map(lambda t: t[rows], table)
+            value, (g_dense, g_rows) = jax.value_and_grad(loss, argnums=(0, 1))(self._dense(params), row_slice)
+        else:
+            value, g_dense = jax.value_and_grad(lambda p: -self.spec.elbo(p, key, rows))(params)
+            g_rows = None
+        ok = all_finite(value, (g_dense, g_rows))
+
+        def move(args):
+            params, dense_state, row_state = args
+            dense = self._dense(params)
+            updates, dense_state = self.optimizer.update(g_dense, dense_state, dense)
+            dense = eqx.apply_updates(dense, jax.tree.map(lambda u: scale * u, updates))
+            if not self._sparse:
+                return dense, dense_state, row_state
+            m, v, count = row_state
+            t = count[rows] + 1
+            lr = self.spec.local.step_size * scale
+
+            def adam(table, m, v, g):
+                m_r = self.beta1 * m[rows] + (1 - self.beta1) * g
+                v_r = self.beta2 * v[rows] + (1 - self.beta2) * g**2
+                shape = (-1,) + (1,) * (g.ndim - 1)
+                m_hat = m_r / (1 - self.beta1 ** t.reshape(shape))
+                v_hat = v_r / (1 - self.beta2 ** t.reshape(shape))
+                new = table[rows] - lr * m_hat / (jnp.sqrt(v_hat) + 1e-8)
+                return table.at[rows].set(new), m.at[rows].set(m_r), v.at[rows].set(v_r)
+
+            out = jax.tree.map(adam, params["local"], m, v, g_rows)
+            is_triple = lambda x: isinstance(x, tuple) and len(x) == 3  # noqa: E731
+            table = jax.tree.map(lambda o: o[0], out, is_leaf=is_triple)
+            m = jax.tree.map(lambda o: o[1], out, is_leaf=is_triple)
+            v = jax.tree.map(lambda o: o[2], out, is_leaf=is_triple)
+            return {**dense, "local": table}, dense_state, (m, v, count.at[rows].set(t))
+
+        params, dense_state, row_state = keep_if(ok, move, (params, dense_state, row_state))
+        return params, (dense_state, row_state), StepInfo(value, ok)
+
+    def watched(self, params):
+        # The stopping rule's drift test watches the global parameters: a table's rows move only
+        # when their batch comes round.
+        # (an encoder's weights are global parameters: watched).
+        return self._dense(params)
+
+    @property
+    def batches(self):
+        return self.spec.target.batches
+
+
+# ---------------------------------------------------------------------- the result
+@dataclasses.dataclass
+class LocalResult(Result):
+    """The outcome of :func:`veil.fit` on a model with local latents.
+
+    Attributes:
+        target: the target, its model parameters at their fitted values (``params``).
+        q: the fitted global family (``None`` for a model without global latents).
+        local: the fitted local guide (a :class:`PerDatum` table or an :class:`Amortized`
+            encoder, with its data).
+        trace: the loss (negative ELBO estimate on the step's batch) per step.
+        num_steps, stop_reason, num_skipped, final_loss, wall_time: as for :class:`veil.VIResult`.
+        diagnostic_key: the key the diagnostics draw with.
+    """
+
+    target: Any
+    q: Any
+    local: Any
+    local_params: Any
+    trace: np.ndarray
+    num_steps: int
+    stop_reason: str
+    num_skipped: int
+    final_loss: float
+    wall_time: float
+    diagnostic_key: jax.Array = dataclasses.field(repr=False)
+
+    _subject = "this fit"
+
+    @property
+    def params(self) -> dict:
+        """The model parameters the fit learned (constrained)."""
+        return self.target.constrained_params()
+
+    @property
+    def converged(self) -> bool:
+        return self.stop_reason.startswith("converged")
+
+    def _spec(self) -> _Spec:
+        rest = None if self.q is None else _family_params(self.q)[1]
+        return _Spec(self.target, rest, self.local)
+
+    def _all_params(self):
+        p = {"local": self.local_params}
+        if self.q is not None:
+            p["q"] = _family_params(self.q)[0]
+        return p
+
+    @functools.cached_property
+    def _joint_log_weights(self) -> np.ndarray:
+        """``log p(beta, z_1..N, x) - log q(beta, z_1..N)`` of 1,000 joint draws, all rows."""
+        spec, params = self._spec(), self._all_params()
+        keys = jax.random.split(jax.random.fold_in(self.diagnostic_key, 3), 1000)
+        lw = jax.lax.map(lambda k: spec.elbo(params, k, None), keys, batch_size=50)
+        return np.asarray(lw, np.float64)
+
+    @property
+    def elbo(self) -> float:
+        """The full-data ELBO of the fitted guide (1,000 joint draws; every row)."""
+        return float(np.mean(self._joint_log_weights))
+
+    @property
+    def khat(self) -> float:
+        """PSIS k-hat of the joint guide ``q(beta) prod_i q_i(z_i)`` against the full-data
+        joint density, from 1,000 joint draws: how far the whole approximation is from the
+        posterior of every latent (``-inf``: exact)."""
+        lw = self._joint_log_weights
+        return psis_khat(lw) if np.all(np.isfinite(lw)) else math.nan
+
+    def draws(self, n: int, *, key: jax.Array) -> dict[str, jax.Array]:
+        """``n`` joint draws, constrained: global sites ``[n, ...]``, local sites ``[n, N, ...]``."""
+        spec, params = self._spec(), self._all_params()
+        target = self.target
+
+        def one(k):
+            g_key, l_key = jax.random.split(k)
+            if self.q is not None:
+                z = self.q.sample(g_key, 1)[0]
+            else:
+                z = jnp.zeros(0)
+            rows = jnp.arange(target.num_data)
+            z_local, _ = _row_draws(spec.local.family, spec.local.row_params(params["local"], rows, z), l_key)
+            return target.to_constrained_local(z, z_local)
+
+        return jax.lax.map(one, jax.random.split(key, n), batch_size=min(n, 64))
+
+    def verdict(self) -> tuple[list[str], bool]:
+        khat = self.khat
+        lines = [f"PSIS k-hat of the joint guide (every row) = {format_khat(khat)}: "
+                 f"{khat_verdict(khat, 'the guide')}"]
+        ok = khat_ok(khat)
+        stop = self.stop_reason
+        if stop == "max_steps":
+            ok = False
+            lines.append(f"Not converged: the run hit max_steps={self.num_steps}; run longer.")
+        elif stop != "nonfinite" and stop.startswith("converged"):
+            lines.append(f"Stopped after {self.num_steps} steps: {stop}.")
+        else:
+            ok = False
+            lines.append(f"The run ended {stop}.")
+        if self.num_skipped:
+            lines.append(f"{self.num_skipped} step(s) were skipped for non-finite loss/gradient.")
+        lines.append("Verdict: OK to use." if ok else f"Verdict: do NOT trust {self._subject} as it stands.")
+        return lines, ok
+
+    def _summary_header(self) -> str:
+        return (f"veil fit with local latents ({', '.join(s.name for s in self.target.local_sites)}, "
+                f"{self.target.num_data} rows): {self.num_steps} steps, {self.wall_time:.2f} s, ELBO {self.elbo:.2f}")
+
+    def _summary_draws(self) -> dict:
+        # The table holds the global sites and the learned parameters (as constants, sd 0); the
+        # local sites are N per draw (res.draws has them).
+        n = 1000
+        draws = self.draws(n, key=jax.random.fold_in(self.diagnostic_key, 1))
+        out = {k: v for k, v in draws.items() if np.shape(v)[1:2] != (self.target.num_data,)}
+        out.update({k: jnp.broadcast_to(v, (n, *jnp.shape(v))) for k, v in self.params.items()})
+        return out
+
+    def _plot_trace(self):
+        return self.trace, "loss (−ELBO estimate on the batch)", "step"
+
+    def _plot_title(self) -> str:
+        return f"stop: {self.stop_reason}"
+
+
+# ---------------------------------------------------------------------- fit
+def fit_local(target: Target, guide, *, key, optimizer, max_steps: int, stop, progress: bool) -> LocalResult:
+    """``veil.fit`` for a target with local latents (see the module docstring)."""
+    _check_key(key)
+    if isinstance(guide, (PerDatum, Amortized)):
+        guide = Structured(None, guide)
+    if not isinstance(guide, Structured):
+        raise ValueError(
+            f"The model has local latents ({', '.join(repr(s.name) for s in target.local_sites)}, one per row "
+            f"of the plate '{target.plate}') that {type(guide).__name__} does not cover: fit it with "
+            "veil.Structured(global_family, veil.PerDatum(family)) or veil.Amortized(encoder, family, data=x) "
+            f"for the local part (the family over one row's {target.local_dim} local dimensions).")
+    if guide.global_family is None and target.dim:
+        raise ValueError(
+            f"The model has global latents ({', '.join(s.name for s in target.sites)}, dim {target.dim}) that "
+            "the guide does not cover: give veil.Structured(veil.MeanField(target.dim), local).")
+    if guide.global_family is not None and guide.global_family.dim != target.dim:
+        raise ValueError(f"The global family has dim={guide.global_family.dim} but the target's global "
+                         f"latents have dim={target.dim}.")
+    local = guide.local
+    if local.family.dim != target.local_dim:
+        raise ValueError(
+            f"The local family has dim={local.family.dim} but one row's local latents "
+            f"({', '.join(s.name for s in target.local_sites)}) have dim={target.local_dim}.")
+    params = {"local": local.init_params(target.num_data, target.dim)}
+    global_rest = None
+    if guide.global_family is not None:
+        params["q"], global_rest = _family_params(guide.global_family)
+    if target.has_params:
+        params["theta"] = target.params
+    spec = _Spec(target, global_rest, local)
+    kernel = _LocalKernel(spec, optimizer)
+    start = time.perf_counter()
+    run_key, diag_key = jax.random.split(key)
+    out = driver.run(kernel, jax.tree.map(lambda x: x[None], params), key=run_key, max_steps=max_steps,
+                     stop_rule=stop, progress=progress)
+    final = jax.tree.map(lambda x: x[0], out.params)
+    if target.has_params:
+        target = target.with_params(final["theta"])
+    q = None if guide.global_family is None else eqx.combine(final["q"], global_rest)
+    local_fitted = local if local.sparse else eqx.tree_at(
+        lambda g: g.encoder, local,
+        eqx.combine(final["local"], eqx.filter(local.encoder, eqx.is_inexact_array, inverse=True)))
+    return LocalResult(
+        target=target, q=q, local=local_fitted, local_params=final["local"], trace=out.traces[0],
+        num_steps=int(out.num_steps[0]), stop_reason=out.stop_reasons[0], num_skipped=int(out.skipped[0]),
+        final_loss=float(out.final_loss[0]), wall_time=time.perf_counter() - start, diagnostic_key=diag_key)
+
