@@ -271,7 +271,7 @@ def test_numpyro_subsampled_fit_matches_full_data_fit():
     assert draws["w"].shape == (100, 3)
 
 
-def test_numpyro_local_latents_in_subsampled_plate_are_refused():
+def test_numpyro_local_latents_and_plates_veil_cannot_split():
     import numpyro
     import numpyro.distributions as dist
 
@@ -281,8 +281,18 @@ def test_numpyro_local_latents_in_subsampled_plate_are_refused():
             u = numpyro.sample("u", dist.Normal(mu, 1))
             numpyro.sample("x", dist.Normal(u, 1), obs=numpyro.subsample(x, event_dim=0))
 
-    with pytest.raises(NotImplementedError, match="'u' sit inside the subsampled plate 'rows'.*Drop subsample_size"):
-        veil.Target.from_numpyro(model, jnp.zeros(50))
+    t = veil.Target.from_numpyro(model, jnp.zeros(50))  # u is local (tests/test_local.py fits such models)
+    assert [s.name for s in t.local_sites] == ["u"] and t.dim == 1
+    with pytest.raises(ValueError, match=r"local latents \('u', one per row of the plate 'rows'\) that MeanField"):
+        veil.fit(t, veil.MeanField(1), key=jax.random.key(0), progress=False)
+
+    def rows_last(x):
+        with numpyro.plate("rows", x.shape[0], subsample_size=10, dim=-1):
+            numpyro.sample("u", dist.Normal(0, 1).expand([3, 10]))
+            numpyro.sample("x", dist.Normal(0, 1), obs=numpyro.subsample(x, event_dim=0))
+
+    with pytest.raises(NotImplementedError, match=r"Local latent site 'u'.*has shape \(3, 10\)"):
+        veil.Target.from_numpyro(rows_last, jnp.zeros(50))
 
     def two(x):
         mu = numpyro.sample("mu", dist.Normal(0, 1))
