@@ -20,13 +20,12 @@ Kernels in veil: :class:`GradientKernel` (an optax optimizer on the gradient of 
 (:mod:`veil.particles.runner`: the method's own move), FB-GVI's (its proximal step) and
 deterministic ADVI's (an L-BFGS iteration; it ``finishes`` by its own tolerance).
 
-**The intended extension** (issue 31, models that learn): the contract already carries what
-it needs. Model parameters learned beside ``q`` are more leaves of ``params`` (a pytree
-``{"q": ..., "theta": ...}``) that the same kernel moves; per-datum guide state for local
-latents (an amortised encoder's inputs, or per-row variational parameters updated only where
-the batch's rows are) lives in the kernel's ``state``, indexed by the batch the loop hands the
-step, which names its rows. Neither changes the loop: ``init``, ``step``, ``watched`` and the
-batch source stay as they are.
+Models that learn (issue 31) use the contract as it is: model parameters learned beside ``q``
+are more leaves of ``params`` (``{"q": ..., "theta": ...}``) that the same kernel moves; local
+latents run as one more kernel (:mod:`veil.local`), whose per-row table of variational
+parameters is a leaf of ``params`` and whose row-wise optimizer moments are its ``state``, both
+read and written only at the rows the step's batch names. Neither changes the loop: ``init``,
+``step``, ``watched`` and the batch source stay as they are.
 """
 
 from __future__ import annotations
