@@ -13,11 +13,38 @@ os.environ.setdefault("VEIL_COMPILATION_CACHE", "0")  # tests measure compilatio
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
 
+import gc  # noqa: E402
+
 import jax  # noqa: E402
 import matplotlib  # noqa: E402
 import pytest  # noqa: E402
 
 matplotlib.use("Agg")
+
+# Every XLA CPU executable holds ~3 memory mappings (measured: 300 small programs, +968), and
+# Linux allows a process 65,530 (vm.max_map_count). A worker compiles tens of thousands of
+# programs over the suite (every eager op is one), and past the limit LLVM's next mapping fails
+# and the worker dies inside XLA's compiler (a segfault or abort in whichever test came next:
+# 4 full runs in a row once the suite grew). Past 40,000 mappings the compiled programs are
+# dropped (jax.clear_caches()), checked every 10 tests (reading the map costs ~5 ms).
+_MAX_MAPS = 40_000
+_tests_run = [0]
+
+
+@pytest.fixture(autouse=True)
+def _release_compiled_code():
+    yield
+    _tests_run[0] += 1
+    if _tests_run[0] % 10:
+        return
+    try:
+        with open("/proc/self/maps") as f:
+            mappings = sum(1 for _ in f)
+    except OSError:  # not Linux: no such limit to keep under
+        return
+    if mappings > _MAX_MAPS:
+        jax.clear_caches()
+        gc.collect()
 
 
 @pytest.fixture
