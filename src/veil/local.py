@@ -211,19 +211,27 @@ class _Spec(eqx.Module):
     global_rest: Any
     local: Any
 
-    def elbo(self, params, key, rows):
-        """One-draw estimate of the ELBO on the rows ``rows`` (all rows when ``None``): scaled
-        by ``N / B`` on a batch, NumPyro's and veil's scales agreeing."""
-        target = self.target if "theta" not in params else self.target.with_params(params["theta"])
+    def draw(self, params, key, row_ids, row_params=None):
+        """One joint draw on the rows ``row_ids``: ``(z, log q(z), z_local, log q_i(z_i))``.
+        ``row_params`` are those rows' local parameters where the caller has them already
+        (a per-datum table's slice), else the guide gives them."""
         g_key, l_key = jax.random.split(key)
         if "q" in params:
             z, log_qg = eqx.combine(params["q"], self.global_rest).sample_and_log_prob(g_key, 1)
             z, log_qg = z[0], log_qg[0]
         else:
             z, log_qg = jnp.zeros(0), 0.0
-        row_ids = jnp.arange(target.num_data) if rows is None else rows
-        row_params = self.local.row_params(params["local"], row_ids, z)
+        if row_params is None:
+            row_params = self.local.row_params(params["local"], row_ids, z)
         z_local, log_ql = _row_draws(self.local.family, row_params, l_key)
+        return z, log_qg, z_local, log_ql
+
+    def elbo(self, params, key, rows, row_params=None):
+        """One-draw estimate of the ELBO on the rows ``rows`` (all rows when ``None``): scaled
+        by ``N / B`` on a batch, NumPyro's and veil's scales agreeing."""
+        target = self.target if "theta" not in params else self.target.with_params(params["theta"])
+        row_ids = jnp.arange(target.num_data) if rows is None else rows
+        z, log_qg, z_local, log_ql = self.draw(params, key, row_ids, row_params)
         if rows is not None:
             target = target.on_batch(rows)
         scale = target.num_data / row_ids.shape[0]
@@ -258,17 +266,14 @@ class _LocalKernel(Kernel):
         dense_state, row_state = state
         rows = batch
         if self._sparse:
-            table = params["local"]
-
-            def loss(dense, row_slice):
-                full = {**dense, "local": jax.tree.map(lambda t, s: t.at[rows].set(s), table, row_slice)}
-                return -self.spec.elbo(full, key, rows)
-
-            row_slice = jax.tree.map(lambda t: t[rows], table)
-            value, (g_dense, g_rows) = jax.value_and_grad(loss, argnums=(0, 1))(self._dense(params), row_slice)
+            # The loss sees the batch's slice of the table, so the gradient is the slice's.
+            row_slice = jax.tree.map(lambda t: t[rows], params["local"])
+            value, (g_dense, g_rows) = jax.value_and_grad(
+                lambda dense, sl: -self.spec.elbo(dense, key, rows, row_params=sl), argnums=(0, 1)
+            )(self._dense(params), row_slice)
         else:
             value, g_dense = jax.value_and_grad(lambda p: -self.spec.elbo(p, key, rows))(params)
-            g_rows = None
+            row_slice = g_rows = None
         ok = all_finite(value, (g_dense, g_rows))
 
         def move(args):
@@ -278,33 +283,34 @@ class _LocalKernel(Kernel):
             dense = eqx.apply_updates(dense, jax.tree.map(lambda u: scale * u, updates))
             if not self._sparse:
                 return dense, dense_state, row_state
+            # Adam on the batch's rows alone, each row with its own step count for the bias
+            # corrections.
             m, v, count = row_state
             t = count[rows] + 1
             lr = self.spec.local.step_size * scale
 
-            def adam(table, m, v, g):
-                m_r = self.beta1 * m[rows] + (1 - self.beta1) * g
-                v_r = self.beta2 * v[rows] + (1 - self.beta2) * g**2
-                shape = (-1,) + (1,) * (g.ndim - 1)
-                m_hat = m_r / (1 - self.beta1 ** t.reshape(shape))
-                v_hat = v_r / (1 - self.beta2 ** t.reshape(shape))
-                new = table[rows] - lr * m_hat / (jnp.sqrt(v_hat) + 1e-8)
-                return table.at[rows].set(new), m.at[rows].set(m_r), v.at[rows].set(v_r)
+            def per_row(x):  # t as a column that broadcasts over a leaf's per-row axes
+                return t.reshape((-1,) + (1,) * (x.ndim - 1))
 
-            out = jax.tree.map(adam, params["local"], m, v, g_rows)
-            is_triple = lambda x: isinstance(x, tuple) and len(x) == 3  # noqa: E731
-            table = jax.tree.map(lambda o: o[0], out, is_leaf=is_triple)
-            m = jax.tree.map(lambda o: o[1], out, is_leaf=is_triple)
-            v = jax.tree.map(lambda o: o[2], out, is_leaf=is_triple)
-            return {**dense, "local": table}, dense_state, (m, v, count.at[rows].set(t))
+            m_rows = jax.tree.map(lambda m, g: self.beta1 * m[rows] + (1 - self.beta1) * g, m, g_rows)
+            v_rows = jax.tree.map(lambda v, g: self.beta2 * v[rows] + (1 - self.beta2) * g**2, v, g_rows)
+            moved = jax.tree.map(
+                lambda x, mr, vr: x - lr * (mr / (1 - self.beta1 ** per_row(x)))
+                / (jnp.sqrt(vr / (1 - self.beta2 ** per_row(x))) + 1e-8),
+                row_slice, m_rows, v_rows)
+
+            def put(table, values):
+                return jax.tree.map(lambda a, b: a.at[rows].set(b), table, values)
+
+            return ({**dense, "local": put(params["local"], moved)}, dense_state,
+                    (put(m, m_rows), put(v, v_rows), count.at[rows].set(t)))
 
         params, dense_state, row_state = keep_if(ok, move, (params, dense_state, row_state))
         return params, (dense_state, row_state), StepInfo(value, ok)
 
     def watched(self, params):
         # The stopping rule's drift test watches the global parameters: a table's rows move only
-        # when their batch comes round.
-        # (an encoder's weights are global parameters: watched).
+        # when their batch comes round (an encoder's weights are global parameters: watched).
         return self._dense(params)
 
     @property
@@ -385,15 +391,10 @@ class LocalResult(Result):
         """``n`` joint draws, constrained: global sites ``[n, ...]``, local sites ``[n, N, ...]``."""
         spec, params = self._spec(), self._all_params()
         target = self.target
+        rows = jnp.arange(target.num_data)
 
         def one(k):
-            g_key, l_key = jax.random.split(k)
-            if self.q is not None:
-                z = self.q.sample(g_key, 1)[0]
-            else:
-                z = jnp.zeros(0)
-            rows = jnp.arange(target.num_data)
-            z_local, _ = _row_draws(spec.local.family, spec.local.row_params(params["local"], rows, z), l_key)
+            z, _, z_local, _ = spec.draw(params, k, rows)
             return target.to_constrained_local(z, z_local)
 
         return jax.lax.map(one, jax.random.split(key, n), batch_size=min(n, 64))
@@ -402,20 +403,7 @@ class LocalResult(Result):
         khat = self.khat
         lines = [f"PSIS k-hat of the joint guide (every row) = {format_khat(khat)}: "
                  f"{khat_verdict(khat, 'the guide')}"]
-        ok = khat_ok(khat)
-        stop = self.stop_reason
-        if stop == "max_steps":
-            ok = False
-            lines.append(f"Not converged: the run hit max_steps={self.num_steps}; run longer.")
-        elif stop != "nonfinite" and stop.startswith("converged"):
-            lines.append(f"Stopped after {self.num_steps} steps: {stop}.")
-        else:
-            ok = False
-            lines.append(f"The run ended {stop}.")
-        if self.num_skipped:
-            lines.append(f"{self.num_skipped} step(s) were skipped for non-finite loss/gradient.")
-        lines.append("Verdict: OK to use." if ok else f"Verdict: do NOT trust {self._subject} as it stands.")
-        return lines, ok
+        return self._run_lines(lines, khat_ok(khat), self._subject)
 
     def _summary_header(self) -> str:
         return (f"veil fit with local latents ({', '.join(s.name for s in self.target.local_sites)}, "

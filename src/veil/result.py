@@ -372,6 +372,32 @@ class Result(abc.ABC):
         """Named columns of the draws the marginal histograms show."""
         return _flat_columns(self.draws(_SUMMARY_DRAWS, key=jax.random.fold_in(self.diagnostic_key, 2)))
 
+    def _run_lines(self, lines: list[str], ok: bool, subject: str, stop: str | None = None) -> tuple[list[str], bool]:
+        """``lines`` with how the run ended (``stop``, default the stop reason; ``"fixed"``
+        for a run whose length was the method's own, already described) and the verdict on
+        ``subject`` appended; the run's end can only turn ``ok`` false. For results of a run of
+        veil's loop: they hold ``stop_reason``, ``num_steps``, ``num_skipped`` (and ``problem``,
+        what was found where a run ended ``undefined`` or ``diverged``)."""
+        stop = self.stop_reason if stop is None else stop
+        if stop == "max_steps":
+            ok = False
+            lines.append(
+                f"Not converged: the run hit max_steps={self.num_steps} before the stopping "
+                f"rule was satisfied; run longer (max_steps=...) before trusting {subject}."
+            )
+        elif stop == "nonfinite":
+            ok = False
+            lines.append("Stopped on non-finite values: the loss or its gradient kept failing.")
+        elif stop in ("undefined", "diverged"):
+            ok = False
+            lines.append(getattr(self, "problem", "") or f"The run ended {stop}.")
+        elif stop != "fixed":
+            lines.append(f"Stopped after {self.num_steps} steps: {self.stop_reason}.")
+        if self.num_skipped:
+            lines.append(f"{self.num_skipped} step(s) were skipped for non-finite loss/gradient.")
+        lines.append("Verdict: OK to use." if ok else f"Verdict: do NOT trust {subject} as it stands.")
+        return lines, ok
+
     # ------------------------------------------------------------------ shared
     def to_arviz(self, n: int, *, key: jax.Array, chains: int = 4):
         """An ``arviz.InferenceData`` with ``n`` draws in ``posterior`` (and, where the result
@@ -881,30 +907,6 @@ class VIResult(Result):
             found = "another mode" if st.other_mode is not None else "no other mode"
             parts.append(f"{st.num_paths} independent starts: {found}, best {st.best_nats_above:+.1f} nats against q")
         return ("Evidence: " + "; ".join(parts) + ".") if parts else ""
-
-    def _run_lines(self, lines: list[str], ok: bool, subject: str, stop: str | None = None) -> tuple[list[str], bool]:
-        """``lines`` with how the run ended (``stop``, default the stop reason; ``"fixed"``
-        for a run whose length was the method's own, already described) and the verdict on
-        ``subject`` appended; the run's end can only turn ``ok`` false."""
-        stop = self.stop_reason if stop is None else stop
-        if stop == "max_steps":
-            ok = False
-            lines.append(
-                f"Not converged: the run hit max_steps={self.num_steps} before the stopping "
-                f"rule was satisfied; run longer (max_steps=...) before trusting {subject}."
-            )
-        elif stop == "nonfinite":
-            ok = False
-            lines.append("Stopped on non-finite values: the loss or its gradient kept failing.")
-        elif stop in ("undefined", "diverged"):
-            ok = False
-            lines.append(self.problem or f"The run ended {stop}.")
-        elif stop != "fixed":
-            lines.append(f"Stopped after {self.num_steps} steps: {self.stop_reason}.")
-        if self.num_skipped:
-            lines.append(f"{self.num_skipped} step(s) were skipped for non-finite loss/gradient.")
-        lines.append("Verdict: OK to use." if ok else f"Verdict: do NOT trust {subject} as it stands.")
-        return lines, ok
 
     _subject = "this fit"
 

@@ -78,10 +78,8 @@ def predictive(target, draws: dict, key: jax.Array, args=(), kwargs=None) -> dic
     check_numpyro(target, "A predictive draw")
     args, kwargs = _args(target, args, kwargs or {})
     latent = _latent_only(target, draws)
-    n = int(np.shape(next(iter(latent.values())))[0])
     run = Predictive(_unobserved(_full_model(target)), posterior_samples=latent, batch_ndims=1)
-    out = run(key, *args, **kwargs)
-    return {k: v for k, v in out.items() if k not in latent and np.shape(v)[:1] == (n,)}
+    return {k: v for k, v in run(key, *args, **kwargs).items() if k not in latent}
 
 
 def prior_predictive(target, key: jax.Array, num_samples: int, args=(), kwargs=None) -> dict[str, jax.Array]:
