@@ -11,6 +11,8 @@ import flowjax.flows as fjf
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpyro
+import numpyro.distributions as dist
 import pytest
 
 import veil
@@ -18,6 +20,19 @@ from veil.family import MonteCarloMoments
 
 D = 4
 _NORMAL = veil.Target.from_logdensity(lambda z: -0.5 * jnp.sum(z**2), dim=D)
+
+def _battery_model():
+    numpyro.sample("mu", dist.Normal(0.0, 1.0).expand([2]).to_event(1))
+    numpyro.sample("s", dist.HalfNormal(1.0).expand([2]).to_event(1))
+
+
+def _battery_guide():
+    positive = dist.constraints.positive
+    numpyro.sample("mu", dist.Normal(numpyro.param("loc", jnp.zeros(2)),
+                                     numpyro.param("scale", jnp.ones(2), constraint=positive)).to_event(1))
+    numpyro.sample("s", dist.LogNormal(numpyro.param("a", jnp.zeros(2)),
+                                       numpyro.param("b", jnp.ones(2), constraint=positive)).to_event(1))
+
 
 # name -> (factory, checks). Checks: "exact" (log_prob is the density of the draws: it agrees
 # with sample_and_log_prob and its gradient with finite differences, both in float64 so that
@@ -40,6 +55,7 @@ REGISTRY = {
     "SemiImplicit": (lambda k: veil.SemiImplicit(D, key=k, width=8), {"moments"}),
     "MixFlow": (lambda k: veil.MixFlow(_NORMAL, veil.MeanField(D, init_scale=1.0), step_size=0.05, num_leapfrog=3,
                                        num_maps=5), {"moments"}),
+    "Guide": (lambda k: veil.Guide(_battery_guide, veil.Target.from_numpyro(_battery_model)), {"exact", "moments"}),
     # A point mass: no density to check, and a zero covariance (test_delta.py checks it).
     "Delta": (lambda k: veil.Delta(D), set()),
 }

@@ -12,9 +12,10 @@ from veil.families.mixture import Mixture
 from veil.families.semi_implicit import SemiImplicit
 from veil.families.mixflows import MixFlow
 from veil.families.point import MAP, Delta
+from veil.families.program import Guide
 
 __all__ = [
     "Family", "MeanField", "FullRank", "LowRank", "HierarchicalGaussian", "Gamma", "Beta", "Dirichlet", "VonMises",
-    "Empirical", "Composite", "Flow", "FlowJAX", "flows", "Mixture", "SemiImplicit", "MixFlow", "Delta", "MAP",
+    "Empirical", "Composite", "Flow", "FlowJAX", "flows", "Mixture", "SemiImplicit", "MixFlow", "Delta", "MAP", "Guide",
     "stop_gradient",
 ]
