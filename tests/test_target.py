@@ -74,7 +74,7 @@ def test_discrete_latent_site_is_named():
         c = numpyro.sample("component", dist.Bernoulli(0.3))
         numpyro.sample("y", dist.Normal(c * 2.0, 1.0), obs=y)
 
-    with pytest.raises(NotImplementedError, match="'component'"):
+    with pytest.raises(ValueError, match="only latent site\\(s\\) 'component' are discrete"):
         veil.Target.from_numpyro(mixture, jnp.array(1.0))
 
 

@@ -436,11 +436,12 @@ class Result(abc.ABC):
         observed = _predictive.observed_data(self.target)
         if not observed:
             return {}
-        pointwise = _predictive.pointwise_log_likelihood(self.target, draws)
         replicated = _predictive.predictive(self.target, draws, key)
-        return {"observed_data": observed,
-                "log_likelihood": as_chains(pointwise, chains),
-                "posterior_predictive": as_chains({k: replicated[k] for k in observed}, chains)}
+        groups = {"observed_data": observed,
+                  "posterior_predictive": as_chains({k: replicated[k] for k in observed}, chains)}
+        if self.target.enum_dim is None:  # (with discrete latents summed out, NumPyro's pointwise terms need them)
+            groups["log_likelihood"] = as_chains(_predictive.pointwise_log_likelihood(self.target, draws), chains)
+        return groups
 
     def predictive(self, key: jax.Array, *args, num_samples: int = 1000, **kwargs) -> dict[str, jax.Array]:
         """Posterior predictive draws: ``num_samples`` draws of the approximation, and for each the

@@ -25,7 +25,8 @@ from numpyro import handlers
 from numpyro.distributions import biject_to
 from numpyro.distributions import constraints as dist_constraints
 from numpyro.distributions.distribution import validation_enabled as numpyro_validation
-from numpyro.infer.util import constrain_fn, log_density as numpyro_log_density, potential_energy, transform_fn
+from numpyro.infer.util import _guess_max_plate_nesting, constrain_fn, potential_energy, transform_fn
+from numpyro.infer.util import log_density as numpyro_log_density
 from numpyro.primitives import Messenger
 
 from veil.target import predictive as _predictive, pymc as _pymc, stan as _stan
@@ -168,17 +169,56 @@ def _with_rows(model, plate: str | None, num_data: int | None, rows):
     return model_on_rows
 
 
-def _numpyro_logdensity(model, sites, z, data):
+def _numpyro_logdensity(model, sites, z, data, enum: bool = False):
     args, kwargs = data
-    return -potential_energy(model, args, kwargs, _unflatten(sites, z))
+    return -potential_energy(model, args, kwargs, _unflatten(sites, z), enum=enum)
 
 
-def _numpyro_log_joint(model, sites, z, data):
+def _numpyro_log_joint(model, sites, z, data, enum: bool = False):
     """``log p(x, theta)`` at the constrained values ``z`` maps to: NumPyro's joint log density,
-    without the change-of-variables term that :func:`_numpyro_logdensity` includes."""
+    without the change-of-variables term that :func:`_numpyro_logdensity` includes (discrete
+    latents summed out where ``enum``)."""
     args, kwargs = data
     values = constrain_fn(model, args, kwargs, _unflatten(sites, z))
+    if enum:
+        from numpyro.contrib.funsor import log_density as enumerated_log_density
+
+        return enumerated_log_density(model, args, kwargs, values)[0]
     return numpyro_log_density(model, args, kwargs, values)[0]
+
+
+# Largest table of enumerated log densities veil builds (float32 numbers: 2 GiB).
+_ENUM_MAX_NUMBERS = 2**29
+
+
+def _check_enumeration(trace, enumerated: dict) -> int:
+    """The first dim enumeration may use (NumPyro's rule: left of every plate). Raises if
+    summing the discrete sites out would need a table larger than ``_ENUM_MAX_NUMBERS``,
+    estimated as the product of their support sizes times the largest batch of any site
+    (parallel enumeration gives each site its own dim), or if funsor is missing."""
+    try:
+        import funsor  # noqa: F401  (NumPyro's enumeration runs on it)
+    except ImportError as e:
+        raise ImportError(
+            f"The model has discrete latent site(s) {', '.join(map(repr, enumerated))}, which veil sums out "
+            "with NumPyro's enumeration; it needs funsor: pip install funsor.") from e
+    sizes = {n: int(np.shape(s["fn"].enumerate_support(expand=False))[0]) for n, s in enumerated.items()}
+    batch = max(math.prod(s["fn"].batch_shape) for s in trace.values() if s["type"] == "sample")
+    numbers = math.prod(sizes.values()) * batch
+    if numbers > _ENUM_MAX_NUMBERS:
+        raise ValueError(
+            f"Summing out the discrete latent site(s) {', '.join(f'{n!r} ({k} values)' for n, k in sizes.items())} "
+            f"by enumeration needs a table of about {numbers:.3g} numbers ({4 * numbers / 2**30:.3g} GiB in float32), "
+            "more than veil builds (2 GiB). Enumerate fewer sites at once (a Markov chain's sites with "
+            "numpyro.contrib.control_flow.scan), or sum them out by hand.")
+    return -_guess_max_plate_nesting(trace) - 1
+
+
+def _enumerated(model, first_dim: int):
+    """``model`` with its discrete latents enumerated in parallel (NumPyro's handlers)."""
+    from numpyro.contrib.funsor import config_enumerate, enum
+
+    return enum(config_enumerate(model), first_dim)
 
 
 def _numpyro_loglikelihood(model, sites, z, data):
@@ -327,6 +367,7 @@ class Target(eqx.Module):
     params: Any = None  # a NumPyro model's parameters (numpyro.param sites), unconstrained: array leaves
     param_sites: tuple = eqx.field(static=True, default=())  # their names and constraints (ParamSite)
     local_sites: tuple = eqx.field(static=True, default=())  # latent sites inside the subsampled plate, per row
+    enum_dim: int | None = eqx.field(static=True, default=None)  # discrete latents summed out: enumeration's first dim
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -605,7 +646,8 @@ class Target(eqx.Module):
                 self.data)
         return dataclasses.replace(self, data=data, mesh=mesh)
     def _model(self):
-        return _with_params(_with_rows(self.model, self.plate, self.num_data, self.rows), self.param_sites, self.params)
+        model = _with_params(_with_rows(self.model, self.plate, self.num_data, self.rows), self.param_sites, self.params)
+        return model if self.enum_dim is None else _enumerated(model, self.enum_dim)
 
     # ------------------------------------------------------------------ model parameters
     @property
@@ -660,7 +702,7 @@ class Target(eqx.Module):
                 _param_sites(handlers.trace(handlers.seed(model, rng_seed=0)).get_trace(*args, **kwargs))
             raise
         param_sites, params = _param_sites(tr)
-        latent = {}
+        latent, enumerated = {}, {}
         for name, site in tr.items():
             if site["type"] == "sample" and site["is_observed"] and isinstance(site["value"], str):
                 raise TypeError(
@@ -671,15 +713,23 @@ class Target(eqx.Module):
             if site["type"] != "sample" or site["is_observed"]:
                 continue
             fn = site["fn"]
-            if getattr(fn, "has_enumerate_support", False) or fn.support.is_discrete:
+            if getattr(fn, "has_enumerate_support", False):
+                enumerated[name] = site
+                continue
+            if fn.support.is_discrete:
                 raise NotImplementedError(
-                    f"Latent site '{name}' is discrete ({type(fn).__name__}); veil's families "
-                    "are continuous. Marginalise it out in the model (e.g. with "
-                    "`numpyro.contrib.funsor` enumeration or by summing it out by hand)."
+                    f"Latent site '{name}' is discrete ({type(fn).__name__}) without a finite support to "
+                    "enumerate; veil sums discrete latents out by enumeration (Bernoulli, Categorical, ...) "
+                    "and its families are continuous. Marginalise it out by hand, or truncate its support."
                 )
             latent[name] = site
+        if not latent and enumerated:
+            raise ValueError(
+                f"The model's only latent site(s) {', '.join(map(repr, enumerated))} are discrete, which veil "
+                "sums out exactly: no continuous latent is left to fit (its marginal likelihood needs no fit).")
         if not latent:
             raise ValueError("The model has no latent (unobserved) sample site: nothing to fit.")
+        enum_dim = _check_enumeration(tr, enumerated) if enumerated else None
         plate, num_data, batch_size, local = _subsampled_plate(tr, latent)
         # Unconstrained shapes through NumPyro's own bijections; a local site's per row.
         transforms = {n: biject_to(s["fn"].support) for n, s in latent.items()}
@@ -697,7 +747,7 @@ class Target(eqx.Module):
         data = (tuple(args), dict(kwargs))
         return cls("numpyro", offset, None, model, tuple(sites), tuple(latent) + deterministic, data,
                    None, num_data, batch_size, plate, params=params, param_sites=param_sites,
-                   local_sites=tuple(local_sites))
+                   local_sites=tuple(local_sites), enum_dim=enum_dim)
 
     @classmethod
     def from_pymc(cls, model) -> "Target":
@@ -842,7 +892,7 @@ class Target(eqx.Module):
             return self.fn(*(values[s.name] for s in self.sites), *self.data)[0]
         if self.kind == "numpyro":
             self._refuse_local("log_density(z)")
-            return _numpyro_logdensity(self._model(), self.sites, z, self.data)
+            return _numpyro_logdensity(self._model(), self.sites, z, self.data, self.enum_dim is not None)
         if self.kind == "minibatched" and self._on_disk:
             return self.fn(z) + _streamed_loglik(self.loglik, self.store, z[None])[0]
         if self.kind == "minibatched":
@@ -870,7 +920,7 @@ class Target(eqx.Module):
             values = _unflatten(self.sites, z)
             return self.fn(*(values[s.name] for s in self.sites), *self.data)[1]
         if self.kind == "numpyro":
-            return _numpyro_log_joint(self._model(), self.sites, z, self.data)
+            return _numpyro_log_joint(self._model(), self.sites, z, self.data, self.enum_dim is not None)
         return self.log_density(z)
 
     @property
@@ -882,6 +932,8 @@ class Target(eqx.Module):
     def has_likelihood(self) -> bool:
         """Whether :meth:`log_likelihood` is available (NumPyro models, or a plain log
         density given with ``log_likelihood=``)."""
+        if self.enum_dim is not None:  # the observed sites' terms hold the enumerated dims
+            return False
         return self.kind in ("numpyro", "minibatched") or self.loglik is not None
 
     def log_likelihood(self, z: jax.Array) -> jax.Array:

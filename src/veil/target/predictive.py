@@ -54,8 +54,10 @@ def check_numpyro(target, what: str) -> None:
 
 
 def _full_model(target):
-    """The target's model on all rows of its subsampled plate, with its parameters at their values."""
-    return dataclasses.replace(target, rows=None)._model()
+    """The target's model on all rows of its subsampled plate, with its parameters at their values,
+    run forward: its discrete latents drawn, not enumerated (given the continuous ones, a draw
+    of them is a draw of the model's own)."""
+    return dataclasses.replace(target, rows=None, enum_dim=None)._model()
 
 
 def _args(target, args, kwargs):
