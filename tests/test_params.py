@@ -90,3 +90,55 @@ def test_plain_params_are_checked():
         veil.Target.from_logdensity(lambda z, th: -jnp.sum(z**2), dim=1, params={"n": 3})
     with pytest.raises(ValueError, match="non-finite"):
         veil.Target.from_logdensity(lambda z, th: -jnp.sum(z**2), dim=1, params={"a": jnp.nan})
+
+
+def _regression_data():
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(200, 1)), jnp.float32)
+    y = 2.0 * x[:, 0] + 1.0 + 0.3 * jnp.asarray(rng.normal(size=200), jnp.float32)
+    ols = np.linalg.lstsq(np.c_[np.asarray(x, np.float64), np.ones(200)], np.asarray(y, np.float64), rcond=None)[0]
+    return x, y, ols
+
+
+def test_a_network_inside_a_numpyro_model_is_learned():
+    # numpyro.contrib.module.eqx_module registers an equinox network's weights as one
+    # numpyro.param site whose value is a pytree. y = net(x) + N(0, sigma^2) with sigma latent:
+    # whatever q(sigma), the ELBO's gradient in the weights vanishes at least squares, so the
+    # learned weight and bias are the OLS fit (to the optimiser's tolerance: 1e-3 measured 1e-6).
+    import equinox as eqx
+    from numpyro.contrib.module import eqx_module
+
+    x, y, ols = _regression_data()
+    linear = eqx.nn.Linear(1, 1, key=jax.random.key(0))
+
+    def regression(x, y):
+        net = eqx_module("net", linear)
+        sigma = numpyro.sample("sigma", dist.HalfNormal(1.0))
+        with numpyro.plate("data", x.shape[0]):
+            numpyro.sample("y", dist.Normal(jax.vmap(net)(x)[:, 0], sigma), obs=y)
+
+    t = veil.Target.from_numpyro(regression, x, y)
+    assert [s.name for s in t.param_sites] == ["net$params"] and t.dim == 1
+    res = veil.fit(t, veil.MeanField(1), key=jax.random.key(0), progress=False)
+    net = res.params["net$params"]
+    assert float(net.weight[0, 0]) == pytest.approx(ols[0], abs=1e-3)
+    assert float(net.bias[0]) == pytest.approx(ols[1], abs=1e-3)
+    assert float(linear.weight[0, 0]) != pytest.approx(ols[0], abs=0.1)  # the user's module is untouched
+
+
+def test_an_equinox_module_as_a_plain_log_densitys_params():
+    # The same regression written by hand, the network itself as the params pytree.
+    import equinox as eqx
+
+    x, y, ols = _regression_data()
+
+    def fn(z, net):
+        sigma = jnp.exp(z[0])
+        resid = y - jax.vmap(net)(x)[:, 0]
+        return -0.5 * jnp.exp(2 * z[0]) - y.size * jnp.log(sigma) - 0.5 * jnp.sum((resid / sigma) ** 2) + z[0]
+
+    net0 = eqx.nn.Linear(1, 1, key=jax.random.key(0))
+    res = veil.fit(veil.Target.from_logdensity(fn, dim=1, params=net0), veil.MeanField(1), key=jax.random.key(0),
+                   progress=False)
+    assert float(res.params.weight[0, 0]) == pytest.approx(ols[0], abs=1e-3)
+    assert float(res.params.bias[0]) == pytest.approx(ols[1], abs=1e-3)

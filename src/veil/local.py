@@ -348,7 +348,7 @@ class LocalResult(Result):
     _subject = "this fit"
 
     @property
-    def params(self) -> dict:
+    def params(self) -> Any:
         """The model parameters the fit learned (constrained)."""
         return self.target.constrained_params()
 

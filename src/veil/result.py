@@ -796,9 +796,11 @@ class VIResult(Result):
         return LogEvidence(estimate, se, khat, n)
 
     @property
-    def params(self) -> dict[str, jax.Array]:
-        """The model parameters the fit learned (a NumPyro model's ``numpyro.param`` sites,
-        constrained); ``{}`` for a target without parameters."""
+    def params(self) -> Any:
+        """The model parameters the fit learned: a NumPyro model's ``numpyro.param`` sites,
+        constrained, as a dict (a network registered by ``numpyro.contrib.module.eqx_module`` is
+        one site whose value is the network's weights); a plain log density's ``params`` pytree
+        as given (an equinox module stays one); ``{}`` for a target without parameters."""
         return self.target.constrained_params()
 
     @property

@@ -30,7 +30,7 @@ from numpyro.infer.util import log_density
 
 from veil.family import Family, MonteCarloMoments
 from veil.target import Target
-from veil.target.core import _param_sites, _unflatten
+from veil.target.core import _constrained, _param_sites, _unflatten
 
 __all__ = ["Guide"]
 
@@ -117,7 +117,7 @@ class Guide(MonteCarloMoments, Family):
 
     def constrained_params(self) -> dict:
         """The guide's parameters as the guide sees them (constrained)."""
-        return {s.name: biject_to(s.constraint)(self.params[s.name]) for s in self.param_sites}
+        return _constrained(self.param_sites, self.params)
 
     def _to_z(self, x: dict):
         """The model's sites ``x`` to the flat unconstrained ``z`` and ``log |det dT/dz|``."""

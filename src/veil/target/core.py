@@ -284,24 +284,33 @@ class ParamSite(eqx.Module):
 
 def _param_sites(trace) -> tuple[tuple[ParamSite, ...], dict | None]:
     """The model's ``numpyro.param`` sites and their initial values, unconstrained (``None``
-    for a model without any). An initial value outside its constraint is an error naming it."""
+    for a model without any). A site's value may be a pytree of arrays (a network's weights,
+    ``numpyro.contrib.module.eqx_module`` / ``flax_module``), its constraint applied to every
+    leaf. An initial value outside its constraint is an error naming it."""
     sites, values = [], {}
     for name, site in trace.items():
         if site["type"] != "param":
             continue
         constraint = site["kwargs"].get("constraint", dist_constraints.real)
-        value = jnp.asarray(site["value"])
-        if not bool(jnp.all(constraint.check(value))):
-            raise ValueError(
-                f"numpyro.param site '{name}' starts at {np.asarray(value)!r:.60}, outside its constraint "
-                f"({constraint}): give it an initial value inside it."
-            )
-        unconstrained = biject_to(constraint).inv(value)
-        if not bool(jnp.all(jnp.isfinite(unconstrained))):
+        value = jax.tree.map(jnp.asarray, site["value"])
+        for leaf in jax.tree.leaves(value):
+            if not bool(jnp.all(constraint.check(leaf))):
+                raise ValueError(
+                    f"numpyro.param site '{name}' starts at {np.asarray(leaf)!r:.60}, outside its constraint "
+                    f"({constraint}): give it an initial value inside it."
+                )
+        unconstrained = jax.tree.map(biject_to(constraint).inv, value)
+        if not all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree.leaves(unconstrained)):
             raise ValueError(f"numpyro.param site '{name}' starts on the edge of its constraint ({constraint}).")
         sites.append(ParamSite(name, constraint))
-        values[name] = unconstrained.astype(jax.dtypes.canonicalize_dtype(jnp.float64))  # strongly typed
+        # strongly typed, so that an optimizer's updates keep the dtype
+        values[name] = jax.tree.map(lambda u: u.astype(jax.dtypes.canonicalize_dtype(jnp.float64)), unconstrained)
     return tuple(sites), (values or None)
+
+
+def _constrained(sites: tuple[ParamSite, ...], params) -> dict:
+    """The parameters ``params`` (unconstrained) mapped through each site's constraint."""
+    return {s.name: jax.tree.map(biject_to(s.constraint), params[s.name]) for s in sites}
 
 
 def _with_params(model, sites: tuple[ParamSite, ...], params):
@@ -309,8 +318,7 @@ def _with_params(model, sites: tuple[ParamSite, ...], params):
     through each site's constraint); ``model`` itself when it has none."""
     if not sites:
         return model
-    values = {s.name: biject_to(s.constraint)(params[s.name]) for s in sites}
-    return handlers.substitute(model, data=values)
+    return handlers.substitute(model, data=_constrained(sites, params))
 
 
 def _unflatten_local(sites, z_local):
@@ -667,7 +675,7 @@ class Target(eqx.Module):
         if self.params is None:
             return {}
         if self.kind == "numpyro":
-            return {s.name: biject_to(s.constraint)(self.params[s.name]) for s in self.param_sites}
+            return _constrained(self.param_sites, self.params)
         return self.params
 
     @classmethod
