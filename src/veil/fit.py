@@ -306,11 +306,11 @@ def fit(
     max_steps = _check_positive_int("max_steps", max_steps)
     num_restarts = _check_positive_int("num_restarts", num_restarts)
     learn = target.has_params  # a model's parameters, learned beside q
-    if learn and (num_restarts > 1 or mesh is not None or target.is_minibatched):
+    if learn and (num_restarts > 1 or mesh is not None):
         raise NotImplementedError(
             f"The model has parameters ({', '.join(s.name for s in target.param_sites) or 'params='}), which veil.fit "
-            "learns on one device, with full data and one restart for now: drop num_restarts, mesh or the "
-            "plate's subsample_size, or give the parameters priors to infer them as latents."
+            "learns on one device with one restart for now: drop num_restarts or mesh, or give the parameters "
+            "priors to infer them as latents."
         )
     # What the family declares for itself (flows, semi-implicit families, mixtures), then the
     # engine's defaults for what it leaves out.
