@@ -170,3 +170,43 @@ def test_bad_input(target):
     plain = veil.Target.from_logdensity(lambda z: -0.5 * jnp.sum(z**2), dim=2)
     with pytest.raises(ValueError, match="PerDatum is a guide for local latents, and this model has none"):
         veil.fit(plain, veil.PerDatum(veil.MeanField(2)), key=jax.random.key(0), progress=False)
+
+
+J_GROUPS = 40
+_grng = np.random.default_rng(5)
+YBAR = jnp.asarray(1.0 + _grng.normal(size=J_GROUPS) * np.sqrt(1.0 + 0.1), jnp.float32)  # tau 1, se 1/sqrt(10)
+
+
+def hierarchy(ybar, batch):
+    mu = numpyro.sample("mu", dist.Normal(0.0, 5.0))
+    tau = numpyro.param("tau", 0.5, constraint=dist.constraints.positive)
+    with numpyro.plate("groups", J_GROUPS, subsample_size=batch) as g:
+        theta = numpyro.sample("theta", dist.Normal(mu, tau))
+        numpyro.sample("ybar", dist.Normal(theta, 1 / np.sqrt(10.0)), obs=ybar[g])
+
+
+@pytest.mark.slow
+def test_hierarchy_with_a_learned_hyperparameter_matches_nuts():
+    # 40 groups' means (local latents theta_j, batches of 10 groups), a global mu and the
+    # hyperparameter tau learned. NUTS (4,000 warm-up, 20,000 draws) on the same model over all
+    # groups, tau fixed at veil's value. Means within 0.15 NUTS sd (NUTS's own error ~0.01 sd;
+    # the rest the fit's SGD noise; measured 0.08); sds within 12%: the mean-field guide drops the
+    # posterior correlation of mu with the theta_j, which shrinks mu's sd (measured 8% at veil's
+    # tau 0.82; the theta_j within 6%).
+    from numpyro.infer import MCMC, NUTS
+
+    t = veil.Target.from_numpyro(hierarchy, YBAR, 10)
+    guide = veil.Structured(veil.MeanField(1), veil.PerDatum(veil.MeanField(1)))
+    res = veil.fit(t, guide, key=jax.random.key(0), progress=False)
+    assert res.converged
+    tau = float(res.params["tau"])
+    fixed = numpyro.handlers.substitute(hierarchy, data={"tau": tau})
+    mcmc = MCMC(NUTS(fixed), num_warmup=4000, num_samples=20000, progress_bar=False)
+    mcmc.run(jax.random.key(1), YBAR, None)
+    ref = mcmc.get_samples()
+    draws = res.draws(20000, key=jax.random.key(2))
+    for name in ("mu", "theta"):
+        m_ref, s_ref = np.asarray(ref[name]).mean(0), np.asarray(ref[name]).std(0)
+        m, s = np.asarray(draws[name]).mean(0), np.asarray(draws[name]).std(0)
+        assert np.all(np.abs(m - m_ref) < 0.15 * s_ref), (name, m, m_ref)
+        assert np.all(np.abs(s / s_ref - 1) < 0.12), (name, s, s_ref)
