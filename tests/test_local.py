@@ -172,6 +172,38 @@ def test_bad_input(target):
         veil.fit(plain, veil.PerDatum(veil.MeanField(2)), key=jax.random.key(0), progress=False)
 
 
+
+def test_a_tiny_vae_beats_the_independent_pixel_model():
+    # A VAE in miniature (the toolkit's shape: decoder network by eqx_module, amortised encoder):
+    # 400 binary images of 16 pixels, each one of two prototypes with 10% of pixels flipped. An
+    # independent-pixel Bernoulli model's best log likelihood is -11.03 nats per image (closed
+    # form); the true two-cluster model's is about -5.9. The VAE's full-data ELBO (a lower bound
+    # on its log likelihood) must beat the first by 3 nats per image (measured: 4.4 after 20,000
+    # steps, 4.3 after 4,000).
+    from numpyro.contrib.module import eqx_module
+
+    rng = np.random.default_rng(0)
+    n, pixels = 400, 16
+    protos = np.array([[1] * 8 + [0] * 8, [0] * 8 + [1] * 8], np.float32)
+    x = protos[rng.integers(0, 2, n)]
+    x = np.abs(x - (rng.random((n, pixels)) < 0.1)).astype(np.float32)
+    p = x.mean(0)
+    independent = float(np.sum(p * np.log(p) + (1 - p) * np.log(1 - p)))
+    decoder = eqx.nn.Linear(2, pixels, key=jax.random.key(0))
+
+    def vae(x):
+        decode = eqx_module("decoder", decoder)
+        with numpyro.plate("data", n, subsample_size=50) as idx:
+            z = numpyro.sample("z", dist.Normal(0.0, 1.0).expand([2]).to_event(1))
+            numpyro.sample("x", dist.Bernoulli(logits=jax.vmap(decode)(z)).to_event(1), obs=x[idx])
+
+    guide = veil.Amortized(eqx.nn.Linear(pixels, 4, key=jax.random.key(1)), veil.MeanField(2, init_scale=1.0),
+                           data=jnp.asarray(x))
+    res = veil.fit(veil.Target.from_numpyro(vae, jnp.asarray(x)), guide, key=jax.random.key(0), progress=False,
+                   max_steps=4000, stop=None)
+    assert res.elbo / n > independent + 3.0
+    assert res.params["decoder$params"].weight.shape == (pixels, 2)
+
 J_GROUPS = 40
 _grng = np.random.default_rng(5)
 YBAR = jnp.asarray(1.0 + _grng.normal(size=J_GROUPS) * np.sqrt(1.0 + 0.1), jnp.float32)  # tau 1, se 1/sqrt(10)
