@@ -242,3 +242,26 @@ def test_hierarchy_with_a_learned_hyperparameter_matches_nuts():
         m, s = np.asarray(draws[name]).mean(0), np.asarray(draws[name]).std(0)
         assert np.all(np.abs(m - m_ref) < 0.15 * s_ref), (name, m, m_ref)
         assert np.all(np.abs(s / s_ref - 1) < 0.12), (name, s, s_ref)
+
+
+def test_a_local_fit_resumes_from_its_checkpoint_exactly(target, tmp_path):
+    # The per-row table is a leaf of the loop's parameters and its row-wise Adam moments the
+    # kernel's state: both are saved, so a fit killed after its second save and resumed ends
+    # bit for bit where the uninterrupted fit does; another key is refused.
+    from test_checkpoint import _CrashAfter
+
+    from veil.loop.checkpoint import Checkpoint
+
+    kw = {"key": jax.random.key(3), "progress": False, "max_steps": 600, "stop": None}
+    guide = veil.PerDatum(veil.MeanField(K))
+    plain = veil.fit(target, guide, **kw)
+    path = str(tmp_path / "local")
+    with pytest.raises(KeyboardInterrupt):
+        veil.fit(target, guide, checkpoint=_CrashAfter(path, every=0, n=2), **kw)
+    resumed = veil.fit(target, guide, checkpoint=Checkpoint(path, every=0), **kw)
+    np.testing.assert_array_equal(resumed.trace, plain.trace)
+    for a, b in zip(jax.tree.leaves((resumed.local_params, resumed.target.params)),
+                    jax.tree.leaves((plain.local_params, plain.target.params))):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="different fit: the key differs"):
+        veil.fit(target, guide, checkpoint=path, **{**kw, "key": jax.random.key(4)})

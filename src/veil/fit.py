@@ -281,15 +281,16 @@ def fit(
         )
     if target.has_local:  # local latents: a global family and a local guide (veil.local)
         asked = [name for name, given in (("objective", objective is not None), ("num_restarts", num_restarts != 1),
-                                          ("mesh", mesh is not None), ("checkpoint", checkpoint is not None)) if given]
+                                          ("mesh", mesh is not None)) if given]
         if asked:
             raise NotImplementedError(
                 f"A model with local latents is fitted by the ELBO (one joint draw a step), on one device, "
-                f"one restart, without checkpoints for now: drop {', '.join(asked)}.")
+                f"one restart for now: drop {', '.join(asked)}.")
         if stop is DEFAULT:
             stop = _MINIBATCH_STOP
         return fit_local(target, q, key=key, optimizer=_DEFAULT_OPTIMIZER if optimizer is None else optimizer,
-                         max_steps=_check_positive_int("max_steps", max_steps), stop=stop, progress=progress)
+                         max_steps=_check_positive_int("max_steps", max_steps), stop=stop, progress=progress,
+                         checkpoint=_as_checkpoint(checkpoint))
     if isinstance(q, (Structured, PerDatum, Amortized)):
         raise ValueError(
             f"{type(q).__name__} is a guide for local latents, and this model has none (no latent site inside "
@@ -345,10 +346,7 @@ def fit(
     if stop is not None and not isinstance(stop, StopRule):
         raise TypeError(f"stop must be a veil.StopRule or None, got {stop!r}.")
 
-    if checkpoint is not None and not isinstance(checkpoint, Checkpoint):
-        if not isinstance(checkpoint, (str, os.PathLike)):
-            raise TypeError(f"checkpoint must be a path or a veil.loop.checkpoint.Checkpoint, got {checkpoint!r}.")
-        checkpoint = Checkpoint(checkpoint)
+    checkpoint = _as_checkpoint(checkpoint)
     restart_sharding = None
     if mesh is not None:
         restart_sharding = _place_on_mesh(target, mesh, num_restarts)
@@ -490,6 +488,14 @@ def _check_upper_bound(target: Target, start: Family, fitted: Family, key, n: in
         "more draws per step (veil.ChiSquare(k) with a larger k), or use the start as the "
         "importance-sampling proposal."
     ))
+
+
+def _as_checkpoint(checkpoint) -> Checkpoint | None:
+    if checkpoint is None or isinstance(checkpoint, Checkpoint):
+        return checkpoint
+    if not isinstance(checkpoint, (str, os.PathLike)):
+        raise TypeError(f"checkpoint must be a path or a veil.loop.checkpoint.Checkpoint, got {checkpoint!r}.")
+    return Checkpoint(checkpoint)
 
 
 def _fingerprint(target: Target, q: Family, objective, optimizer, stop, num_restarts: int, key) -> dict:

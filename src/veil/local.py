@@ -34,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import re
 import time
 from typing import Any
 
@@ -47,6 +48,7 @@ from veil._checks import check_key as _check_key
 from veil.diagnostics import format_khat, khat_ok, khat_verdict, psis_khat
 from veil.family import Family
 from veil.loop import driver
+from veil.loop.checkpoint import digest
 from veil.loop.kernel import Kernel, StepInfo, all_finite, keep_if
 from veil.result import Result
 from veil.target import Target
@@ -426,7 +428,21 @@ class LocalResult(Result):
 
 
 # ---------------------------------------------------------------------- fit
-def fit_local(target: Target, guide, *, key, optimizer, max_steps: int, stop, progress: bool) -> LocalResult:
+def _fingerprint(spec: _Spec, params, optimizer, stop, key) -> dict:
+    """What a checkpoint of a local fit must match (see ``veil.fit``'s): the ELBO's program with
+    the target's data and the guide's starting values, the optimizer, the rule and the key."""
+    rows = jnp.arange(spec.target.batch_size)
+    return {
+        # (the target closed over: its arrays are hashed as the program's constants)
+        "local fit": digest(lambda p, k: spec.elbo(p, k, rows), params, jax.random.key(0)),
+        "optimizer": digest(lambda p: optimizer.update(p, optimizer.init(p), p), params),
+        "stop": re.sub(r" at 0x[0-9a-fA-F]+", "", repr(stop)),
+        "key": np.asarray(jax.random.key_data(key)).tolist(),
+    }
+
+
+def fit_local(target: Target, guide, *, key, optimizer, max_steps: int, stop, progress: bool,
+              checkpoint=None) -> LocalResult:
     """``veil.fit`` for a target with local latents (see the module docstring)."""
     _check_key(key)
     if isinstance(guide, (PerDatum, Amortized)):
@@ -460,7 +476,8 @@ def fit_local(target: Target, guide, *, key, optimizer, max_steps: int, stop, pr
     start = time.perf_counter()
     run_key, diag_key = jax.random.split(key)
     out = driver.run(kernel, jax.tree.map(lambda x: x[None], params), key=run_key, max_steps=max_steps,
-                     stop_rule=stop, progress=progress)
+                     stop_rule=stop, progress=progress, checkpoint=checkpoint,
+                     fingerprint=None if checkpoint is None else _fingerprint(spec, params, optimizer, stop, key))
     final = jax.tree.map(lambda x: x[0], out.params)
     if target.has_params:
         target = target.with_params(final["theta"])
