@@ -265,3 +265,25 @@ def test_a_local_fit_resumes_from_its_checkpoint_exactly(target, tmp_path):
         np.testing.assert_array_equal(a, b)
     with pytest.raises(ValueError, match="different fit: the key differs"):
         veil.fit(target, guide, checkpoint=path, **{**kw, "key": jax.random.key(4)})
+
+
+def test_many_rows_give_an_elbo_but_no_joint_khat():
+    # Each joint draw reads every row: past 2,500 rows the 200 draws a k-hat needs would pass the
+    # result's budget of 500,000 row evaluations, so k-hat is not computed (said, not NaN), the
+    # ELBO comes from fewer draws (166 here), and the summary draws the globals with one row.
+    n = 3000
+
+    def model(x):
+        mu = numpyro.sample("mu", dist.Normal(0.0, 1.0))
+        with numpyro.plate("data", n, subsample_size=100) as idx:
+            z = numpyro.sample("z", dist.Normal(mu, 1.0))
+            numpyro.sample("x", dist.Normal(z, 1.0), obs=x[idx])
+
+    t = veil.Target.from_numpyro(model, jnp.zeros(n))
+    res = veil.fit(t, veil.Structured(veil.MeanField(1), veil.PerDatum(veil.MeanField(1))), key=jax.random.key(0),
+                   progress=False, max_steps=20, stop=None)
+    with pytest.raises(veil.NotApplicable, match="over 3000 rows is not computed"):
+        _ = res.khat
+    assert res._num_joint_draws == 166 and np.isfinite(res.elbo)
+    s = res.summary()
+    assert s.names == ["mu"] and "is not computed" in s.verdict[0]

@@ -50,10 +50,15 @@ from veil.family import Family
 from veil.loop import driver
 from veil.loop.checkpoint import digest
 from veil.loop.kernel import Kernel, StepInfo, all_finite, keep_if
-from veil.result import Result
+from veil.result import NotApplicable, Result
 from veil.target import Target
 
 __all__ = ["PerDatum", "Amortized", "Structured", "LocalResult", "fit_local"]
+
+# Row evaluations the result's ELBO and k-hat may spend (each joint draw reads every row), and
+# the fewest joint draws a k-hat is computed from.
+_JOINT_ROW_BUDGET = 500_000
+_KHAT_MIN_DRAWS = 200
 
 
 def _family_params(family: Family):
@@ -368,24 +373,40 @@ class LocalResult(Result):
             p["q"] = _family_params(self.q)[0]
         return p
 
+    @property
+    def _num_joint_draws(self) -> int:
+        """Joint draws for the ELBO and k-hat: each reads every row, so 1,000 where the rows are
+        few and fewer where they are many (500,000 row evaluations in all, at least 10)."""
+        return int(np.clip(_JOINT_ROW_BUDGET // self.target.num_data, 10, 1000))
+
     @functools.cached_property
     def _joint_log_weights(self) -> np.ndarray:
-        """``log p(beta, z_1..N, x) - log q(beta, z_1..N)`` of 1,000 joint draws, all rows."""
+        """``log p(beta, z_1..N, x) - log q(beta, z_1..N)`` of the joint draws, all rows."""
         spec, params = self._spec(), self._all_params()
-        keys = jax.random.split(jax.random.fold_in(self.diagnostic_key, 3), 1000)
-        lw = jax.lax.map(lambda k: spec.elbo(params, k, None), keys, batch_size=50)
+        keys = jax.random.split(jax.random.fold_in(self.diagnostic_key, 3), self._num_joint_draws)
+        lw = jax.lax.map(lambda k: spec.elbo(params, k, None), keys, batch_size=10)
         return np.asarray(lw, np.float64)
 
     @property
     def elbo(self) -> float:
-        """The full-data ELBO of the fitted guide (1,000 joint draws; every row)."""
+        """The full-data ELBO of the fitted guide (from up to 1,000 joint draws; every row)."""
         return float(np.mean(self._joint_log_weights))
 
     @property
     def khat(self) -> float:
         """PSIS k-hat of the joint guide ``q(beta) prod_i q_i(z_i)`` against the full-data
         joint density, from 1,000 joint draws: how far the whole approximation is from the
-        posterior of every latent (``-inf``: exact)."""
+        posterior of every latent (``-inf``: exact).
+
+        Raises:
+            NotApplicable: the rows are too many for 200 joint draws within the budget of
+                500,000 row evaluations (over 2,500 rows): a k-hat from fewer draws would be noise.
+        """
+        if self._num_joint_draws < _KHAT_MIN_DRAWS:
+            raise NotApplicable(
+                f"k-hat of the joint guide over {self.target.num_data} rows is not computed: each joint draw "
+                f"reads every row, and {_KHAT_MIN_DRAWS} of them would cost {_KHAT_MIN_DRAWS * self.target.num_data:,} "
+                "row evaluations. The ELBO (res.elbo) is estimated from fewer draws.")
         lw = self._joint_log_weights
         return psis_khat(lw) if np.all(np.isfinite(lw)) else math.nan
 
@@ -402,7 +423,10 @@ class LocalResult(Result):
         return jax.lax.map(one, jax.random.split(key, n), batch_size=min(n, 64))
 
     def verdict(self) -> tuple[list[str], bool]:
-        khat = self.khat
+        try:
+            khat = self.khat
+        except NotApplicable as e:
+            return self._run_lines([str(e)], True, self._subject)
         lines = [f"PSIS k-hat of the joint guide (every row) = {format_khat(khat)}: "
                  f"{khat_verdict(khat, 'the guide')}"]
         return self._run_lines(lines, khat_ok(khat), self._subject)
@@ -413,11 +437,20 @@ class LocalResult(Result):
 
     def _summary_draws(self) -> dict:
         # The table holds the global sites and the learned parameters (as constants, sd 0); the
-        # local sites are N per draw (res.draws has them).
+        # local sites are N per draw (res.draws has them), so the globals are drawn with one
+        # row's locals beside them, not all N.
         n = 1000
-        draws = self.draws(n, key=jax.random.fold_in(self.diagnostic_key, 1))
-        out = {k: v for k, v in draws.items() if np.shape(v)[1:2] != (self.target.num_data,)}
-        out.update({k: jnp.broadcast_to(v, (n, *jnp.shape(v))) for k, v in self.params.items()})
+        spec, params, row = self._spec(), self._all_params(), jnp.arange(1)
+        target = self.target.on_batch(row)
+        keep = {s.name for s in self.target.sites}
+
+        def one(k):
+            z, _, z_local, _ = spec.draw(params, k, row)
+            return {k: v for k, v in target.to_constrained_local(z, z_local).items() if k in keep}
+
+        out = jax.lax.map(one, jax.random.split(jax.random.fold_in(self.diagnostic_key, 1), n), batch_size=100)
+        out.update({k: jnp.broadcast_to(v, (n, *jnp.shape(v))) for k, v in self.params.items()
+                    if hasattr(v, "shape")})
         return out
 
     def _plot_trace(self):
