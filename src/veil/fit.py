@@ -280,17 +280,15 @@ def fit(
             "veil.Target.from_logdensity(fn, dim) or veil.Target.from_numpyro(model, ...)."
         )
     if target.has_local:  # local latents: a global family and a local guide (veil.local)
-        asked = [name for name, given in (("objective", objective is not None), ("num_restarts", num_restarts != 1),
-                                          ("mesh", mesh is not None)) if given]
+        asked = [name for name, given in (("num_restarts", num_restarts != 1), ("mesh", mesh is not None)) if given]
         if asked:
             raise NotImplementedError(
-                f"A model with local latents is fitted by the ELBO (one joint draw a step), on one device, "
-                f"one restart for now: drop {', '.join(asked)}.")
+                f"A model with local latents is fitted on one device with one restart for now: drop {', '.join(asked)}.")
         if stop is DEFAULT:
             stop = _MINIBATCH_STOP
         return fit_local(target, q, key=key, optimizer=_DEFAULT_OPTIMIZER if optimizer is None else optimizer,
                          max_steps=_check_positive_int("max_steps", max_steps), stop=stop, progress=progress,
-                         checkpoint=_as_checkpoint(checkpoint))
+                         checkpoint=_as_checkpoint(checkpoint), objective=objective)
     if isinstance(q, (Structured, PerDatum, Amortized)):
         raise ValueError(
             f"{type(q).__name__} is a guide for local latents, and this model has none (no latent site inside "

@@ -45,6 +45,8 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from veil._checks import check_key as _check_key
+from veil.estimators import DReG, Reparam
+from veil.objectives import IWAE
 from veil.diagnostics import format_khat, khat_ok, khat_verdict, psis_khat
 from veil.family import Family
 from veil.loop import driver
@@ -245,6 +247,64 @@ class _Spec(eqx.Module):
         return target.log_density_local(z, z_local) - log_qg - scale * jnp.sum(log_ql)
 
 
+def _row_draws_k(local_family: Family, row_params, key, k: int, stopped: bool):
+    """``k`` draws of each row's local latents, ``[k, rows, d]``, and ``log q`` of each, ``[k, rows]``;
+    with ``stopped``, ``log q`` at stopped parameters (the path gradient through the draws only)."""
+    _, rest = _family_params(local_family)
+    rows = jax.tree.leaves(row_params)[0].shape[0]
+
+    def one(p, key):
+        q = eqx.combine(p, rest)
+        return q.sample_with_stopped_log_prob(key, k) if stopped else q.sample_and_log_prob(key, k)
+
+    z, log_q = jax.vmap(one)(row_params, jax.random.split(key, rows))
+    return jnp.swapaxes(z, 0, 1), log_q.T
+
+
+class _IWAESpec(_Spec):
+    """The importance-weighted bound per row, for a model without global latents (a VAE):
+    ``sum_i log (1/k) sum_j p(x_i, z_ij) / q(z_ij | x_i)``, scaled by ``N / B`` on a batch.
+
+    Each row's ``log p(x_i, z_ij)`` is the model on that row alone (NumPyro's plate scale ``N``
+    undone). With ``dreg``, the guide's gradient is the doubly reparameterised one (Tucker et
+    al., 2019: ``sum_j w~_ij^2`` times the path derivative of ``log w_ij`` with ``log q`` at
+    stopped parameters), the model parameters' the plain one (``sum_j w~_ij grad log p``)."""
+
+    k: int = eqx.field(static=True, default=8)
+    dreg: bool = eqx.field(static=True, default=True)
+
+    def _log_p(self, target, row_ids, z_local):
+        """``log p(x_i, z_ij)`` of each draw ``[k, rows]`` for the rows ``row_ids``."""
+        n = target.num_data
+
+        def one(i, z_row):
+            return target.on_batch(i[None]).log_density_local(jnp.zeros(0), z_row[None]) / n
+
+        return jax.vmap(lambda z: jax.vmap(one)(row_ids, z))(z_local)
+
+    def elbo(self, params, key, rows, row_params=None):
+        target = self.target if "theta" not in params else self.target.with_params(params["theta"])
+        row_ids = jnp.arange(target.num_data) if rows is None else rows
+        if row_params is None:
+            row_params = self.local.row_params(params["local"], row_ids, jnp.zeros(0))
+        scale = target.num_data / row_ids.shape[0]
+        z, log_q = _row_draws_k(self.local.family, row_params, key, self.k, stopped=self.dreg)
+        if not self.dreg:
+            log_w = self._log_p(target, row_ids, z) - log_q
+            return scale * jnp.sum(jax.nn.logsumexp(log_w, axis=0) - math.log(self.k))
+        # The guide's part: the model's parameters held, the draws carry the path gradient, the
+        # weights squared and stopped.
+        held = target if "theta" not in params else self.target.with_params(jax.lax.stop_gradient(params["theta"]))
+        log_w = self._log_p(held, row_ids, z) - log_q
+        w = jax.lax.stop_gradient(jax.nn.softmax(log_w, axis=0))
+        guide_part = jnp.sum(w**2 * log_w)
+        # The model's parameters: the plain gradient sum_j w~_ij grad log p(x_i, z_ij), draws held.
+        model_part = jnp.sum(w * self._log_p(target, row_ids, jax.lax.stop_gradient(z))) if "theta" in params else 0.0
+        surrogate = guide_part + model_part
+        value = jnp.sum(jax.nn.logsumexp(log_w, axis=0) - math.log(self.k))
+        return scale * (jax.lax.stop_gradient(value) + surrogate - jax.lax.stop_gradient(surrogate))
+
+
 class _LocalKernel(Kernel):
     """The optax optimizer on the global parameters (``q``, ``theta``, an encoder's weights);
     for a :class:`PerDatum` table, a row-wise Adam on the batch's rows only."""
@@ -364,6 +424,7 @@ class LocalResult(Result):
         return self.stop_reason.startswith("converged")
 
     def _spec(self) -> _Spec:
+        # (the ELBO's, whatever the fit's objective: the result reports the ELBO)
         rest = None if self.q is None else _family_params(self.q)[1]
         return _Spec(self.target, rest, self.local)
 
@@ -474,8 +535,24 @@ def _fingerprint(spec: _Spec, params, optimizer, stop, key) -> dict:
     }
 
 
+def _spec_for(objective, target: Target, global_rest, local) -> _Spec:
+    """The loss of a local fit: the one-draw ELBO (``objective`` None), or ``veil.IWAE(k)`` per
+    row for a model without global latents (DReG or plain path-wise gradients)."""
+    if objective is None:
+        return _Spec(target, global_rest, local)
+    if isinstance(objective, IWAE) and isinstance(objective.estimator, (DReG, Reparam)):
+        if target.dim:
+            raise NotImplementedError(
+                "veil.IWAE on local latents is the per-row bound of a model without global latents (a VAE); "
+                f"this model has global ones ({', '.join(s.name for s in target.sites)}): drop objective.")
+        return _IWAESpec(target, None, local, k=objective.k, dreg=isinstance(objective.estimator, DReG))
+    raise NotImplementedError(
+        f"A model with local latents is fitted by the one-draw ELBO (objective=None) or veil.IWAE(k) with DReG or "
+        f"Reparam gradients (a model without global latents); {objective!r} is not supported there yet: drop objective.")
+
+
 def fit_local(target: Target, guide, *, key, optimizer, max_steps: int, stop, progress: bool,
-              checkpoint=None) -> LocalResult:
+              checkpoint=None, objective=None) -> LocalResult:
     """``veil.fit`` for a target with local latents (see the module docstring)."""
     _check_key(key)
     if isinstance(guide, (PerDatum, Amortized)):
@@ -504,7 +581,7 @@ def fit_local(target: Target, guide, *, key, optimizer, max_steps: int, stop, pr
         params["q"], global_rest = _family_params(guide.global_family)
     if target.has_params:
         params["theta"] = target.params
-    spec = _Spec(target, global_rest, local)
+    spec = _spec_for(objective, target, global_rest, local)
     kernel = _LocalKernel(spec, optimizer)
     start = time.perf_counter()
     run_key, diag_key = jax.random.split(key)
