@@ -127,8 +127,9 @@ def test_structured_guide_with_global_context_is_exact():
     # mu ~ N(0, 10^2); z_i ~ N(mu, 1); x_i ~ N(z_i, 0.5^2). Marginally x_i ~ N(mu, 1.25), so
     # mu's posterior is N(m, v) with 1/v = 1/100 + n/1.25. Given mu, z_i | x_i is
     # N(0.8 x_i + 0.2 mu, 0.2): a linear encoder of (x_i, mu) holds it exactly, so q(mu) must be
-    # mu's exact marginal (a mean-field guide would shrink its sd). Tolerances: the SGD noise of
-    # the fitted mean and sd (measured 0.1%), 5% allowed. Few rows on purpose: the encoder learns
+    # mu's exact marginal (a mean-field guide would shrink its sd). Tolerances: where the
+    # stopping rule ends (it judges the encoder by the loss, not by its weights' drift: measured
+    # sd 2.3% short, the weight on mu 0.18 of 0.2), 5% allowed. Few rows on purpose: the encoder learns
     # its weight on mu from mu's spread across draws, which shrinks as 1/sqrt(n) (at n = 200 the
     # weight had reached half its value after 20,000 steps and q's sd was 8% short).
     n, b = 20, 10
@@ -178,8 +179,8 @@ def test_a_tiny_vae_beats_the_independent_pixel_model():
     # 400 binary images of 16 pixels, each one of two prototypes with 10% of pixels flipped. An
     # independent-pixel Bernoulli model's best log likelihood is -11.03 nats per image (closed
     # form); the true two-cluster model's is about -5.9. The VAE's full-data ELBO (a lower bound
-    # on its log likelihood) must beat the first by 3 nats per image (measured: 4.4 after 20,000
-    # steps, 4.3 after 4,000).
+    # on its log likelihood) must beat the first by 3 nats per image (measured: 4.4, the
+    # default stopping rule ending at 2,000 steps).
     from numpyro.contrib.module import eqx_module
 
     rng = np.random.default_rng(0)
@@ -199,8 +200,8 @@ def test_a_tiny_vae_beats_the_independent_pixel_model():
 
     guide = veil.Amortized(eqx.nn.Linear(pixels, 4, key=jax.random.key(1)), veil.MeanField(2, init_scale=1.0),
                            data=jnp.asarray(x))
-    res = veil.fit(veil.Target.from_numpyro(vae, jnp.asarray(x)), guide, key=jax.random.key(0), progress=False,
-                   max_steps=4000, stop=None)
+    res = veil.fit(veil.Target.from_numpyro(vae, jnp.asarray(x)), guide, key=jax.random.key(0), progress=False)
+    assert res.converged  # by its loss: the networks' weights are not watched (they never settle)
     assert res.elbo / n > independent + 3.0
     assert res.params["decoder$params"].weight.shape == (pixels, 2)
 

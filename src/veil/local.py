@@ -376,9 +376,17 @@ class _LocalKernel(Kernel):
         return params, (dense_state, row_state), StepInfo(value, ok)
 
     def watched(self, params):
-        # The stopping rule's drift test watches the global parameters: a table's rows move only
-        # when their batch comes round (an encoder's weights are global parameters: watched).
-        return self._dense(params)
+        # The stopping rule's drift test watches what is identified: the global family and the
+        # model parameters that are single arrays. Not a table's rows (they move only when their
+        # batch comes round), nor networks' weights (an encoder's, a decoder's registered by
+        # eqx_module): like a flow's, they wander along the network's symmetries while what they
+        # compute stays put. A model whose learned parameters are all networks (a VAE) is judged
+        # by its loss alone (a constant watched).
+        out = {} if "q" not in params else {"q": params["q"]}
+        theta = {k: v for k, v in params.get("theta", {}).items() if eqx.is_array(v)}
+        if theta:
+            out["theta"] = theta
+        return out or jnp.zeros(())
 
     @property
     def batches(self):
