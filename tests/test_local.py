@@ -112,6 +112,10 @@ def test_only_the_batch_rows_move(target):
                    max_steps=1, stop=None)
     moved = np.any(np.asarray(res.local_params.loc) != 0.0, axis=1)
     assert int(moved.sum()) == B
+    # Predictive draws and ArviZ's groups cover every row (the model run on all N).
+    assert res.predictive(jax.random.key(1), num_samples=3)["x"].shape == (3, N, D)
+    idata = res.to_arviz(8, key=jax.random.key(2), chains=2)
+    assert idata.posterior["z"].shape == (2, 4, N, K) and idata.log_likelihood["x"].shape == (2, 4, N)
 
 
 class _Encoder(eqx.Module):
