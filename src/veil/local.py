@@ -45,7 +45,11 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from veil._checks import check_key as _check_key
+from numpyro import handlers
+from numpyro.infer.util import log_density as numpyro_log_density
+
 from veil.estimators import DReG, Reparam
+from veil.families.program import Guide
 from veil.objectives import IWAE
 from veil.diagnostics import format_khat, khat_ok, khat_verdict, psis_khat
 from veil.family import Family
@@ -54,6 +58,7 @@ from veil.loop.checkpoint import digest
 from veil.loop.kernel import Kernel, StepInfo, all_finite, keep_if
 from veil.result import NotApplicable, Result
 from veil.target import Target
+from veil.target.core import _constrained, _with_rows
 
 __all__ = ["PerDatum", "Amortized", "Structured", "LocalResult", "fit_local"]
 
@@ -95,10 +100,6 @@ class PerDatum(eqx.Module):
         """The family parameters of the rows ``rows`` (leading axis the rows)."""
         del z_global
         return jax.tree.map(lambda x: x[rows], params)
-
-    @property
-    def sparse(self) -> bool:
-        return True
 
 
 class Amortized(eqx.Module):
@@ -177,10 +178,6 @@ class Amortized(eqx.Module):
             out = jax.vmap(encoder)(x)
         return jax.vmap(lambda o: unravel(flat + o))(out)
 
-    @property
-    def sparse(self) -> bool:
-        return False
-
 
 class Structured(eqx.Module):
     """A global family and a local guide: ``q(beta) prod_i q_i(z_i)``.
@@ -234,6 +231,12 @@ class _Spec(eqx.Module):
             row_params = self.local.row_params(params["local"], row_ids, z)
         z_local, log_ql = _row_draws(self.local.family, row_params, l_key)
         return z, log_qg, z_local, log_ql
+
+    def constrained(self, params, key, rows):
+        """One joint draw on the rows ``rows``, constrained: ``name -> value`` (local sites with
+        the rows' axis first)."""
+        z, _, z_local, _ = self.draw(params, key, rows)
+        return self.target.on_batch(rows).to_constrained_local(z, z_local)
 
     def elbo(self, params, key, rows, row_params=None):
         """One-draw estimate of the ELBO on the rows ``rows`` (all rows when ``None``): scaled
@@ -305,42 +308,80 @@ class _IWAESpec(_Spec):
         return scale * (jax.lax.stop_gradient(value) + surrogate - jax.lax.stop_gradient(surrogate))
 
 
+class _GuideSpec(eqx.Module):
+    """The ELBO of a user-written NumPyro guide program on a model with local latents, by
+    NumPyro's own machinery, as its ``Trace_ELBO`` computes it: the guide traced on the batch's
+    rows (veil sets its plate's indices as it does the model's), the model's joint density at
+    the guide's draws, both in constrained space (the change of variables cancels) and both
+    scaled by their plates."""
+
+    target: Target
+    local: Guide
+
+    def _trace(self, params, key, rows):
+        guide = self.local
+        fn = _with_rows(guide.guide, self.target.plate, self.target.num_data, rows)
+        values = {**params["local"], **params.get("rows", {})}  # the guide's dense parameters and its tables
+        fn = handlers.substitute(fn, data=_constrained(guide.param_sites, values))
+        args, kwargs = self.target.data
+        return handlers.trace(handlers.seed(fn, rng_seed=key)).get_trace(*args, **kwargs)
+
+    def _latent(self, tr) -> dict:
+        names = [s.name for s in (*self.target.sites, *self.target.local_sites)]
+        return {n: tr[n]["value"] for n in names}
+
+    def constrained(self, params, key, rows):
+        return self._latent(self._trace(params, key, rows))
+
+    def elbo(self, params, key, rows, row_params=None):
+        target = self.target if "theta" not in params else self.target.with_params(params["theta"])
+        tr = self._trace(params, key, rows)
+        log_q = sum(jnp.sum(site["fn"].log_prob(site["value"])) * (1.0 if site["scale"] is None else site["scale"])
+                    for site in tr.values() if site["type"] == "sample" and not site["is_observed"])
+        batch = target if rows is None else target.on_batch(rows)
+        args, kwargs = target.data
+        return numpyro_log_density(batch._model(), args, kwargs, self._latent(tr))[0] - log_q
+
+
 class _LocalKernel(Kernel):
     """The optax optimizer on the global parameters (``q``, ``theta``, an encoder's weights);
-    for a :class:`PerDatum` table, a row-wise Adam on the batch's rows only."""
+    for per-row tables (a :class:`PerDatum`'s, under ``params["local"]``; a guide program's, under
+    ``params["rows"]``), a row-wise Adam on the batch's rows only."""
 
-    spec: _Spec
+    spec: Any  # a _Spec, _IWAESpec or _GuideSpec: the loss is -spec.elbo
     optimizer: Any = eqx.field(static=True)
+    row_key: str | None = eqx.field(static=True, default=None)  # params' entry of per-row tables
+    row_step: float = eqx.field(static=True, default=0.05)  # the row-wise Adam's step
     beta1: float = eqx.field(static=True, default=0.9)
     beta2: float = eqx.field(static=True, default=0.999)
 
-    @property
-    def _sparse(self) -> bool:
-        return self.spec.local.sparse
-
     def _dense(self, params):
-        return {k: v for k, v in params.items() if not (k == "local" and self._sparse)}
+        return {k: v for k, v in params.items() if k != self.row_key}
 
     def init(self, params):
         dense_state = self.optimizer.init(self._dense(params))
-        if not self._sparse:
+        if self.row_key is None:
             return dense_state, None
-        zeros = jax.tree.map(jnp.zeros_like, params["local"])
-        count = jnp.zeros(jax.tree.leaves(params["local"])[0].shape[0], jnp.int32)
+        tables = params[self.row_key]
+        zeros = jax.tree.map(jnp.zeros_like, tables)
+        count = jnp.zeros(jax.tree.leaves(tables)[0].shape[0], jnp.int32)
         return dense_state, (zeros, zeros, count)
 
     def step(self, params, state, key, scale, batch):
         dense_state, row_state = state
         rows = batch
-        if self._sparse:
-            # The loss sees the batch's slice of the table, so the gradient is the slice's.
+        if self.row_key == "local":  # a PerDatum table: the loss sees the batch's slice alone
             row_slice = jax.tree.map(lambda t: t[rows], params["local"])
             value, (g_dense, g_rows) = jax.value_and_grad(
                 lambda dense, sl: -self.spec.elbo(dense, key, rows, row_params=sl), argnums=(0, 1)
             )(self._dense(params), row_slice)
         else:
-            value, g_dense = jax.value_and_grad(lambda p: -self.spec.elbo(p, key, rows))(params)
-            row_slice = g_rows = None
+            value, grads = jax.value_and_grad(lambda p: -self.spec.elbo(p, key, rows))(params)
+            g_dense, g_rows, row_slice = grads, None, None
+            if self.row_key is not None:  # a guide program's tables: their gradient is the rows'
+                g_dense = self._dense(grads)
+                g_rows = jax.tree.map(lambda g: g[rows], grads[self.row_key])
+                row_slice = jax.tree.map(lambda t: t[rows], params[self.row_key])
         ok = all_finite(value, (g_dense, g_rows))
 
         def move(args):
@@ -348,13 +389,13 @@ class _LocalKernel(Kernel):
             dense = self._dense(params)
             updates, dense_state = self.optimizer.update(g_dense, dense_state, dense)
             dense = eqx.apply_updates(dense, jax.tree.map(lambda u: scale * u, updates))
-            if not self._sparse:
+            if self.row_key is None:
                 return dense, dense_state, row_state
             # Adam on the batch's rows alone, each row with its own step count for the bias
             # corrections.
             m, v, count = row_state
             t = count[rows] + 1
-            lr = self.spec.local.step_size * scale
+            lr = self.row_step * scale
 
             def per_row(x):  # t as a column that broadcasts over a leaf's per-row axes
                 return t.reshape((-1,) + (1,) * (x.ndim - 1))
@@ -369,7 +410,7 @@ class _LocalKernel(Kernel):
             def put(table, values):
                 return jax.tree.map(lambda a, b: a.at[rows].set(b), table, values)
 
-            return ({**dense, "local": put(params["local"], moved)}, dense_state,
+            return ({**dense, self.row_key: put(params[self.row_key], moved)}, dense_state,
                     (put(m, m_rows), put(v, v_rows), count.at[rows].set(t)))
 
         params, dense_state, row_state = keep_if(ok, move, (params, dense_state, row_state))
@@ -431,8 +472,10 @@ class LocalResult(Result):
     def converged(self) -> bool:
         return self.stop_reason.startswith("converged")
 
-    def _spec(self) -> _Spec:
+    def _spec(self):
         # (the ELBO's, whatever the fit's objective: the result reports the ELBO)
+        if isinstance(self.local, Guide):
+            return _GuideSpec(self.target, self.local)
         rest = None if self.q is None else _family_params(self.q)[1]
         return _Spec(self.target, rest, self.local)
 
@@ -482,14 +525,10 @@ class LocalResult(Result):
     def draws(self, n: int, *, key: jax.Array) -> dict[str, jax.Array]:
         """``n`` joint draws, constrained: global sites ``[n, ...]``, local sites ``[n, N, ...]``."""
         spec, params = self._spec(), self._all_params()
-        target = self.target
-        rows = jnp.arange(target.num_data)
+        rows = jnp.arange(self.target.num_data)
 
-        def one(k):
-            z, _, z_local, _ = spec.draw(params, k, rows)
-            return target.to_constrained_local(z, z_local)
-
-        return jax.lax.map(one, jax.random.split(key, n), batch_size=min(n, 64))
+        return jax.lax.map(lambda k: spec.constrained(params, k, rows), jax.random.split(key, n),
+                           batch_size=min(n, 64))
 
     def verdict(self) -> tuple[list[str], bool]:
         try:
@@ -510,12 +549,10 @@ class LocalResult(Result):
         # row's locals beside them, not all N.
         n = 1000
         spec, params, row = self._spec(), self._all_params(), jnp.arange(1)
-        target = self.target.on_batch(row)
         keep = {s.name for s in self.target.sites}
 
         def one(k):
-            z, _, z_local, _ = spec.draw(params, k, row)
-            return {k: v for k, v in target.to_constrained_local(z, z_local).items() if k in keep}
+            return {k: v for k, v in spec.constrained(params, k, row).items() if k in keep}
 
         out = jax.lax.map(one, jax.random.split(jax.random.fold_in(self.diagnostic_key, 1), n), batch_size=100)
         out.update({k: jnp.broadcast_to(v, (n, *jnp.shape(v))) for k, v in self.params.items()
@@ -530,7 +567,7 @@ class LocalResult(Result):
 
 
 # ---------------------------------------------------------------------- fit
-def _fingerprint(spec: _Spec, params, optimizer, stop, key) -> dict:
+def _fingerprint(spec, params, optimizer, stop, key) -> dict:
     """What a checkpoint of a local fit must match (see ``veil.fit``'s): the ELBO's program with
     the target's data and the guide's starting values, the optimizer, the rule and the key."""
     rows = jnp.arange(spec.target.batch_size)
@@ -563,6 +600,9 @@ def fit_local(target: Target, guide, *, key, optimizer, max_steps: int, stop, pr
               checkpoint=None, objective=None) -> LocalResult:
     """``veil.fit`` for a target with local latents (see the module docstring)."""
     _check_key(key)
+    if isinstance(guide, Guide):
+        return _fit_guide_program(target, guide, key=key, optimizer=optimizer, max_steps=max_steps, stop=stop,
+                                  progress=progress, checkpoint=checkpoint, objective=objective)
     if isinstance(guide, (PerDatum, Amortized)):
         guide = Structured(None, guide)
     if not isinstance(guide, Structured):
@@ -590,7 +630,8 @@ def fit_local(target: Target, guide, *, key, optimizer, max_steps: int, stop, pr
     if target.has_params:
         params["theta"] = target.params
     spec = _spec_for(objective, target, global_rest, local)
-    kernel = _LocalKernel(spec, optimizer)
+    kernel = (_LocalKernel(spec, optimizer, "local", local.step_size) if isinstance(local, PerDatum)
+              else _LocalKernel(spec, optimizer))
     start = time.perf_counter()
     run_key, diag_key = jax.random.split(key)
     out = driver.run(kernel, jax.tree.map(lambda x: x[None], params), key=run_key, max_steps=max_steps,
@@ -600,7 +641,7 @@ def fit_local(target: Target, guide, *, key, optimizer, max_steps: int, stop, pr
     if target.has_params:
         target = target.with_params(final["theta"])
     q = None if guide.global_family is None else eqx.combine(final["q"], global_rest)
-    local_fitted = local if local.sparse else eqx.tree_at(
+    local_fitted = local if isinstance(local, PerDatum) else eqx.tree_at(
         lambda g: g.encoder, local,
         eqx.combine(final["local"], eqx.filter(local.encoder, eqx.is_inexact_array, inverse=True)))
     return LocalResult(
@@ -608,3 +649,52 @@ def fit_local(target: Target, guide, *, key, optimizer, max_steps: int, stop, pr
         num_steps=int(out.num_steps[0]), stop_reason=out.stop_reasons[0], num_skipped=int(out.skipped[0]),
         final_loss=float(out.final_loss[0]), wall_time=time.perf_counter() - start, diagnostic_key=diag_key)
 
+
+def _row_tables(spec: _GuideSpec, params) -> tuple[str, ...]:
+    """The guide's parameters that are per-row tables: a leading axis of the plate's size, and a
+    gradient, on a first batch, only at that batch's rows (the guide indexes them by the plate's
+    indices). Those take the row-wise Adam, as a :class:`PerDatum` table does; the rest (and a
+    table the guide reads whole) the dense optimizer."""
+    n = spec.target.num_data
+    candidates = [k for k, v in params["local"].items() if eqx.is_array(v) and v.ndim >= 1 and v.shape[0] == n]
+    if not candidates:
+        return ()
+    rows = jnp.arange(spec.target.batch_size)
+    grads = jax.grad(lambda p: spec.elbo(p, jax.random.key(0), rows))(params)["local"]
+    outside = np.ones(n, bool)
+    outside[: spec.target.batch_size] = False
+    return tuple(k for k in candidates
+                 if np.any(np.asarray(grads[k])[~outside] != 0) and not np.any(np.asarray(grads[k])[outside] != 0))
+
+
+def _fit_guide_program(target: Target, guide: Guide, *, key, optimizer, max_steps: int, stop, progress: bool,
+                       checkpoint, objective) -> LocalResult:
+    """``fit_local`` with a NumPyro guide program (:class:`veil.Guide`) as the whole guide."""
+    if guide.num_data != target.num_data:
+        raise ValueError("The veil.Guide was built for another target: build it with this one.")
+    if objective is not None:
+        raise NotImplementedError("A guide program on a model with local latents is fitted by the one-draw ELBO "
+                                  "for now: drop objective.")
+    params = {"local": guide.params}
+    if target.has_params:
+        params["theta"] = target.params
+    spec = _GuideSpec(target, guide)
+    tables = _row_tables(spec, params)
+    if tables:
+        params = {**params, "local": {k: v for k, v in guide.params.items() if k not in tables},
+                  "rows": {k: guide.params[k] for k in tables}}
+    start = time.perf_counter()
+    run_key, diag_key = jax.random.split(key)
+    kernel = _LocalKernel(spec, optimizer, "rows" if tables else None)
+    out = driver.run(kernel, jax.tree.map(lambda x: x[None], params), key=run_key,
+                     max_steps=max_steps, stop_rule=stop, progress=progress, checkpoint=checkpoint,
+                     fingerprint=None if checkpoint is None else _fingerprint(spec, params, optimizer, stop, key))
+    final = jax.tree.map(lambda x: x[0], out.params)
+    if target.has_params:
+        target = target.with_params(final["theta"])
+    fitted = {**final["local"], **final.get("rows", {})}
+    return LocalResult(
+        target=target, q=None, local=eqx.tree_at(lambda g: g.params, guide, fitted),
+        local_params=fitted, trace=out.traces[0], num_steps=int(out.num_steps[0]),
+        stop_reason=out.stop_reasons[0], num_skipped=int(out.skipped[0]), final_loss=float(out.final_loss[0]),
+        wall_time=time.perf_counter() - start, diagnostic_key=diag_key)

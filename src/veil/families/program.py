@@ -60,6 +60,11 @@ class Guide(MonteCarloMoments, Family):
             parameter outside its constraint -- each before anything is compiled.
         TypeError: the target is not a NumPyro model.
 
+    On a model with local latents (a subsampled plate) the guide draws them too, as a NumPyro
+    user writes it (parameter tables of the plate's size, indexed by the plate's indices): veil
+    sets its plate's rows to each batch's, as it does the model's, and fits it by the one-draw
+    ELBO with NumPyro's own densities (a ``veil.LocalResult``).
+
     Examples:
         >>> import jax, jax.numpy as jnp, numpyro, numpyro.distributions as dist, veil
         >>> def model(y):
@@ -82,20 +87,17 @@ class Guide(MonteCarloMoments, Family):
     sites: tuple = eqx.field(static=True)  # the target's latent layout (veil.target.Site)
     supports: tuple = eqx.field(static=True)  # each site's support in the model, in that order
     args: Any = eqx.field(static=True)  # the guide's arguments (the model's), in an _Args
+    num_data: int | None = eqx.field(static=True)  # the plate's rows, for a model with local latents
 
     def __init__(self, guide: Callable, target: Target):
         if not isinstance(target, Target) or target.kind != "numpyro":
             raise TypeError("veil.Guide needs the veil.Target.from_numpyro(model, ...) target it is a guide for.")
-        if target.has_local:
-            raise NotImplementedError(
-                "A guide program for a model with local latents (a subsampled plate) is not supported yet: "
-                "use veil.Structured(global_family, veil.PerDatum(...)).")
         if not callable(guide):
             raise TypeError(f"guide must be a NumPyro guide function, got {type(guide).__name__}.")
         args, kwargs = target.data
         tr = handlers.trace(handlers.seed(guide, rng_seed=0)).get_trace(*args, **kwargs)
         sampled = [n for n, s in tr.items() if s["type"] == "sample" and not s["is_observed"]]
-        latent = [s.name for s in target.sites]
+        latent = [s.name for s in (*target.sites, *target.local_sites)]
         extra, missing = sorted(set(sampled) - set(latent)), [n for n in latent if n not in sampled]
         if extra:
             raise ValueError(f"The guide samples site(s) {', '.join(map(repr, extra))} that the model does not "
@@ -114,6 +116,7 @@ class Guide(MonteCarloMoments, Family):
         self.sites = target.sites
         self.supports = tuple(model_tr[s.name]["fn"].support for s in target.sites)
         self.args = _Args(target.data)
+        self.num_data = target.num_data if target.has_local else None
 
     def constrained_params(self) -> dict:
         """The guide's parameters as the guide sees them (constrained)."""
@@ -136,7 +139,14 @@ class Guide(MonteCarloMoments, Family):
                       for s, sup in zip(self.sites, self.supports))
         return x, log_det
 
+    def _refuse_local(self):
+        if self.num_data is not None:
+            raise TypeError(
+                "This guide draws a model's local latents (one per row of its subsampled plate): veil.fit runs it "
+                "on the rows of each batch; it is not a family over one vector to draw from alone.")
+
     def sample_and_log_prob(self, key, n: int):
+        self._refuse_local()
         args, kwargs = self.args.data
         guide = handlers.substitute(self.guide, data=self.constrained_params())
         names = [s.name for s in self.sites]
@@ -151,6 +161,7 @@ class Guide(MonteCarloMoments, Family):
         return jax.vmap(one)(jax.random.split(key, n))
 
     def log_prob(self, z):
+        self._refuse_local()
         args, kwargs = self.args.data
         cparams = self.constrained_params()
 
