@@ -22,11 +22,17 @@ same way). Two guides for the local part:
   are global parameters, moved by the fit's optax optimizer.
 
 :class:`Structured` pairs a global family with a local guide; a model without global latents
-(PPCA with ``W`` and ``sigma`` as ``numpyro.param``) takes the local guide alone.
+(PPCA with ``W`` and ``sigma`` as ``numpyro.param``) takes the local guide alone. A guide written
+as a NumPyro program (:class:`veil.Guide`) runs on each batch's rows too (``_GuideSpec``), and a
+model without global latents can be fitted by the per-row importance-weighted bound
+(``veil.IWAE(k)``, ``_IWAESpec``).
 
 References:
     Hoffman, Blei, Wang & Paisley (2013), Stochastic Variational Inference;
-    Kingma & Welling (2014), Auto-Encoding Variational Bayes.
+    Kingma & Welling (2014), Auto-Encoding Variational Bayes;
+    Burda, Grosse & Salakhutdinov (2016), Importance Weighted Autoencoders;
+    Tucker, Lawson, Gu & Maddison (2019), Doubly Reparameterized Gradient Estimators for Monte
+    Carlo Objectives.
 """
 
 from __future__ import annotations
@@ -43,19 +49,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
-
-from veil._checks import check_key as _check_key
 from numpyro import handlers
 from numpyro.infer.util import log_density as numpyro_log_density
 
+from veil._checks import check_key as _check_key
+from veil.diagnostics import format_khat, khat_ok, khat_verdict, psis_khat
 from veil.estimators import DReG, Reparam
 from veil.families.program import Guide
-from veil.objectives import IWAE
-from veil.diagnostics import format_khat, khat_ok, khat_verdict, psis_khat
 from veil.family import Family
 from veil.loop import driver
 from veil.loop.checkpoint import digest
 from veil.loop.kernel import Kernel, StepInfo, all_finite, keep_if
+from veil.objectives import IWAE
 from veil.result import NotApplicable, Result
 from veil.target import Target
 from veil.target.core import _constrained, _with_rows
