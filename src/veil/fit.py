@@ -255,6 +255,13 @@ def fit(
             comparable mass turns the verdict. ``False`` skips both and keeps the stochastic
             optimiser's ``q`` as it is.
 
+    A model with local latents (latent sites in a NumPyro model's subsampled plate) takes a
+    local guide as ``q``: ``veil.Structured(global_family, veil.PerDatum(family))``,
+    ``veil.Amortized(encoder, family, data=x)`` (alone for a model without global latents) or a
+    ``veil.Guide`` program; ``objective`` may then be ``None`` (the one-draw ELBO) or
+    ``veil.IWAE(k)`` (per row, a model without global latents), and the result is a
+    :class:`veil.LocalResult` (see :mod:`veil.local`).
+
     A flow (or ``SemiImplicit``) built without a ``base`` (``veil.flows.coupling(d, key=k)``) is fitted in two
     stages: its ``MeanField`` base alone with the Gaussian defaults, then the whole flow over
     it; the result's trace and step count are the flow stage's (``res.base_result`` is the

@@ -692,10 +692,17 @@ class Target(eqx.Module):
         maximum likelihood), within their constraints, and ``res.params`` holds the learned
         values. Until a fit, the target holds their initial values.
 
+        Latent sites inside a subsampled plate (``numpyro.plate(..., subsample_size=B)``) are
+        local, one per data row (:attr:`local_sites`): ``veil.fit`` fits them with a local guide
+        (``veil.PerDatum``, ``veil.Amortized``, a ``veil.Guide`` program). Discrete latent sites
+        with a finite support are summed out by NumPyro's enumeration (needs funsor).
+
         Raises:
-            NotImplementedError: the model has a discrete latent site.
-            ValueError: an array argument holds NaN or inf, the model has no latent site, or a
-                ``numpyro.param`` starts outside its constraint.
+            NotImplementedError: a discrete latent site without a finite support, more than one
+                subsampled plate, or a local site whose leading axis is not the plate's rows.
+            ValueError: an array argument holds NaN or inf, the model has no continuous latent
+                site, a ``numpyro.param`` starts outside its constraint, or enumerating the
+                discrete sites would need more than 2 GiB.
         """
         if not callable(model):
             raise TypeError(f"model must be a NumPyro model function, got {type(model).__name__}.")
