@@ -46,6 +46,7 @@ REGISTRY = {
     "Beta": (lambda k: veil.Beta(D), {"exact", "moments"}),
     "Dirichlet": (lambda k: veil.Dirichlet(D + 1), {"exact", "moments"}),
     "VonMises": (lambda k: veil.VonMises(D), {"exact"}),
+    "Poisson": (lambda k: veil.Poisson(D, init_rate=3.0), {"exact", "moments"}),
     "Composite": (lambda k: veil.Composite([veil.MeanField(2), veil.Gamma(2)]), {"exact", "moments"}),
     "Mixture": (lambda k: veil.Mixture([veil.MeanField(D, init_loc=-jnp.ones(D)), veil.MeanField(D, init_loc=jnp.ones(D))]),
                 {"exact", "moments"}),

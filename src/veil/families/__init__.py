@@ -3,7 +3,7 @@
 from veil.family import Family, stop_gradient
 from veil.families.composite import Composite
 from veil.families.empirical import Empirical
-from veil.families.constrained import Beta, Dirichlet, Gamma, VonMises
+from veil.families.constrained import Beta, Dirichlet, Gamma, Poisson, VonMises
 from veil.families.gaussian import FullRank, LowRank, MeanField
 from veil.families.flows import Flow, FlowJAX
 from veil.families.hierarchical import HierarchicalGaussian
@@ -15,7 +15,7 @@ from veil.families.point import MAP, Delta
 from veil.families.program import Guide
 
 __all__ = [
-    "Family", "MeanField", "FullRank", "LowRank", "HierarchicalGaussian", "Gamma", "Beta", "Dirichlet", "VonMises",
+    "Family", "MeanField", "FullRank", "LowRank", "HierarchicalGaussian", "Gamma", "Beta", "Dirichlet", "VonMises", "Poisson",
     "Empirical", "Composite", "Flow", "FlowJAX", "flows", "Mixture", "SemiImplicit", "MixFlow", "Delta", "MAP", "Guide",
     "stop_gradient",
 ]

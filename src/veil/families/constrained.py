@@ -26,7 +26,7 @@ from jaxtyping import Array, Float
 from veil.family import Family, RejectionSampled
 from veil.families.gaussian import _check_dim, _check_scale
 
-__all__ = ["Gamma", "Beta", "Dirichlet", "VonMises"]
+__all__ = ["Gamma", "Beta", "Dirichlet", "VonMises", "Poisson"]
 
 
 def _gamma_log_density(x, a, b):
@@ -375,3 +375,52 @@ class Dirichlet(RejectionSampled):
     def cov(self):
         """Covariance of ``u`` from the same fixed-key estimate."""
         return jnp.cov(self.sample(jax.random.key(0), 4096), rowvar=False).reshape(self.dim, self.dim)
+
+
+class Poisson(Family):
+    """``q(k) = prod_i Poisson(k_i; rate_i)`` for latent counts (a model's discrete sites with
+    no finite support, which veil cannot sum out): draws are counts held as floats.
+
+    A count has no reparameterisation path, so ``reparameterized = False``: ``veil.fit`` uses
+    the score-function estimator (its leave-one-out baseline) by default and says so. Put it
+    beside the continuous sites' family with :class:`veil.Composite` (the target lays its
+    discrete sites after the continuous ones).
+
+    Examples:
+        >>> import jax, veil
+        >>> k, lq = veil.Poisson(2, init_rate=3.0).sample_and_log_prob(jax.random.key(0), 4)
+        >>> k.shape, bool((k == k.round()).all())
+        ((4, 2), True)
+    """
+
+    log_rate: Float[Array, " dim"]
+    dim: int = eqx.field(static=True)
+    reparameterized = False
+
+    def __init__(self, dim: int, *, init_rate: float = 1.0):
+        self.dim = _check_dim(dim)
+        self.log_rate = jnp.full(self.dim, math.log(_check_scale(init_rate)), dtype=float)
+
+    @property
+    def rate(self):
+        return jnp.exp(self.log_rate)
+
+    def log_prob(self, k):
+        return jnp.sum(dist.Poisson(self.rate).log_prob(jnp.round(k)), -1)
+
+    def sample_and_log_prob(self, key, n):
+        # JAX's Poisson sampler runs on threefry keys only: one is seeded from the given key
+        # (whatever its implementation), so the draws stay a function of it.
+        seed = jax.random.randint(key, (), 0, jnp.iinfo(jnp.int32).max)
+        threefry = jax.random.key(seed, impl="threefry2x32")
+        k = jax.random.poisson(threefry, jax.lax.stop_gradient(self.rate), (n, self.dim))
+        k = k.astype(self.log_rate.dtype)
+        return k, self.log_prob(k)
+
+    @property
+    def mean(self):
+        return self.rate
+
+    @property
+    def cov(self):
+        return jnp.diag(self.rate)

@@ -376,6 +376,7 @@ class Target(eqx.Module):
     param_sites: tuple = eqx.field(static=True, default=())  # their names and constraints (ParamSite)
     local_sites: tuple = eqx.field(static=True, default=())  # latent sites inside the subsampled plate, per row
     enum_dim: int | None = eqx.field(static=True, default=None)  # discrete latents summed out: enumeration's first dim
+    discrete_sites: tuple = eqx.field(static=True, default=())  # discrete latents fitted by a discrete family (names)
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -717,7 +718,7 @@ class Target(eqx.Module):
                 _param_sites(handlers.trace(handlers.seed(model, rng_seed=0)).get_trace(*args, **kwargs))
             raise
         param_sites, params = _param_sites(tr)
-        latent, enumerated = {}, {}
+        latent, enumerated, discrete = {}, {}, {}
         for name, site in tr.items():
             if site["type"] == "sample" and site["is_observed"] and isinstance(site["value"], str):
                 raise TypeError(
@@ -732,24 +733,28 @@ class Target(eqx.Module):
                 enumerated[name] = site
                 continue
             if fn.support.is_discrete:
-                raise NotImplementedError(
-                    f"Latent site '{name}' is discrete ({type(fn).__name__}) without a finite support to "
-                    "enumerate; veil sums discrete latents out by enumeration (Bernoulli, Categorical, ...) "
-                    "and its families are continuous. Marginalise it out by hand, or truncate its support."
-                )
+                discrete[name] = site  # no finite support to sum over: fitted by a discrete family
+                continue
             latent[name] = site
         if not latent and enumerated:
             raise ValueError(
                 f"The model's only latent site(s) {', '.join(map(repr, enumerated))} are discrete, which veil "
                 "sums out exactly: no continuous latent is left to fit (its marginal likelihood needs no fit).")
-        if not latent:
+        if not latent and not discrete:
             raise ValueError("The model has no latent (unobserved) sample site: nothing to fit.")
+        if discrete and enumerated:
+            raise NotImplementedError(
+                f"The model has discrete sites veil sums out ({', '.join(map(repr, enumerated))}) and discrete sites "
+                f"it fits by a discrete family ({', '.join(map(repr, discrete))}); both at once are not supported yet.")
         enum_dim = _check_enumeration(tr, enumerated) if enumerated else None
         plate, num_data, batch_size, local = _subsampled_plate(tr, latent)
         # Unconstrained shapes through NumPyro's own bijections; a local site's per row.
         transforms = {n: biject_to(s["fn"].support) for n, s in latent.items()}
         unc = transform_fn(transforms, {n: s["value"] for n, s in latent.items()}, invert=True)
         sites, local_sites, offset, local_offset = [], [], 0, 0
+        if discrete and local:
+            raise NotImplementedError("Discrete latents without a finite support inside a subsampled plate are not "
+                                      "supported: drop subsample_size.")
         for name in latent:
             shape = tuple(int(d) for d in jnp.shape(unc[name]))
             if name in local:
@@ -758,11 +763,15 @@ class Target(eqx.Module):
             else:
                 sites.append(Site(name, offset, shape))
                 offset += math.prod(shape)
+        for name, site in discrete.items():  # after the continuous sites: counts held as floats
+            shape = tuple(int(d) for d in jnp.shape(site["value"]))
+            sites.append(Site(name, offset, shape))
+            offset += math.prod(shape)
         deterministic = tuple(n for n, s in tr.items() if s["type"] == "deterministic")
         data = (tuple(args), dict(kwargs))
-        return cls("numpyro", offset, None, model, tuple(sites), tuple(latent) + deterministic, data,
+        return cls("numpyro", offset, None, model, tuple(sites), tuple(latent) + tuple(discrete) + deterministic, data,
                    None, num_data, batch_size, plate, params=params, param_sites=param_sites,
-                   local_sites=tuple(local_sites), enum_dim=enum_dim)
+                   local_sites=tuple(local_sites), enum_dim=enum_dim, discrete_sites=tuple(discrete))
 
     @classmethod
     def from_pymc(cls, model) -> "Target":
@@ -855,6 +864,18 @@ class Target(eqx.Module):
         check_log_density(log_density, None, sm.dim)
         return target
 
+    def _fix_discrete(self, z):
+        """``(model, continuous sites, their part of z)``: the model with its discrete sites
+        (counts held as floats in ``z``, rounded) fixed at their values, as observed values are;
+        the model itself where it has none."""
+        if not self.discrete_sites:
+            return self._model(), self.sites, z
+        values = _unflatten(self.sites, z)
+        fixed = {n: jnp.round(values[n]) for n in self.discrete_sites}
+        continuous = tuple(s for s in self.sites if s.name not in self.discrete_sites)
+        size = sum(s.size for s in continuous)
+        return handlers.substitute(self._model(), data=fixed), continuous, z[..., :size]
+
     # ------------------------------------------------------------------ local latents
     @property
     def has_local(self) -> bool:
@@ -907,7 +928,8 @@ class Target(eqx.Module):
             return self.fn(*(values[s.name] for s in self.sites), *self.data)[0]
         if self.kind == "numpyro":
             self._refuse_local("log_density(z)")
-            return _numpyro_logdensity(self._model(), self.sites, z, self.data, self.enum_dim is not None)
+            model, sites, z = self._fix_discrete(z)
+            return _numpyro_logdensity(model, sites, z, self.data, self.enum_dim is not None)
         if self.kind == "minibatched" and self._on_disk:
             return self.fn(z) + _streamed_loglik(self.loglik, self.store, z[None])[0]
         if self.kind == "minibatched":
@@ -935,7 +957,8 @@ class Target(eqx.Module):
             values = _unflatten(self.sites, z)
             return self.fn(*(values[s.name] for s in self.sites), *self.data)[1]
         if self.kind == "numpyro":
-            return _numpyro_log_joint(self._model(), self.sites, z, self.data, self.enum_dim is not None)
+            model, sites, z = self._fix_discrete(z)
+            return _numpyro_log_joint(model, sites, z, self.data, self.enum_dim is not None)
         return self.log_density(z)
 
     @property
@@ -1003,9 +1026,11 @@ class Target(eqx.Module):
             return dict(zip(self.names, out))
         if self.kind == "numpyro":
             args, kwargs = self.data
-            return constrain_fn(
-                self._model(), args, kwargs, _unflatten(self.sites, z), return_deterministic=True
-            )
+            model, sites, zc = self._fix_discrete(z)
+            out = constrain_fn(model, args, kwargs, _unflatten(sites, zc), return_deterministic=True)
+            if self.discrete_sites:
+                out.update({k: v for k, v in _unflatten(self.sites, z).items() if k in self.discrete_sites})
+            return out
         return {"z": z}
 
     def unflatten(self, z: jax.Array) -> dict[str, jax.Array]:
