@@ -127,6 +127,7 @@ def main():
     p.add_argument("--batch", type=int, default=100)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--steps", type=int, default=20000, help="steps of the accuracy runs")
+    p.add_argument("--numpyro-steps", type=int, default=0, help="also fit NumPyro for this many steps (accuracy only)")
     p.add_argument("--s1", type=int, default=500)
     p.add_argument("--s2", type=int, default=2500)
     p.add_argument("--out", default="results/ppca/ppca.jsonl")
@@ -149,6 +150,8 @@ def main():
             times[name].append((t2 - t1) / (args.s2 - args.s1))
     s2_ml, vec = ml_solution(x, args.k)
     fits = {name: run(args.steps) for name, run in tools.items()}
+    if args.numpyro_steps:  # NumPyro run longer: does it reach the same point?
+        fits["numpyro-run-long"] = tools["numpyro-run"](args.numpyro_steps)
     row = {
         "benchmark": "ppca", "n": args.n, "d": args.d, "k": args.k, "batch": args.batch,
         "ms_per_step": {name: round(1e3 * float(np.median(t)), 4) for name, t in times.items()},

@@ -25,7 +25,8 @@ a step, drawn from the 60,000 training images (each tool its own way: one epoch 
 Per-step time: ``(t(S2) - t(S1)) / (S2 - S1)`` of warm runs; medians over repeats, the tools
 interleaved, in reversed order every other repeat. Accuracy: each tool's full-data ELBO
 estimate (one draw per image, every training image, nats per image) after ``--accuracy-steps``
-steps from the same networks.
+steps from the same networks (``--accuracy-seeds k``: k fits per tool, seeds 0..k-1, for the
+seed-to-seed spread the tools' differences are read against).
 """
 
 from __future__ import annotations
@@ -204,6 +205,7 @@ def main():
     p.add_argument("--s1", type=int, default=100)
     p.add_argument("--s2", type=int, default=400)
     p.add_argument("--accuracy-steps", type=int, default=3000)
+    p.add_argument("--accuracy-seeds", type=int, default=1, help="fits per tool for the accuracy (seed-to-seed spread)")
     p.add_argument("--synthetic", type=int, default=0, help="N random binary images instead of Fashion-MNIST")
     p.add_argument("--tools", default="veil,fused,numpyro-run,numpyro-update")
     p.add_argument("--out", default="results/vae/vae.jsonl")
@@ -233,16 +235,19 @@ def main():
             t2 = time.perf_counter()
             times[name].append(((t2 - t1) - (t1 - t0)) / (args.s2 - args.s1))
     xs = jnp.asarray(x)
-    elbo = {}
+    elbo, elbo_seeds = {}, {}
     if args.accuracy_steps and x.shape[0] % 1000 == 0:
         for name, run in tools.items():
-            dec, enc = run(args.accuracy_steps)
-            elbo[name] = round(float(full_elbo(dec, enc, xs, jax.random.key(9))), 2)
+            values = []
+            for seed in range(args.accuracy_seeds):
+                dec, enc = run(args.accuracy_steps, seed)
+                values.append(round(float(full_elbo(dec, enc, xs, jax.random.key(9))), 2))
+            elbo[name], elbo_seeds[name] = values[0], values
     ms = {name: float(np.median(t)) * 1e3 for name, t in times.items()}
     row = {
         "benchmark": "vae", "images": int(x.shape[0]), "synthetic": bool(args.synthetic), "batch": args.batch,
         "ms_per_step": {k: round(v, 3) for k, v in ms.items()},
-        "elbo_per_image_after": args.accuracy_steps, "elbo_per_image": elbo,
+        "elbo_per_image_after": args.accuracy_steps, "elbo_per_image": elbo, "elbo_per_image_by_seed": elbo_seeds,
         "machine": platform.processor() or platform.machine(),
         "versions": {"jax": jax.__version__, "numpyro": numpyro.__version__, "equinox": eqx.__version__},
         "command": "python -m benchmarks.peers.vae " + " ".join(
