@@ -665,7 +665,7 @@ def _row_tables(spec: _GuideSpec, params) -> tuple[str, ...]:
     if not candidates:
         return ()
     rows = jnp.arange(spec.target.batch_size)
-    grads = jax.grad(lambda p: spec.elbo(p, jax.random.key(0), rows))(params)["local"]
+    grads = jax.jit(jax.grad(lambda p: spec.elbo(p, jax.random.key(0), rows)))(params)["local"]  # one program
     outside = np.ones(n, bool)
     outside[: spec.target.batch_size] = False
     return tuple(k for k in candidates
