@@ -637,22 +637,31 @@ def fit_local(target: Target, guide, *, key, optimizer, max_steps: int, stop, pr
     spec = _spec_for(objective, target, global_rest, local)
     kernel = (_LocalKernel(spec, optimizer, "local", local.step_size) if isinstance(local, PerDatum)
               else _LocalKernel(spec, optimizer))
+    final, run = _run(kernel, params, key=key, max_steps=max_steps, stop=stop, progress=progress,
+                      checkpoint=checkpoint, optimizer=optimizer)
+    q = None if guide.global_family is None else eqx.combine(final["q"], global_rest)
+    local_fitted = local if isinstance(local, PerDatum) else eqx.tree_at(
+        lambda g: g.encoder, local,
+        eqx.combine(final["local"], eqx.filter(local.encoder, eqx.is_inexact_array, inverse=True)))
+    return LocalResult(q=q, local=local_fitted, local_params=final["local"], **run)
+
+
+def _run(kernel: _LocalKernel, params, *, key, max_steps: int, stop, progress: bool, checkpoint, optimizer):
+    """Run a local fit's kernel: its final parameters (one restart) and the result's fields that
+    every local fit shares (the target with its learned parameters, the run's record)."""
     start = time.perf_counter()
     run_key, diag_key = jax.random.split(key)
+    spec, target = kernel.spec, kernel.spec.target
     out = driver.run(kernel, jax.tree.map(lambda x: x[None], params), key=run_key, max_steps=max_steps,
                      stop_rule=stop, progress=progress, checkpoint=checkpoint,
                      fingerprint=None if checkpoint is None else _fingerprint(spec, params, optimizer, stop, key))
     final = jax.tree.map(lambda x: x[0], out.params)
     if target.has_params:
         target = target.with_params(final["theta"])
-    q = None if guide.global_family is None else eqx.combine(final["q"], global_rest)
-    local_fitted = local if isinstance(local, PerDatum) else eqx.tree_at(
-        lambda g: g.encoder, local,
-        eqx.combine(final["local"], eqx.filter(local.encoder, eqx.is_inexact_array, inverse=True)))
-    return LocalResult(
-        target=target, q=q, local=local_fitted, local_params=final["local"], trace=out.traces[0],
-        num_steps=int(out.num_steps[0]), stop_reason=out.stop_reasons[0], num_skipped=int(out.skipped[0]),
-        final_loss=float(out.final_loss[0]), wall_time=time.perf_counter() - start, diagnostic_key=diag_key)
+    return final, dict(
+        target=target, trace=out.traces[0], num_steps=int(out.num_steps[0]), stop_reason=out.stop_reasons[0],
+        num_skipped=int(out.skipped[0]), final_loss=float(out.final_loss[0]),
+        wall_time=time.perf_counter() - start, diagnostic_key=diag_key)
 
 
 def _row_tables(spec: _GuideSpec, params) -> tuple[str, ...]:
@@ -688,18 +697,8 @@ def _fit_guide_program(target: Target, guide: Guide, *, key, optimizer, max_step
     if tables:
         params = {**params, "local": {k: v for k, v in guide.params.items() if k not in tables},
                   "rows": {k: guide.params[k] for k in tables}}
-    start = time.perf_counter()
-    run_key, diag_key = jax.random.split(key)
     kernel = _LocalKernel(spec, optimizer, "rows" if tables else None)
-    out = driver.run(kernel, jax.tree.map(lambda x: x[None], params), key=run_key,
-                     max_steps=max_steps, stop_rule=stop, progress=progress, checkpoint=checkpoint,
-                     fingerprint=None if checkpoint is None else _fingerprint(spec, params, optimizer, stop, key))
-    final = jax.tree.map(lambda x: x[0], out.params)
-    if target.has_params:
-        target = target.with_params(final["theta"])
+    final, run = _run(kernel, params, key=key, max_steps=max_steps, stop=stop, progress=progress,
+                      checkpoint=checkpoint, optimizer=optimizer)
     fitted = {**final["local"], **final.get("rows", {})}
-    return LocalResult(
-        target=target, q=None, local=eqx.tree_at(lambda g: g.params, guide, fitted),
-        local_params=fitted, trace=out.traces[0], num_steps=int(out.num_steps[0]),
-        stop_reason=out.stop_reasons[0], num_skipped=int(out.skipped[0]), final_loss=float(out.final_loss[0]),
-        wall_time=time.perf_counter() - start, diagnostic_key=diag_key)
+    return LocalResult(q=None, local=eqx.tree_at(lambda g: g.params, guide, fitted), local_params=fitted, **run)
