@@ -95,6 +95,7 @@ def test_ppca_amortised_reaches_tipping_bishop(target):
     assert res.khat < 0.5 and res.summary().trustworthy
 
 
+@pytest.mark.slow  # (the quick suite stays under 10 minutes)
 def test_ppca_full_batch_as_global_latents():
     # Without subsampling the z_i are ordinary latents of the whole model (N K of them): a
     # MeanField over all is the per-datum mean-field guide, learned with W and sigma.
@@ -127,6 +128,7 @@ class _Encoder(eqx.Module):
         return self.linear(jnp.concatenate([jnp.atleast_1d(x), mu]))
 
 
+@pytest.mark.slow  # (the quick suite stays under 10 minutes)
 def test_structured_guide_with_global_context_is_exact():
     # mu ~ N(0, 10^2); z_i ~ N(mu, 1); x_i ~ N(z_i, 0.5^2). Marginally x_i ~ N(mu, 1.25), so
     # mu's posterior is N(m, v) with 1/v = 1/100 + n/1.25. Given mu, z_i | x_i is
@@ -272,6 +274,7 @@ def test_a_local_fit_resumes_from_its_checkpoint_exactly(target, tmp_path):
         veil.fit(target, guide, checkpoint=path, **{**kw, "key": jax.random.key(4)})
 
 
+@pytest.mark.slow  # (the quick suite stays under 10 minutes)
 def test_many_rows_give_an_elbo_but_no_joint_khat():
     # Each joint draw reads every row: past 2,500 rows the 200 draws a k-hat needs would pass the
     # result's budget of 500,000 row evaluations, so k-hat is not computed (said, not NaN), the
@@ -322,6 +325,7 @@ def test_the_per_row_iwae_bound_is_exact_with_the_exact_guide():
         assert got == pytest.approx(exact, abs=1e-4 * abs(exact))
 
 
+@pytest.mark.slow  # (the quick suite stays under 10 minutes)
 def test_ppca_amortised_by_iwae_reaches_tipping_bishop(target):
     # IWAE(4) with DReG gradients on the amortised PPCA: the bound is at most the log marginal
     # likelihood and tight with the exact family, so the ML solution is its optimum too.
@@ -333,6 +337,7 @@ def test_ppca_amortised_by_iwae_reaches_tipping_bishop(target):
     assert _angle(res.params["W"]) < 2.0
 
 
+@pytest.mark.slow  # (the quick suite stays under 10 minutes)
 def test_local_dreg_gradients_are_unbiased():
     # DReG and plain path-wise gradients estimate the same gradient of the per-row IWAE bound,
     # for the encoder's weights and the model's parameter alike (DReG routes them differently by
